@@ -1,0 +1,3 @@
+from ghostloop.cli import main
+
+raise SystemExit(main())

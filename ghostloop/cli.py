@@ -1,0 +1,90 @@
+"""The ``ghostloop`` command. Each subcommand imports its role package only when run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ghostloop import __version__
+from ghostloop.settings import Settings, SettingsError, load_settings, settings_reference
+
+
+def _setup_logging(settings: Settings) -> None:
+    # stdout is the LSP channel: logs go to stderr only.
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from lsp_server.server import create_server
+
+    server = create_server(settings)
+    if args.tcp:
+        server.start_tcp(args.host, args.port)
+    else:
+        server.start_io()
+    return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from lsp_server.demo import run_demo
+
+    return asyncio.run(run_demo(settings, files=args.files, positions=args.positions))
+
+
+def _config(args: argparse.Namespace, settings: Settings) -> int:
+    for env_name, default, help_text in settings_reference():
+        name = env_name.removeprefix("GHOSTLOOP_").lower()
+        print(f"{name:20} = {getattr(settings, name)!s:40} # {help_text} (default {default})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ghostloop", description="Self-hosted code completion that learns from its users."
+    )
+    parser.add_argument("--version", action="version", version=f"ghostloop {__version__}")
+    parser.add_argument("--model", help="model to use (overrides GHOSTLOOP_MODEL)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the language server (stdio by default)")
+    serve.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="TCP address (default: loopback)")
+    serve.add_argument("--port", type=int, default=2087, help="TCP port (default: 2087)")
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser(
+        "demo", help="complete real files through the real server and print what it suggests"
+    )
+    demo.add_argument("files", nargs="*", help="files to complete (default: stdlib modules)")
+    demo.add_argument("--positions", type=int, default=12, help="cursor positions in all")
+    demo.set_defaults(run=_demo)
+
+    config = commands.add_parser("config", help="print the effective settings")
+    config.set_defaults(run=_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.model is not None:
+        overrides["model"] = args.model
+    if args.log_level is not None:
+        overrides["log_level"] = args.log_level
+    try:
+        settings = load_settings(overrides=overrides)
+    except SettingsError as error:
+        print(f"ghostloop: {error}", file=sys.stderr)
+        return 2
+    _setup_logging(settings)
+    return int(args.run(args, settings))

@@ -1,0 +1,193 @@
+"""Prompts as the model sees them: FIM templates, the context budget and token healing.
+
+The server and the trainer build prompts with these functions so that training sees
+exactly what serving sends (FIELD-NOTES: a prompt cut differently broke every fine-tune).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import re
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class TextTokenizer(Protocol):
+    """The two things prompt building needs from a tokenizer."""
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def decode_ids(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How one model family lays out prefix and suffix, and which tokens end its answer."""
+
+    name: str
+    prefix_marker: str = ""
+    suffix_marker: str = ""
+    middle_marker: str = ""
+    stop_tokens: tuple[str, ...] = ()
+
+    @property
+    def fim(self) -> bool:
+        return bool(self.middle_marker)
+
+    def render(self, prefix: str, suffix: str) -> str:
+        """The prompt as text, for logs and records (token ids are built piecewise)."""
+        if not self.fim:
+            return prefix
+        return f"{self.prefix_marker}{prefix}{self.suffix_marker}{suffix}{self.middle_marker}"
+
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    "qwen2.5-coder": PromptTemplate(
+        "qwen2.5-coder",
+        "<|fim_prefix|>",
+        "<|fim_suffix|>",
+        "<|fim_middle|>",
+        ("<|endoftext|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<|im_end|>"),
+    ),
+    "starcoder2": PromptTemplate(
+        "starcoder2",
+        "<fim_prefix>",
+        "<fim_suffix>",
+        "<fim_middle>",
+        ("<|endoftext|>", "<file_sep>", "<fim_prefix>", "<fim_pad>"),
+    ),
+    "deepseek-coder": PromptTemplate(
+        "deepseek-coder",
+        "<｜fim▁begin｜>",
+        "<｜fim▁hole｜>",
+        "<｜fim▁end｜>",
+        ("<|EOT|>", "<｜end▁of▁sentence｜>"),
+    ),
+    # CodeLlama's markers carry spaces around them, as in Meta's reference code.
+    "codellama": PromptTemplate("codellama", "<PRE> ", " <SUF>", " <MID>", ("<EOT>", "</s>")),
+    "prefix-only": PromptTemplate("prefix-only", stop_tokens=("<|endoftext|>", "<|im_end|>")),
+}
+
+
+def detect_template(vocabulary: Container[str]) -> PromptTemplate:
+    """The FIM template whose special tokens the tokenizer has; prefix-only otherwise."""
+    for template in TEMPLATES.values():
+        markers = (template.prefix_marker, template.suffix_marker, template.middle_marker)
+        if template.fim and all(m.strip() in vocabulary for m in markers):
+            return template
+    return TEMPLATES["prefix-only"]
+
+
+class TokenPrefixIndex:
+    """Finds every token whose text starts with a given string (token healing's constraint)."""
+
+    def __init__(self, token_texts: Sequence[str], excluded: Container[int]) -> None:
+        pairs = sorted(
+            (text, token_id)
+            for token_id, text in enumerate(token_texts)
+            if text and token_id not in excluded
+        )
+        self._texts = [text for text, _ in pairs]
+        self._ids = [token_id for _, token_id in pairs]
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one index per loaded model, lives as long
+    def starting_with(self, head: str) -> tuple[int, ...]:
+        low = bisect.bisect_left(self._texts, head)
+        high = bisect.bisect_left(self._texts, head + "\U0010ffff")
+        return tuple(self._ids[low:high])
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt ready for the model, and the pieces of the document it was made from."""
+
+    input_ids: tuple[int, ...]
+    prefix: str
+    suffix: str
+    healed: str
+    template: str
+
+    @property
+    def text(self) -> str:
+        return self.prefix + self.suffix
+
+
+_INDENT_AT_END = re.compile(r"\n[ \t]+\Z")
+
+
+def trim_prefix(tokenizer: TextTokenizer, prefix: str, budget: int) -> str:
+    """The nearest part of ``prefix`` that fits ``budget`` tokens, starting at a line start.
+
+    Cutting at a line start keeps the kept text, and with it the KV-cache prefix, stable
+    while the user types on the last line.
+    """
+    if budget <= 0:
+        return ""
+    window = prefix[-budget * 8 :]
+    while window and len(tokenizer.encode_text(window)) > budget:
+        overshoot = len(window) // 4 or 1
+        cut = window.find("\n", overshoot)
+        window = window[cut + 1 :] if cut >= 0 else window[overshoot:]
+    return window
+
+
+def trim_suffix(tokenizer: TextTokenizer, suffix: str, budget: int) -> str:
+    """The nearest part of ``suffix`` that fits ``budget`` tokens, ending at a line end."""
+    if budget <= 0:
+        return ""
+    window = suffix[: budget * 8]
+    while window and len(tokenizer.encode_text(window)) > budget:
+        keep = len(window) - (len(window) // 4 or 1)
+        cut = window.rfind("\n", 0, keep)
+        window = window[: cut + 1] if cut >= 0 else window[:keep]
+    return window
+
+
+def heal_prefix(tokenizer: TextTokenizer, prefix: str) -> tuple[list[int], str]:
+    """Token ids for ``prefix`` minus its last partial token, and the text taken off.
+
+    The model then generates from a token boundary it saw in training, and the first
+    generated token must start with the removed text. After indentation the removed text
+    is one space: this tokenizer family merges a newline with the indentation that follows
+    and gives the next word its own leading space (FIELD-NOTES, token healing).
+    """
+    if _INDENT_AT_END.search(prefix):
+        return tokenizer.encode_text(prefix[:-1]), prefix[-1]
+    ids = tokenizer.encode_text(prefix)
+    if not ids:
+        return ids, ""
+    head = tokenizer.decode_ids(ids[:-1])
+    if not prefix.startswith(head) or head == prefix:
+        return ids, ""
+    return ids[:-1], prefix[len(head) :]
+
+
+def build_prompt(
+    tokenizer: TextTokenizer,
+    template: PromptTemplate,
+    prefix: str,
+    suffix: str,
+    *,
+    context_tokens: int,
+    suffix_share: float,
+    marker_ids: dict[str, list[int]],
+) -> Prompt:
+    """Token ids for the model: the nearest prefix and suffix within the budget, healed."""
+    suffix_budget = int(context_tokens * suffix_share) if template.fim else 0
+    kept_suffix = trim_suffix(tokenizer, suffix, suffix_budget) if template.fim else ""
+    used_suffix = len(tokenizer.encode_text(kept_suffix)) if kept_suffix else 0
+    kept_prefix = trim_prefix(tokenizer, prefix, context_tokens - used_suffix)
+    prefix_ids, healed = heal_prefix(tokenizer, kept_prefix)
+    if not template.fim:
+        ids = prefix_ids
+    else:
+        ids = (
+            marker_ids[template.prefix_marker]
+            + prefix_ids
+            + marker_ids[template.suffix_marker]
+            + tokenizer.encode_text(kept_suffix)
+            + marker_ids[template.middle_marker]
+        )
+    return Prompt(tuple(ids), kept_prefix, kept_suffix, healed, template.name)

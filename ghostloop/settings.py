@@ -1,0 +1,258 @@
+"""One typed settings object, read once and passed down.
+
+Sources, later ones win: built-in defaults, the TOML file (``GHOSTLOOP_CONFIG`` or
+``<user config dir>/ghostloop/config.toml``), ``GHOSTLOOP_*`` environment variables,
+and the LSP client's ``initializationOptions``. No other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+APP_NAME = "ghostloop"
+ENV_PREFIX = "GHOSTLOOP_"
+BACKENDS = ("torch", "onnxruntime")
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class SettingsError(ValueError):
+    """A setting has a value Ghostloop cannot use; the message names the setting."""
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process: torch runs best with one thread per core."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+    cores: set[tuple[str, str]] = set()
+    try:
+        cpu, physical, core = -1, "", ""
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "processor":
+                cpu = int(value)
+            elif key == "physical id":
+                physical = value
+            elif key == "core id":
+                core = value
+                if cpu in allowed:
+                    cores.add((physical, core))
+    except (OSError, ValueError):
+        cores = set()
+    return max(1, min(len(cores) or len(allowed), len(allowed)))
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def _default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "config.toml"
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a Ghostloop process can be told. Each field is also ``GHOSTLOOP_<NAME>``."""
+
+    model: str = field(
+        default="",
+        metadata=_help(
+            "Hugging Face id, local model directory or .gguf file; "
+            "empty = the embedded SmolLM2-135M-Instruct"
+        ),
+    )
+    backend: str = field(default="torch", metadata=_help("inference backend: torch | onnxruntime"))
+    device: str = field(
+        default="auto",
+        metadata=_help("auto (CUDA in bf16 when present, else CPU fp32) | cpu | cuda"),
+    )
+    database_url: str = field(
+        default="", metadata=_help("SQLAlchemy URL; empty = SQLite file in the data dir")
+    )
+    data_dir: Path = field(
+        default_factory=_default_data_dir,
+        metadata=_help("where the model cache, database and logs live"),
+    )
+    config: Path | None = field(
+        default=None, metadata=_help("path of the TOML settings file (env var only)")
+    )
+    threads: int = field(
+        default=0, metadata=_help("torch CPU threads; 0 = the number of physical cores")
+    )
+    context_tokens: int = field(
+        default=512, metadata=_help("prompt budget in tokens (prefix plus suffix)")
+    )
+    suffix_share: float = field(
+        default=0.25, metadata=_help("share of the budget given to the suffix (FIM models)")
+    )
+    max_new_tokens: int = field(default=48, metadata=_help("most tokens generated per completion"))
+    max_lines: int = field(default=8, metadata=_help("most lines in a multi-line completion"))
+    deadline_ms: int = field(
+        default=3000,
+        metadata=_help("a completion running longer returns what it has generated so far"),
+    )
+    max_document_chars: int = field(
+        default=2_000_000, metadata=_help("documents larger than this get no completions")
+    )
+    user: str = field(
+        default_factory=_default_user, metadata=_help("who completions are attributed to")
+    )
+    telemetry: bool = field(
+        default=True,
+        metadata=_help("record suggestions and their fate; false = store nothing of your code"),
+    )
+    log_level: str = field(default="INFO", metadata=_help("DEBUG | INFO | WARNING | ERROR"))
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise SettingsError(f"backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.device not in DEVICES:
+            raise SettingsError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.log_level not in LOG_LEVELS:
+            raise SettingsError(
+                f"log_level={self.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
+        for name, low in (
+            ("threads", 0),
+            ("context_tokens", 16),
+            ("max_new_tokens", 1),
+            ("max_lines", 1),
+            ("deadline_ms", 1),
+            ("max_document_chars", 1),
+        ):
+            if getattr(self, name) < low:
+                raise SettingsError(f"{name}={getattr(self, name)} must be at least {low}")
+        if not 0.0 <= self.suffix_share < 1.0:
+            raise SettingsError(f"suffix_share={self.suffix_share} must be in [0, 1)")
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or physical_cores()
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def with_overrides(self, values: Mapping[str, Any], *, source: str) -> Settings:
+        """A copy with ``values`` applied; unknown names and bad values raise SettingsError."""
+        changes = {
+            _CAMEL.get(name, name): _coerce(name, value, source) for name, value in values.items()
+        }
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_CAMEL = {
+    "".join(p.capitalize() if i else p for i, p in enumerate(n.split("_"))): n for n in _FIELDS
+}
+
+
+def _field_type(name: str) -> str:
+    return str(_FIELDS[name].type)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    canonical = _CAMEL.get(name, name)
+    if canonical not in _FIELDS:
+        known = ", ".join(sorted(_FIELDS))
+        raise SettingsError(f"unknown setting {name!r} in {source}; known settings: {known}")
+    kind = _field_type(canonical)
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind in ("Path", "Path | None"):
+            return Path(str(value)).expanduser() if str(value) else None
+        return str(value)
+    except (TypeError, ValueError):
+        raise SettingsError(
+            f"setting {canonical}={value!r} in {source} is not a valid {kind}"
+        ) from None
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read the TOML file and environment once; ``overrides`` (e.g. CLI flags) win over both."""
+    env = os.environ if environ is None else environ
+    settings = Settings()
+    config_path = (
+        Path(env[f"{ENV_PREFIX}CONFIG"]).expanduser()
+        if env.get(f"{ENV_PREFIX}CONFIG")
+        else _default_config_path()
+    )
+    explicit = bool(env.get(f"{ENV_PREFIX}CONFIG"))
+    if config_path.is_file():
+        try:
+            table = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise SettingsError(f"config file {config_path} is not valid TOML: {error}") from None
+        table = table.get("ghostloop", table)
+        table.pop("config", None)
+        settings = settings.with_overrides(table, source=str(config_path))
+    elif explicit:
+        raise SettingsError(
+            f"GHOSTLOOP_CONFIG names {config_path}, which does not exist; "
+            "create it or unset GHOSTLOOP_CONFIG"
+        )
+    from_env = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in env.items()
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in _FIELDS
+    }
+    from_env["config"] = str(config_path) if config_path.is_file() else ""
+    settings = settings.with_overrides(from_env, source="the environment")
+    if overrides:
+        settings = settings.with_overrides(overrides, source="the command line")
+    return settings
+
+
+def settings_reference() -> list[tuple[str, str, str]]:
+    """(env var, default, help) for each setting: the README's table is made from it."""
+    defaults = Settings()
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = getattr(defaults, f.name)
+        if f.name == "data_dir":
+            shown = "platform user data dir"
+        elif f.name == "user":
+            shown = "OS user"
+        else:
+            shown = repr(default)
+        rows.append((f"{ENV_PREFIX}{f.name.upper()}", shown, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,1 @@
+"""The Ghostloop language server (pygls): documents, completion engine, feedback tracking."""

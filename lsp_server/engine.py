@@ -1,0 +1,293 @@
+"""The completion engine: one inference worker fed fairly, off the event loop.
+
+The LSP handlers only submit jobs and await their futures; prompt building, generation
+and post-processing run on the worker thread. A newer request for the same document
+supersedes an older one, a cancelled job stops between two tokens, and a job past its
+deadline returns what it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from ghostloop.postprocess import CompletionMode, CursorContext, completion_mode, finish_suggestion
+from ghostloop.prompts import Prompt
+from ghostloop.settings import Settings
+from lsp_server.fair_queue import FairQueue, QueueClosed
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """A job ended without a result: cancelled by the client or superseded by a newer one."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class CompletionJob:
+    """One request for a suggestion at one cursor, as the worker sees it."""
+
+    key: str
+    context: CursorContext
+    arrival: float = field(default_factory=time.monotonic)
+    future: Future[CompletionResult] = field(default_factory=Future)
+    cancel_reason: str | None = None
+    _event: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self, reason: str) -> None:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    """A finished suggestion with what produced it; ``text`` is empty when there is none."""
+
+    completion_id: str
+    key: str
+    text: str
+    prompt: Prompt
+    mode: CompletionMode
+    stop_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    queue_ms: float
+    prefill_ms: float
+    latency_ms: float
+
+
+@dataclass
+class EngineStats:
+    """Counters that ``ghostloop/status`` reports; written by the worker only."""
+
+    requests: int = 0
+    completed: int = 0
+    empty: int = 0
+    cancelled: int = 0
+    superseded: int = 0
+    deadline: int = 0
+    tokens_generated: int = 0
+    last_stop_reason: str = ""
+    last_generated_tokens: int = 0
+
+
+class RecentCompletions:
+    """The last suggestions served, so commands can check the ids clients send back."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._items: OrderedDict[str, CompletionResult] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def add(self, result: CompletionResult) -> None:
+        with self._lock:
+            self._items[result.completion_id] = result
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+    def get(self, completion_id: str) -> CompletionResult | None:
+        with self._lock:
+            return self._items.get(completion_id)
+
+
+ModelLoader = Callable[[Settings], Any]
+
+
+class CompletionEngine:
+    """Loads the model in the background, then serves jobs one at a time in fair order."""
+
+    def __init__(self, settings: Settings, loader: ModelLoader | None = None) -> None:
+        self.settings = settings
+        self.stats = EngineStats()
+        self.recent = RecentCompletions()
+        self._loader = loader
+        self._queue: FairQueue[CompletionJob] = FairQueue()
+        self._latest: dict[str, CompletionJob] = {}
+        self._lock = threading.Lock()
+        self._model: Any = None
+        self._load_error: Exception | None = None
+        self._ready = threading.Event()
+        self._ready_at = 0.0
+        self._thread = threading.Thread(target=self._work, name="ghostloop-inference", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.close()
+        with self._lock:
+            for job in self._latest.values():
+                job.cancel("shutdown")
+
+    @property
+    def state(self) -> str:
+        if self._load_error is not None:
+            return "error"
+        return "ready" if self._ready.is_set() else "starting"
+
+    def status(self) -> dict[str, Any]:
+        model = self._model
+        return {
+            "state": self.state,
+            "error": str(self._load_error) if self._load_error else None,
+            "model": model.name if model else None,
+            "device": model.device if model else None,
+            "template": model.template.name if model else None,
+            "adapter": None,
+            "queued": len(self._queue),
+            "stats": dict(vars(self.stats)),
+        }
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def submit(self, key: str, context: CursorContext) -> CompletionJob:
+        """Queue a job; an unfinished older job for the same document is superseded."""
+        job = CompletionJob(key=key, context=context)
+        with self._lock:
+            older = self._latest.get(key)
+            self._latest[key] = job
+        if older is not None and not older.future.done():
+            older.cancel("superseded")
+        self._queue.put(key, job)
+        return job
+
+    def _load(self) -> bool:
+        from ghostloop.models import load_model
+
+        try:
+            self._model = (self._loader or load_model)(self.settings)
+        except Exception as error:  # any failure must reach the client, not kill the thread
+            log.error("model failed to load: %s", error)
+            self._load_error = error
+            return False
+        self._ready_at = time.monotonic()
+        self._ready.set()
+        return True
+
+    def _work(self) -> None:
+        loaded = self._load()
+        while True:
+            try:
+                job = self._queue.get()
+            except QueueClosed:
+                return
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            self.stats.requests += 1
+            if not loaded:
+                job.future.set_exception(self._load_error or RuntimeError("model not loaded"))
+            elif job.cancelled:
+                self._count_cancel(job)
+                job.future.set_exception(JobCancelled(job.cancel_reason or "cancelled"))
+            else:
+                self._run(job)
+            with self._lock:
+                if self._latest.get(job.key) is job:
+                    del self._latest[job.key]
+
+    def _count_cancel(self, job: CompletionJob) -> None:
+        if job.cancel_reason == "superseded":
+            self.stats.superseded += 1
+        else:
+            self.stats.cancelled += 1
+
+    def _run(self, job: CompletionJob) -> None:
+        try:
+            result = self._complete(job)
+        except Exception as error:  # a bug in one request must not stop the worker
+            log.exception("completion failed key=%s", job.key)
+            job.future.set_exception(error)
+            return
+        if result is None:
+            self._count_cancel(job)
+            job.future.set_exception(JobCancelled(job.cancel_reason or "cancelled"))
+            return
+        job.future.set_result(result)
+
+    def _complete(self, job: CompletionJob) -> CompletionResult | None:
+        from ghostloop.decoding import TorchForward, generate
+        from ghostloop.prompts import build_prompt
+
+        settings, loaded = self.settings, self._model
+        started = time.monotonic()
+        deadline = max(job.arrival, self._ready_at) + settings.deadline_ms / 1000
+
+        def should_stop() -> str | None:
+            if job.cancelled:
+                return "cancelled"
+            return "deadline" if time.monotonic() >= deadline else None
+
+        mode = completion_mode(job.context, settings.max_lines)
+        prompt = build_prompt(
+            loaded.tokenizer,
+            loaded.template,
+            job.context.prefix,
+            job.context.suffix,
+            context_tokens=settings.context_tokens,
+            suffix_share=settings.suffix_share,
+            marker_ids=loaded.marker_ids,
+        )
+        generation = generate(
+            loaded,
+            TorchForward(loaded.model, loaded.device),
+            prompt,
+            mode,
+            max_new_tokens=settings.max_new_tokens,
+            should_stop=should_stop,
+        )
+        stats = self.stats
+        stats.tokens_generated += len(generation.token_ids)
+        stats.last_generated_tokens = len(generation.token_ids)
+        stats.last_stop_reason = generation.stop_reason
+        if generation.stop_reason == "cancelled":
+            return None
+        stats.deadline += generation.stop_reason == "deadline"
+        text = finish_suggestion(generation.text, job.context, mode)
+        stats.completed += 1
+        stats.empty += not text
+        result = CompletionResult(
+            completion_id=uuid.uuid4().hex,
+            key=job.key,
+            text=text,
+            prompt=prompt,
+            mode=mode,
+            stop_reason=generation.stop_reason,
+            prompt_tokens=generation.prompt_tokens,
+            generated_tokens=len(generation.token_ids),
+            queue_ms=(started - job.arrival) * 1000,
+            prefill_ms=generation.prefill_ms,
+            latency_ms=(time.monotonic() - job.arrival) * 1000,
+        )
+        if text:
+            self.recent.add(result)
+        log.info(
+            "completion_id=%s key=%s chars=%d tokens=%d prompt_tokens=%d stop=%s "
+            "queue_ms=%.1f prefill_ms=%.1f latency_ms=%.1f",
+            result.completion_id,
+            job.key,
+            len(text),
+            result.generated_tokens,
+            result.prompt_tokens,
+            result.stop_reason,
+            result.queue_ms,
+            result.prefill_ms,
+            result.latency_ms,
+        )
+        return result

@@ -1,0 +1,50 @@
+"""A queue that serves documents in turn, so one busy document cannot starve the others."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class QueueClosed(Exception):
+    """The queue was closed while a consumer waited."""
+
+
+class FairQueue(Generic[T]):
+    """Round-robin over keys, first-in first-out within a key; thread-safe."""
+
+    def __init__(self) -> None:
+        self._queues: OrderedDict[str, deque[T]] = OrderedDict()
+        self._condition = threading.Condition()
+        self._closed = False
+
+    def put(self, key: str, item: T) -> None:
+        with self._condition:
+            self._queues.setdefault(key, deque()).append(item)
+            self._condition.notify()
+
+    def get(self) -> T:
+        """The next item, taking keys in turn; blocks until one is there or the queue closes."""
+        with self._condition:
+            while not self._queues and not self._closed:
+                self._condition.wait()
+            if self._closed:
+                raise QueueClosed
+            key, items = next(iter(self._queues.items()))
+            item = items.popleft()
+            del self._queues[key]
+            if items:
+                self._queues[key] = items  # back of the line
+            return item
+
+    def __len__(self) -> int:
+        with self._condition:
+            return sum(len(items) for items in self._queues.values())
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()

@@ -1,0 +1,1 @@
+"""One module per LSP method; each handler turns params into a plain call and back."""

@@ -1,0 +1,61 @@
+"""textDocument/completion, for clients without inline completion (Eglot, Helix, ...).
+
+Such clients filter items by the word before the cursor, so the item replaces that word
+(``textEdit``) and its ``filterText`` starts with it (FIELD-NOTES, other clients).
+"""
+
+from __future__ import annotations
+
+import re
+
+from lsprotocol import types
+
+from lsp_server.server import GhostloopServer
+from lsp_server.suggestions import accept_command, cursor_at, suggest
+
+_WORD_AT_END = re.compile(r"\w+\Z")
+LABEL_CHARS = 80
+
+
+def _units(text: str, encoding: str) -> int:
+    if encoding == "utf-8":
+        return len(text.encode("utf-8"))
+    if encoding == "utf-16":
+        return len(text.encode("utf-16-le")) // 2
+    return len(text)
+
+
+def register(server: GhostloopServer) -> None:
+    @server.feature(
+        types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", " "])
+    )
+    async def completion(
+        ls: GhostloopServer, params: types.CompletionParams
+    ) -> types.CompletionList:
+        cursor = cursor_at(ls, params.text_document.uri, params.position)
+        result = await suggest(ls, cursor)
+        if not result.text:
+            return types.CompletionList(is_incomplete=True, items=[])
+        match = _WORD_AT_END.search(cursor.context.line_prefix)
+        typed = match.group(0) if match else ""
+        start = types.Position(
+            line=params.position.line,
+            character=params.position.character - _units(typed, cursor.encoding),
+        )
+        new_text = typed + result.text
+        item = types.CompletionItem(
+            label=new_text.split("\n", 1)[0][:LABEL_CHARS] or new_text.strip()[:LABEL_CHARS],
+            kind=types.CompletionItemKind.Text,
+            detail="Ghostloop",
+            documentation=types.MarkupContent(
+                kind=types.MarkupKind.Markdown, value=f"```\n{new_text}\n```"
+            ),
+            sort_text="0",
+            filter_text=new_text,
+            insert_text_format=types.InsertTextFormat.PlainText,
+            text_edit=types.TextEdit(
+                range=types.Range(start=start, end=params.position), new_text=new_text
+            ),
+            command=accept_command(result),
+        )
+        return types.CompletionList(is_incomplete=True, items=[item])

@@ -1,0 +1,53 @@
+"""initialize / shutdown: settings from initializationOptions, the engine's life."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
+
+from ghostloop.settings import SettingsError
+from lsp_server.engine import CompletionEngine
+from lsp_server.server import GhostloopServer
+
+log = logging.getLogger(__name__)
+
+
+def _options(params: types.InitializeParams) -> dict[str, Any]:
+    options = params.initialization_options
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise JsonRpcInvalidParams(
+            f"initializationOptions must be an object of Ghostloop settings, got {options!r}"
+        )
+    return options
+
+
+def register(server: GhostloopServer) -> None:
+    @server.feature(types.INITIALIZE)
+    def initialize(ls: GhostloopServer, params: types.InitializeParams) -> None:
+        try:
+            ls.settings = ls.base_settings.with_overrides(
+                _options(params), source="initializationOptions"
+            )
+        except SettingsError as error:
+            raise JsonRpcInvalidParams(str(error)) from None
+        client = params.client_info
+        log.info(
+            "initialize client=%s/%s user=%s model=%s",
+            client.name if client else "unknown",
+            client.version if client and client.version else "",
+            ls.settings.user,
+            ls.settings.model or "(embedded default)",
+        )
+        if ls.engine_or_none is None:
+            ls.engine_or_none = CompletionEngine(ls.settings)
+            ls.engine_or_none.start()
+
+    @server.feature(types.SHUTDOWN)
+    def shutdown(ls: GhostloopServer, params: None) -> None:
+        if ls.engine_or_none is not None:
+            ls.engine_or_none.stop()

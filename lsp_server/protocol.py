@@ -1,0 +1,29 @@
+"""Ghostloop's custom LSP surface, in one place (as Tabby's protocol.ts).
+
+Client -> server
+- ``workspace/executeCommand`` ``ghostloop.accept``: arguments ``[completion_id: str,
+  accepted_length: int]``. Sent by the client when the user accepts an item; every item
+  carries this command with the full length, clients send a shorter length for partial
+  (word / line) accepts. Length counts characters (code points) of the suggestion.
+- request ``ghostloop/status``: no params. Result: ``{"state": "starting" | "ready" |
+  "error", "error": str | null, "model": str | null, "device": str | null,
+  "template": str | null, "adapter": str | null, "queued": int, "stats": {...}}``.
+  Editors show it in their status line; tests and benchmarks wait for ``ready``.
+
+Error codes a client can meet
+- ``-32800`` RequestCancelled: the client cancelled the request.
+- ``-32802`` ServerCancelled: a newer completion request for the same document
+  superseded this one.
+- ``-32602`` InvalidParams: the document is not open, the position is outside it or
+  splits a character, the document is binary or too large, a command's arguments are bad.
+- ``-32001`` ModelUnavailable: the configured model could not be loaded; the message says
+  how to fix it.
+"""
+
+from __future__ import annotations
+
+ACCEPT_COMMAND = "ghostloop.accept"
+STATUS_REQUEST = "ghostloop/status"
+
+MODEL_UNAVAILABLE = -32001
+SERVER_CANCELLED = -32802

@@ -1,0 +1,84 @@
+"""From an LSP request to a finished suggestion: checks, job submission, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from lsprotocol import types
+from pygls.exceptions import (
+    JsonRpcInvalidParams,
+    JsonRpcRequestCancelled,
+    JsonRpcServerError,
+)
+
+from ghostloop.models import ModelNotFoundError
+from ghostloop.postprocess import CursorContext
+from lsp_server.engine import CompletionResult, JobCancelled
+from lsp_server.positions import PositionError, offset_at
+from lsp_server.protocol import MODEL_UNAVAILABLE, SERVER_CANCELLED
+from lsp_server.server import GhostloopServer
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """A checked cursor: the document's text split at it, and how the client counts units."""
+
+    uri: str
+    context: CursorContext
+    encoding: str
+
+
+def cursor_at(server: GhostloopServer, uri: str, position: types.Position) -> Cursor:
+    """The cursor for a request, or an InvalidParams error saying what is wrong."""
+    server.engine  # noqa: B018 - raises ServerNotInitialized before initialize
+    document = server.workspace.text_documents.get(uri)
+    if document is None:
+        raise JsonRpcInvalidParams(f"document {uri} is not open; send textDocument/didOpen first")
+    text = document.source
+    limit = server.settings.max_document_chars
+    if len(text) > limit:
+        raise JsonRpcInvalidParams(
+            f"document {uri} has {len(text)} characters, over max_document_chars={limit}; "
+            "Ghostloop does not complete files this large"
+        )
+    if "\x00" in text:
+        raise JsonRpcInvalidParams(
+            f"document {uri} looks binary (it contains NUL characters); "
+            "Ghostloop completes text files only"
+        )
+    encoding = str(server.workspace.position_encoding or "utf-16")
+    try:
+        offset = offset_at(text, position.line, position.character, encoding)
+    except PositionError as error:
+        raise JsonRpcInvalidParams(f"bad position in {uri}: {error}") from None
+    return Cursor(uri, CursorContext(text[:offset], text[offset:]), encoding)
+
+
+async def suggest(server: GhostloopServer, cursor: Cursor) -> CompletionResult:
+    """Run one completion job; cancellation of this request stops its generation."""
+    job = server.engine.submit(cursor.uri, cursor.context)
+    try:
+        return await asyncio.wrap_future(job.future)
+    except asyncio.CancelledError:
+        job.cancel("cancelled")
+        raise
+    except JobCancelled as cancelled:
+        if cancelled.reason == "superseded":
+            raise JsonRpcServerError(
+                "superseded by a newer completion request for this document", SERVER_CANCELLED
+            ) from None
+        raise JsonRpcRequestCancelled(f"completion {cancelled.reason}") from None
+    except ModelNotFoundError as error:
+        raise JsonRpcServerError(str(error), MODEL_UNAVAILABLE) from None
+
+
+def accept_command(result: CompletionResult) -> types.Command:
+    """The command a client runs when the user takes the whole suggestion."""
+    from lsp_server.protocol import ACCEPT_COMMAND
+
+    return types.Command(
+        title="Accept Ghostloop suggestion",
+        command=ACCEPT_COMMAND,
+        arguments=[result.completion_id, len(result.text)],
+    )

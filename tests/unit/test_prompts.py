@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from ghostloop.models import HFTokenizer
+from ghostloop.prompts import (
+    TEMPLATES,
+    build_prompt,
+    detect_template,
+    heal_prefix,
+    trim_prefix,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> HFTokenizer:
+    from transformers import AutoTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+@pytest.mark.parametrize(
+    ("vocabulary", "expected"),
+    [
+        ({"<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"}, "qwen2.5-coder"),
+        ({"<fim_prefix>", "<fim_suffix>", "<fim_middle>"}, "starcoder2"),
+        ({"<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"}, "deepseek-coder"),
+        ({"<PRE>", "<SUF>", "<MID>"}, "codellama"),
+        ({"<|im_start|>", "<|im_end|>"}, "prefix-only"),
+    ],
+)
+def test_template_is_detected_from_the_tokenizer_vocabulary(vocabulary, expected):
+    assert detect_template(vocabulary).name == expected
+
+
+def test_fim_templates_put_prefix_then_suffix_then_middle():
+    rendered = TEMPLATES["starcoder2"].render("a = ", "\nb")
+    assert rendered == "<fim_prefix>a = <fim_suffix>\nb<fim_middle>"
+    assert TEMPLATES["codellama"].render("x", "y") == "<PRE> x <SUF>y <MID>"
+    assert TEMPLATES["prefix-only"].render("x", "y") == "x"
+
+
+def test_after_indentation_one_space_is_healed(tokenizer):
+    ids, healed = heal_prefix(tokenizer, "def f():\n        ")
+    assert healed == " "
+    assert tokenizer.decode_ids(ids) == "def f():\n       "
+
+
+def test_mid_word_the_partial_token_is_healed(tokenizer):
+    prefix = "    return self.wordsep_simple_re.spl"
+    ids, healed = heal_prefix(tokenizer, prefix)
+    assert healed and prefix.endswith(healed)
+    assert tokenizer.decode_ids(ids) + healed == prefix
+
+
+def test_prefix_trimmed_to_budget_starts_at_a_line(tokenizer):
+    prefix = "".join(f"line_{i} = {i}\n" for i in range(400)) + "value = "
+    kept = trim_prefix(tokenizer, prefix, budget=60)
+    assert len(tokenizer.encode_text(kept)) <= 60
+    assert prefix.endswith(kept) and prefix[-len(kept) - 1] == "\n"
+
+
+def test_fim_prompt_keeps_nearest_suffix_within_share(tokenizer):
+    template = TEMPLATES["starcoder2"]
+    markers = {
+        m: [1000 + i]
+        for i, m in enumerate(
+            (template.prefix_marker, template.suffix_marker, template.middle_marker)
+        )
+    }
+    suffix = "".join(f"after_{i}()\n" for i in range(300))
+    prompt = build_prompt(
+        tokenizer,
+        template,
+        "x = 1\ny = ",
+        suffix,
+        context_tokens=100,
+        suffix_share=0.25,
+        marker_ids=markers,
+    )
+    assert prompt.input_ids[0] == 1000 and prompt.input_ids[-1] == 1002
+    assert suffix.startswith(prompt.suffix) and prompt.suffix.endswith("\n")
+    assert len(tokenizer.encode_text(prompt.suffix)) <= 25
+
+
+def test_user_text_cannot_inject_special_tokens(tokenizer):
+    ids = tokenizer.encode_text("x = '<|endoftext|>'")
+    assert 0 not in ids  # id 0 is the tiny model's end token

@@ -19,6 +19,9 @@ def _setup_logging(settings: Settings) -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if settings.log_level != "DEBUG":
+        # pygls logs every message it sends at INFO; that is debugging detail.
+        logging.getLogger("pygls").setLevel(logging.WARNING)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

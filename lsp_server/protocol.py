@@ -22,8 +22,24 @@ Error codes a client can meet
 
 from __future__ import annotations
 
+from pygls.exceptions import JsonRpcException
+
 ACCEPT_COMMAND = "ghostloop.accept"
 STATUS_REQUEST = "ghostloop/status"
 
 MODEL_UNAVAILABLE = -32001
 SERVER_CANCELLED = -32802
+
+
+class ServerCancelled(JsonRpcException):
+    """LSP 3.17 ServerCancelled: the server dropped the request (a newer one replaced it)."""
+
+    CODE = SERVER_CANCELLED
+    MESSAGE = "Server Cancelled"
+
+
+class ModelUnavailable(JsonRpcException):
+    """The model could not be loaded; the message names the fix."""
+
+    CODE = MODEL_UNAVAILABLE
+    MESSAGE = "Model Unavailable"

@@ -2,13 +2,51 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import cattrs
 from lsprotocol import types
-from pygls.exceptions import JsonRpcServerNotInitialized
+from pygls.exceptions import JsonRpcException, JsonRpcServerNotInitialized
 from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
 
 from ghostloop import __version__
 from ghostloop.settings import Settings
 from lsp_server.engine import CompletionEngine
+
+_ANSWERED = object()
+
+
+class GhostloopProtocol(LanguageServerProtocol):
+    """pygls's protocol, but a request whose params do not parse gets an error response.
+
+    pygls 2.1 logs such a request and never answers it, which leaves the client waiting.
+    """
+
+    def structure_message(self, data: dict[str, Any]) -> Any:
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as error:
+            if "id" not in data or "method" not in data:
+                raise
+            cause = error.__cause__
+            details = (
+                "; ".join(cattrs.transform_error(cause))
+                if isinstance(cause, cattrs.ClassValidationError)
+                else str(cause)
+            )
+            self._send_response(
+                data["id"],
+                error=types.ResponseError(
+                    code=error.code,
+                    message=f"invalid params for {data['method']}: {details}",
+                ),
+            )
+            return _ANSWERED
+
+    def handle_message(self, message: Any) -> None:
+        if message is not _ANSWERED:
+            super().handle_message(message)
 
 
 class GhostloopServer(LanguageServer):
@@ -19,6 +57,7 @@ class GhostloopServer(LanguageServer):
             "ghostloop",
             __version__,
             text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
+            protocol_cls=GhostloopProtocol,
         )
         self.base_settings = settings
         self.settings = settings

@@ -6,17 +6,13 @@ import asyncio
 from dataclasses import dataclass
 
 from lsprotocol import types
-from pygls.exceptions import (
-    JsonRpcInvalidParams,
-    JsonRpcRequestCancelled,
-    JsonRpcServerError,
-)
+from pygls.exceptions import JsonRpcInvalidParams, JsonRpcRequestCancelled
 
 from ghostloop.models import ModelNotFoundError
 from ghostloop.postprocess import CursorContext
 from lsp_server.engine import CompletionResult, JobCancelled
 from lsp_server.positions import PositionError, offset_at
-from lsp_server.protocol import MODEL_UNAVAILABLE, SERVER_CANCELLED
+from lsp_server.protocol import ACCEPT_COMMAND, ModelUnavailable, ServerCancelled
 from lsp_server.server import GhostloopServer
 
 
@@ -47,7 +43,8 @@ def cursor_at(server: GhostloopServer, uri: str, position: types.Position) -> Cu
             f"document {uri} looks binary (it contains NUL characters); "
             "Ghostloop completes text files only"
         )
-    encoding = str(server.workspace.position_encoding or "utf-16")
+    negotiated = server.workspace.position_encoding or "utf-16"
+    encoding = str(getattr(negotiated, "value", negotiated))  # an enum member or a plain str
     try:
         offset = offset_at(text, position.line, position.character, encoding)
     except PositionError as error:
@@ -65,18 +62,16 @@ async def suggest(server: GhostloopServer, cursor: Cursor) -> CompletionResult:
         raise
     except JobCancelled as cancelled:
         if cancelled.reason == "superseded":
-            raise JsonRpcServerError(
-                "superseded by a newer completion request for this document", SERVER_CANCELLED
+            raise ServerCancelled(
+                "superseded by a newer completion request for this document"
             ) from None
         raise JsonRpcRequestCancelled(f"completion {cancelled.reason}") from None
     except ModelNotFoundError as error:
-        raise JsonRpcServerError(str(error), MODEL_UNAVAILABLE) from None
+        raise ModelUnavailable(str(error)) from None
 
 
 def accept_command(result: CompletionResult) -> types.Command:
     """The command a client runs when the user takes the whole suggestion."""
-    from lsp_server.protocol import ACCEPT_COMMAND
-
     return types.Command(
         title="Accept Ghostloop suggestion",
         command=ACCEPT_COMMAND,

@@ -165,6 +165,11 @@ def load_model(settings: Settings) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if settings.backend != "torch":
+        raise ModelNotFoundError(
+            f"backend={settings.backend!r} is not available in this version; "
+            "set GHOSTLOOP_BACKEND=torch"
+        )
     torch.set_num_threads(settings.torch_threads)
     name, source = resolve_model(settings)
     device, dtype = _pick_device(settings)

@@ -82,6 +82,7 @@ class EngineStats:
     cancelled: int = 0
     superseded: int = 0
     deadline: int = 0
+    accepted: int = 0
     tokens_generated: int = 0
     last_stop_reason: str = ""
     last_generated_tokens: int = 0

@@ -21,9 +21,13 @@ class GhostloopProtocol(LanguageServerProtocol):
     """pygls's protocol, but a request whose params do not parse gets an error response.
 
     pygls 2.1 logs such a request and never answers it, which leaves the client waiting.
+    It also cannot read a request without ``params``, which JSON-RPC allows.
     """
 
     def structure_message(self, data: dict[str, Any]) -> Any:
+        if "method" in data and "params" not in data:
+            # JSON-RPC lets a request omit params (Neovim does for nil); pygls needs the key.
+            data = {**data, "params": None}
         try:
             return super().structure_message(data)
         except JsonRpcException as error:

@@ -49,6 +49,7 @@ def register(server: GhostloopServer) -> None:
             if completion_id in accepted:
                 raise JsonRpcInvalidParams(f"completion {completion_id} was already accepted")
             accepted.add(completion_id)
+            ls.engine.stats.accepted += 1
         log.info(
             "accept completion_id=%s accepted_chars=%d of=%d partial=%s",
             completion_id,

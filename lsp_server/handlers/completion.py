@@ -10,19 +10,12 @@ import re
 
 from lsprotocol import types
 
+from lsp_server.positions import code_units
 from lsp_server.server import GhostloopServer
 from lsp_server.suggestions import accept_command, cursor_at, suggest
 
 _WORD_AT_END = re.compile(r"\w+\Z")
 LABEL_CHARS = 80
-
-
-def _units(text: str, encoding: str) -> int:
-    if encoding == "utf-8":
-        return len(text.encode("utf-8"))
-    if encoding == "utf-16":
-        return len(text.encode("utf-16-le")) // 2
-    return len(text)
 
 
 def register(server: GhostloopServer) -> None:
@@ -40,7 +33,7 @@ def register(server: GhostloopServer) -> None:
         typed = match.group(0) if match else ""
         start = types.Position(
             line=params.position.line,
-            character=params.position.character - _units(typed, cursor.encoding),
+            character=params.position.character - code_units(typed, cursor.encoding),
         )
         new_text = typed + result.text
         item = types.CompletionItem(

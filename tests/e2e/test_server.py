@@ -19,6 +19,9 @@ from tests.e2e.conftest import (
     wait_ready,
 )
 
+LONG_GENERATION = {"maxNewTokens": 4000, "deadlineMs": 600_000, "maxLines": 10_000}
+"""With the endless model, a generation only cancellation or supersession can stop early."""
+
 MID_LINE = "        self.eof = None\n        self.commenters = '#'\n        self.word"
 """A document ending mid-line: the tiny model writes something non-blank here."""
 
@@ -171,7 +174,7 @@ async def test_cancel_request_stops_generation_early(
 ):
     client = await start_server(
         model=endless_model_dir,
-        options={"maxNewTokens": 4000, "deadlineMs": 600_000, "maxLines": 10_000},
+        options=LONG_GENERATION,
     )
     uri = open_document(client, MID_LINE)
     future = client.protocol.send_request(
@@ -196,7 +199,7 @@ async def test_newer_request_for_same_document_supersedes_older(
 ):
     client = await start_server(
         model=endless_model_dir,
-        options={"maxNewTokens": 4000, "deadlineMs": 600_000, "maxLines": 10_000},
+        options=LONG_GENERATION,
     )
     uri = open_document(client, MID_LINE)
     older = asyncio.ensure_future(

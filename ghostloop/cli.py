@@ -43,6 +43,32 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run_demo(settings, files=args.files, positions=args.positions))
 
 
+def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from feedback.database import (
+        StoreError,
+        current_revision,
+        default_database_url,
+        head_revision,
+        open_engine,
+        upgrade,
+    )
+
+    url = settings.database_url or default_database_url(settings.data_dir)
+    try:
+        engine = open_engine(url)
+        if args.db_command == "upgrade":
+            revision = upgrade(engine)
+            print(f"database at revision {revision} (head): {engine.url.render_as_string()}")
+        else:
+            current = current_revision(engine)
+            state = "up to date" if current == head_revision() else "run 'ghostloop db upgrade'"
+            print(f"database at revision {current or 'none'}, head {head_revision()}: {state}")
+    except StoreError as error:
+        print(f"ghostloop db: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _config(args: argparse.Namespace, settings: Settings) -> int:
     for env_name, default, help_text in settings_reference():
         name = env_name.removeprefix("GHOSTLOOP_").lower()
@@ -71,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("files", nargs="*", help="files to complete (default: stdlib modules)")
     demo.add_argument("--positions", type=int, default=12, help="cursor positions in all")
     demo.set_defaults(run=_demo)
+
+    db = commands.add_parser("db", help="upkeep of the feedback database")
+    db.add_argument("db_command", choices=["upgrade", "current"], help="apply migrations or show")
+    db.set_defaults(run=_db)
 
     config = commands.add_parser("config", help="print the effective settings")
     config.set_defaults(run=_config)

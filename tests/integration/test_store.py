@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from feedback.database import (
+    StoreError,
+    current_revision,
+    head_revision,
+    open_engine,
+    upgrade,
+)
+from feedback.schema import Base, Completion, FeedbackEvent
+from feedback.store import events_of, record_completion, record_event
+
+
+def completion(completion_id: str = "c" * 32) -> Completion:
+    return Completion(
+        id=completion_id,
+        user="alice",
+        base_model="SmolLM2-135M-Instruct",
+        suggestion="return total",
+        latency_ms=12.5,
+        prompt_prefix="def f():\n    ",
+    )
+
+
+def test_upgrade_creates_every_table_and_is_idempotent(engine: Engine):
+    assert current_revision(engine) is None
+    assert upgrade(engine) == head_revision()
+    tables = set(inspect(engine).get_table_names())
+    assert {"completions", "events", "training_runs", "preference_pairs", "adapters"} <= tables
+    assert upgrade(engine) == head_revision()
+    assert current_revision(engine) == head_revision()
+
+
+def test_migrations_match_the_models(engine: Engine):
+    upgrade(engine)
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert differences == [], "schema.py changed without a migration: add an Alembic revision"
+
+
+def test_events_are_written_once_even_when_replayed(engine: Engine):
+    upgrade(engine)
+    event = {"id": "e" * 32, "completion_id": "c" * 32, "kind": "accepted", "accepted_length": 6}
+    with Session(engine) as session, session.begin():
+        assert record_completion(session=session, completion=completion())
+        assert record_event(session=session, event=FeedbackEvent(**event))
+    with Session(engine) as session, session.begin():
+        assert not record_completion(session=session, completion=completion())
+        assert not record_event(session=session, event=FeedbackEvent(**event))
+    with Session(engine) as session:
+        stored = events_of(session=session, completion_id="c" * 32)
+        assert [(e.kind, e.accepted_length) for e in stored] == [("accepted", 6)]
+
+
+def test_an_event_for_an_unknown_completion_is_refused(engine: Engine):
+    upgrade(engine)
+    orphan = FeedbackEvent(id="f" * 32, completion_id="nope", kind="shown")
+    with pytest.raises(IntegrityError, match=r"(?i)foreign key"), Session(engine) as session:  # noqa: SIM117
+        with session.begin():
+            record_event(session=session, event=orphan)
+    with Session(engine) as session:
+        assert session.scalar(text("select count(*) from events")) == 0
+
+
+def test_sqlite_store_uses_wal_and_a_busy_timeout(tmp_path: Path):
+    engine = open_engine(f"sqlite:///{tmp_path / 'sub' / 'ghostloop.db'}")
+    with engine.connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 5000
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_unreachable_database_gives_a_clear_error():
+    engine = open_engine("postgresql://nobody@127.0.0.1:1/nothing")
+    with pytest.raises(StoreError, match=r"cannot reach the database.*GHOSTLOOP_DATABASE_URL"):
+        upgrade(engine)
+
+
+def test_bad_database_url_gives_a_clear_error():
+    with pytest.raises(StoreError, match="is not a SQLAlchemy URL"):
+        open_engine("not a url")
+
+
+def run_cli(*args: str, env_data_dir: Path) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {**os.environ, "GHOSTLOOP_DATA_DIR": str(env_data_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "ghostloop", *args], env=env, capture_output=True, text=True
+    )
+
+
+def test_db_upgrade_command_migrates_the_default_sqlite_store(isolated_data_dir: Path):
+    before = run_cli("db", "current", env_data_dir=isolated_data_dir)
+    assert "run 'ghostloop db upgrade'" in before.stdout
+    done = run_cli("db", "upgrade", env_data_dir=isolated_data_dir)
+    assert done.returncode == 0, done.stderr
+    assert (isolated_data_dir / "ghostloop.db").is_file()
+    after = run_cli("db", "current", env_data_dir=isolated_data_dir)
+    assert "up to date" in after.stdout

@@ -143,6 +143,7 @@ class Recorder:
             self._idle.notify_all()
 
     def _run(self) -> None:
+        self._write([])  # migrate at start, off the caller's thread
         self._replay()
         while True:
             try:

@@ -116,6 +116,10 @@ class Settings:
     max_document_chars: int = field(
         default=2_000_000, metadata=_help("documents larger than this get no completions")
     )
+    max_stored_prompt_chars: int = field(
+        default=16_000,
+        metadata=_help("stored prompt prefix and suffix are each cut to this many characters"),
+    )
     user: str = field(
         default_factory=_default_user, metadata=_help("who completions are attributed to")
     )
@@ -141,6 +145,7 @@ class Settings:
             ("max_lines", 1),
             ("deadline_ms", 1),
             ("max_document_chars", 1),
+            ("max_stored_prompt_chars", 0),
         ):
             if getattr(self, name) < low:
                 raise SettingsError(f"{name}={getattr(self, name)} must be at least {low}")

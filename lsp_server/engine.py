@@ -137,6 +137,10 @@ class CompletionEngine:
                 job.cancel("shutdown")
 
     @property
+    def model_name(self) -> str:
+        return self._model.name if self._model is not None else self.settings.model
+
+    @property
     def state(self) -> str:
         if self._load_error is not None:
             return "error"

@@ -5,6 +5,11 @@ Client -> server
   accepted_length: int]``. Sent by the client when the user accepts an item; every item
   carries this command with the full length, clients send a shorter length for partial
   (word / line) accepts. Length counts characters (code points) of the suggestion.
+- notification ``ghostloop/feedback``: ``{"completionId": str, "kind": "shown" |
+  "rejected" | "dismissed"}``. Sent when the editor showed, the user rejected (e.g.
+  typed something else), or dismissed (Escape) a suggestion. Bad input is answered with a
+  warning in the client's log (window/logMessage) and changes nothing. A suggestion that a
+  newer request for the same document supersedes without an accept counts as rejected.
 - request ``ghostloop/status``: no params. Result: ``{"state": "starting" | "ready" |
   "error", "error": str | null, "model": str | null, "device": str | null,
   "template": str | null, "adapter": str | null, "queued": int, "stats": {...}}``.
@@ -26,6 +31,7 @@ from pygls.exceptions import JsonRpcException
 
 ACCEPT_COMMAND = "ghostloop.accept"
 STATUS_REQUEST = "ghostloop/status"
+FEEDBACK_NOTIFICATION = "ghostloop/feedback"
 
 MODEL_UNAVAILABLE = -32001
 SERVER_CANCELLED = -32802

@@ -13,6 +13,7 @@ from pygls.protocol import LanguageServerProtocol
 from ghostloop import __version__
 from ghostloop.settings import Settings
 from lsp_server.engine import CompletionEngine
+from lsp_server.recording import FeedbackLog
 
 _ANSWERED = object()
 
@@ -66,6 +67,9 @@ class GhostloopServer(LanguageServer):
         self.base_settings = settings
         self.settings = settings
         self.engine_or_none: CompletionEngine | None = None
+        self.feedback_or_none: FeedbackLog | None = None
+        self.client_info: types.ClientInfo | None = None
+        self.root_uri: str | None = None
 
     @property
     def engine(self) -> CompletionEngine:
@@ -73,12 +77,25 @@ class GhostloopServer(LanguageServer):
             raise JsonRpcServerNotInitialized("send 'initialize' before any other request")
         return self.engine_or_none
 
+    @property
+    def feedback(self) -> FeedbackLog:
+        if self.feedback_or_none is None:
+            raise JsonRpcServerNotInitialized("send 'initialize' before any other request")
+        return self.feedback_or_none
+
 
 def create_server(settings: Settings) -> GhostloopServer:
     """A server with every feature registered; the caller starts it on stdio or TCP."""
-    from lsp_server.handlers import commands, completion, inline_completion, lifecycle, status
+    from lsp_server.handlers import (
+        commands,
+        completion,
+        feedback,
+        inline_completion,
+        lifecycle,
+        status,
+    )
 
     server = GhostloopServer(settings)
-    for module in (lifecycle, inline_completion, completion, commands, status):
+    for module in (lifecycle, inline_completion, completion, commands, feedback, status):
         module.register(server)
     return server

@@ -23,6 +23,7 @@ class Cursor:
     uri: str
     context: CursorContext
     encoding: str
+    language: str
 
 
 def cursor_at(server: GhostloopServer, uri: str, position: types.Position) -> Cursor:
@@ -49,14 +50,17 @@ def cursor_at(server: GhostloopServer, uri: str, position: types.Position) -> Cu
         offset = offset_at(text, position.line, position.character, encoding)
     except PositionError as error:
         raise JsonRpcInvalidParams(f"bad position in {uri}: {error}") from None
-    return Cursor(uri, CursorContext(text[:offset], text[offset:]), encoding)
+    return Cursor(
+        uri, CursorContext(text[:offset], text[offset:]), encoding, document.language_id or ""
+    )
 
 
 async def suggest(server: GhostloopServer, cursor: Cursor) -> CompletionResult:
     """Run one completion job; cancellation of this request stops its generation."""
+    server.feedback.superseded(cursor.uri)
     job = server.engine.submit(cursor.uri, cursor.context)
     try:
-        return await asyncio.wrap_future(job.future)
+        result = await asyncio.wrap_future(job.future)
     except asyncio.CancelledError:
         job.cancel("cancelled")
         raise
@@ -68,6 +72,18 @@ async def suggest(server: GhostloopServer, cursor: Cursor) -> CompletionResult:
         raise JsonRpcRequestCancelled(f"completion {cancelled.reason}") from None
     except ModelNotFoundError as error:
         raise ModelUnavailable(str(error)) from None
+    if result.text:
+        client = server.client_info
+        server.feedback.served(
+            result,
+            uri=cursor.uri,
+            root_uri=server.root_uri,
+            language=cursor.language,
+            client_name=client.name if client else "",
+            client_version=(client.version or "") if client else "",
+            base_model=server.engine.model_name,
+        )
+    return result
 
 
 def accept_command(result: CompletionResult) -> types.Command:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from pygls.exceptions import JsonRpcInvalidParams
@@ -28,9 +27,6 @@ def _parse_accept(arguments: Any) -> tuple[str, int | None]:
 
 
 def register(server: GhostloopServer) -> None:
-    accepted: set[str] = set()
-    lock = threading.Lock()
-
     @server.command(ACCEPT_COMMAND)
     def accept(ls: GhostloopServer, *arguments: Any) -> None:
         completion_id, length = _parse_accept(arguments)
@@ -45,11 +41,10 @@ def register(server: GhostloopServer) -> None:
             raise JsonRpcInvalidParams(
                 f"accepted_length={length} is outside the suggestion's 0..{full} characters"
             )
-        with lock:
-            if completion_id in accepted:
-                raise JsonRpcInvalidParams(f"completion {completion_id} was already accepted")
-            accepted.add(completion_id)
-            ls.engine.stats.accepted += 1
+        if ls.feedback.fate(completion_id) in ("accepted", "partial"):
+            raise JsonRpcInvalidParams(f"completion {completion_id} was already accepted")
+        ls.feedback.event(completion_id, "partial" if length < full else "accepted", length)
+        ls.engine.stats.accepted += 1
         log.info(
             "accept completion_id=%s accepted_chars=%d of=%d partial=%s",
             completion_id,

@@ -10,6 +10,7 @@ from pygls.exceptions import JsonRpcInvalidParams
 
 from ghostloop.settings import SettingsError
 from lsp_server.engine import CompletionEngine
+from lsp_server.recording import FeedbackLog
 from lsp_server.server import GhostloopServer
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,10 @@ def register(server: GhostloopServer) -> None:
             ls.settings.user,
             ls.settings.model or "(embedded default)",
         )
+        ls.client_info = client
+        ls.root_uri = params.root_uri
         if ls.engine_or_none is None:
+            ls.feedback_or_none = FeedbackLog.open(ls.settings)
             ls.engine_or_none = CompletionEngine(ls.settings)
             ls.engine_or_none.start()
 
@@ -51,3 +55,5 @@ def register(server: GhostloopServer) -> None:
     def shutdown(ls: GhostloopServer, params: None) -> None:
         if ls.engine_or_none is not None:
             ls.engine_or_none.stop()
+        if ls.feedback_or_none is not None:
+            ls.feedback_or_none.close()  # everything recorded is in the store or the journal

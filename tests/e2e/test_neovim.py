@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from feedback.database import open_engine
+from feedback.schema import Completion, FeedbackEvent
 
 pynvim = pytest.importorskip("pynvim")
 
@@ -96,6 +101,17 @@ def test_neovim_shows_and_accepts_an_inline_completion(
             ),
         )
         assert stats["completed"] >= 1
+        nvim.exec_lua("vim.lsp.get_clients()[1]:stop()")  # shutdown flushes the recorder
+        wait_for(nvim, "return #vim.lsp.get_clients() == 0")
     finally:
         nvim.command("qa!", async_=True)
         nvim.close()
+    engine = open_engine(f"sqlite:///{isolated_data_dir / 'ghostloop.db'}")
+    with Session(engine) as session:
+        events = list(session.scalars(select(FeedbackEvent)))
+        stored = session.scalars(select(Completion)).all()
+    engine.dispose()
+    assert [e.kind for e in events] == ["accepted"]
+    accepted = next(c for c in stored if c.id == events[0].completion_id)
+    assert line == "    return self.wor" + accepted.suggestion
+    assert accepted.outcome == "accepted" and accepted.client_name == "Neovim"

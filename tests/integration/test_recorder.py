@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from feedback.database import open_engine
 from feedback.recorder import Recorder, StoreWrite
 from feedback.schema import Completion, FeedbackEvent
-from tests.integration.conftest import POSTGRES_ADMIN_URL
+from tests.conftest import POSTGRES_ADMIN_URL
 
 
 def completion_write(completion_id: str) -> StoreWrite:

@@ -1,0 +1,137 @@
+"""The server's side of the feedback store: what it records about each suggestion.
+
+Records go to the Recorder (queue, writer thread, journal), never straight to the
+database, so a slow or dead database cannot delay a completion. Stored text is redacted
+and capped; with telemetry off nothing about the user's code is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from feedback.database import default_database_url, open_engine
+from feedback.recorder import Recorder, StoreWrite
+from feedback.redaction import redact
+from ghostloop.settings import Settings
+from lsp_server.engine import CompletionResult
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_KINDS = ("shown", "rejected", "dismissed")
+FINAL_FATES = ("accepted", "partial", "rejected", "dismissed")
+TRACKED = 4096
+
+
+def document_path(uri: str, root_uri: str | None) -> str:
+    """The document's path relative to the workspace root when it lies inside it."""
+    path = Path(unquote(urlparse(uri).path))
+    if root_uri:
+        root = Path(unquote(urlparse(root_uri).path))
+        if path.is_relative_to(root):
+            return str(path.relative_to(root))
+    return str(path)
+
+
+class FeedbackLog:
+    """Turns served completions and client signals into store records."""
+
+    def __init__(self, settings: Settings, recorder: Recorder | None) -> None:
+        self.settings = settings
+        self.recorder = recorder
+        self._fates: OrderedDict[str, str] = OrderedDict()  # completion id -> latest fate
+        self._last_served: dict[str, str] = {}  # document uri -> completion id
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, settings: Settings) -> FeedbackLog:
+        if not settings.telemetry:
+            log.info("telemetry off: nothing about this user's code is recorded")
+            return cls(settings, None)
+        url = settings.database_url or default_database_url(settings.data_dir)
+        recorder = Recorder(
+            engine=open_engine(url), journal_path=settings.data_dir / "journal.jsonl"
+        )
+        recorder.start()
+        return cls(settings, recorder)
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def fate(self, completion_id: str) -> str | None:
+        with self._lock:
+            return self._fates.get(completion_id)
+
+    def superseded(self, uri: str) -> None:
+        """A new request for ``uri``: its last suggestion, never taken, was rejected."""
+        with self._lock:
+            previous = self._last_served.pop(uri, None)
+        if previous is not None and self.fate(previous) not in FINAL_FATES:
+            self.event(previous, "rejected")
+
+    def served(
+        self,
+        result: CompletionResult,
+        *,
+        uri: str,
+        root_uri: str | None,
+        language: str,
+        client_name: str,
+        client_version: str,
+        base_model: str,
+    ) -> None:
+        with self._lock:
+            self._last_served[uri] = result.completion_id
+            self._fates[result.completion_id] = "pending"
+            while len(self._fates) > TRACKED:
+                self._fates.popitem(last=False)
+        if self.recorder is None:
+            return
+        cap = self.settings.max_stored_prompt_chars
+        prefix = redact(result.prompt.prefix[-cap:] if cap else "")
+        suffix = redact(result.prompt.suffix[:cap])
+        suggestion = redact(result.text)
+        values = {
+            "id": result.completion_id,
+            "created_at": datetime.now(UTC).isoformat(),
+            "user": self.settings.user,
+            "client_name": client_name,
+            "client_version": client_version,
+            "language": language,
+            "path": document_path(uri, root_uri),
+            "base_model": base_model,
+            "adapter_version": None,
+            "arm": None,
+            "template": result.prompt.template,
+            "prompt_prefix": prefix.text,
+            "prompt_suffix": suffix.text,
+            "suggestion": suggestion.text,
+            "multiline": result.mode.multiline,
+            "latency_ms": round(result.latency_ms, 3),
+            "prompt_tokens": result.prompt_tokens,
+            "generated_tokens": result.generated_tokens,
+            "stop_reason": result.stop_reason,
+            "redactions": prefix.count + suffix.count + suggestion.count,
+        }
+        self.recorder.submit(StoreWrite("completion", values))
+
+    def event(self, completion_id: str, kind: str, accepted_length: int | None = None) -> None:
+        with self._lock:
+            if completion_id in self._fates:
+                self._fates[completion_id] = kind
+        if self.recorder is None:
+            return
+        values = {
+            "id": uuid.uuid4().hex,
+            "completion_id": completion_id,
+            "created_at": datetime.now(UTC).isoformat(),
+            "kind": kind,
+            "accepted_length": accepted_length,
+        }
+        self.recorder.submit(StoreWrite("event", values))

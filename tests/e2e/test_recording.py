@@ -1,0 +1,96 @@
+"""What a real LSP session leaves in the real database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lsprotocol import types
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from feedback.database import open_engine
+from feedback.schema import Completion, FeedbackEvent
+from tests.e2e.conftest import StartServer, inline_params, open_document
+from tests.e2e.test_server import MID_LINE, lines_of
+
+
+async def ask(client, name: str) -> types.InlineCompletionItem:
+    uri = open_document(client, MID_LINE, name)
+    result = await client.text_document_inline_completion_async(
+        inline_params(uri, *lines_of(MID_LINE))
+    )
+    assert result.items, "the tiny model writes something at this position"
+    return result.items[0]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, isolated_data_dir: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+async def test_session_is_recorded_exactly(start_server: StartServer, database_url: str):
+    client = await start_server(
+        env={"GHOSTLOOP_DATABASE_URL": database_url, "GHOSTLOOP_USER": "alice"}
+    )
+    taken = await ask(client, "taken.py")
+    taken_id = taken.command.arguments[0]
+    await client.workspace_execute_command_async(
+        types.ExecuteCommandParams(command="ghostloop.accept", arguments=[taken_id, 2])
+    )
+    dismissed = (await ask(client, "dismissed.py")).command.arguments[0]
+    client.protocol.notify("ghostloop/feedback", {"completionId": dismissed, "kind": "shown"})
+    client.protocol.notify("ghostloop/feedback", {"completionId": dismissed, "kind": "dismissed"})
+    client.protocol.notify("ghostloop/feedback", {"completionId": "f" * 32, "kind": "shown"})
+    client.protocol.notify("ghostloop/feedback", {"completionId": taken_id, "kind": "rejected"})
+    superseded = (await ask(client, "typing.py")).command.arguments[0]
+    latest = (await ask(client, "typing.py")).command.arguments[0]
+    await client.shutdown_session()  # the server flushes its recorder before answering
+    warnings = [m.message for m in client.log_messages if m.type == types.MessageType.Warning]
+    assert any("unknown completion id" in w for w in warnings)
+    assert any("was already partial" in w for w in warnings)
+
+    engine = open_engine(database_url)
+    with Session(engine) as session:
+        rows = {c.id: c for c in session.scalars(select(Completion))}
+        events = [
+            (e.completion_id, e.kind, e.accepted_length)
+            for e in session.scalars(select(FeedbackEvent).order_by(FeedbackEvent.created_at))
+        ]
+    engine.dispose()
+    assert set(rows) == {taken_id, dismissed, superseded, latest}
+    assert (rows[taken_id].outcome, rows[taken_id].accepted_length) == ("partial", 2)
+    assert rows[dismissed].outcome == "dismissed"
+    assert rows[superseded].outcome == "rejected"
+    assert rows[latest].outcome == "pending"
+    assert sorted(events) == sorted(
+        [
+            (taken_id, "partial", 2),
+            (dismissed, "shown", None),
+            (dismissed, "dismissed", None),
+            (superseded, "rejected", None),
+        ]
+    )
+    row = rows[taken_id]
+    assert (row.user, row.client_name, row.language, row.path) == (
+        "alice",
+        "pytest-lsp",
+        "python",
+        "/workspace/taken.py",
+    )
+    assert row.base_model and row.template == "prefix-only"
+    assert row.prompt_prefix.endswith("self.word") and row.suggestion == taken.insert_text
+    assert row.latency_ms > 0 and row.generated_tokens > 0
+
+
+async def test_telemetry_off_stores_nothing(start_server: StartServer, isolated_data_dir: Path):
+    client = await start_server(options={"telemetry": False})
+    item = await ask(client, "private.py")
+    await client.workspace_execute_command_async(
+        types.ExecuteCommandParams(command="ghostloop.accept", arguments=item.command.arguments)
+    )
+    await client.shutdown_session()
+    assert not (isolated_data_dir / "ghostloop.db").exists()
+    assert not (isolated_data_dir / "journal.jsonl").exists()

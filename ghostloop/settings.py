@@ -120,6 +120,10 @@ class Settings:
         default=16_000,
         metadata=_help("stored prompt prefix and suffix are each cut to this many characters"),
     )
+    survival_windows_s: str = field(
+        default="30,120,600",
+        metadata=_help("seconds after an accept at which the kept share is measured"),
+    )
     user: str = field(
         default_factory=_default_user, metadata=_help("who completions are attributed to")
     )
@@ -149,8 +153,21 @@ class Settings:
         ):
             if getattr(self, name) < low:
                 raise SettingsError(f"{name}={getattr(self, name)} must be at least {low}")
+        try:
+            windows = self.survival_windows
+        except ValueError:
+            windows = ()
+        if not windows or any(w <= 0 for w in windows) or list(windows) != sorted(windows):
+            raise SettingsError(
+                f"survival_windows_s={self.survival_windows_s!r} must be increasing positive "
+                "seconds separated by commas, e.g. '30,120,600'"
+            )
         if not 0.0 <= self.suffix_share < 1.0:
             raise SettingsError(f"suffix_share={self.suffix_share} must be in [0, 1)")
+
+    @property
+    def survival_windows(self) -> tuple[float, ...]:
+        return tuple(float(part) for part in self.survival_windows_s.split(","))
 
     @property
     def torch_threads(self) -> int:

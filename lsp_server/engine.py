@@ -62,6 +62,7 @@ class CompletionResult:
     completion_id: str
     key: str
     text: str
+    offset: int  # where the cursor stood in the document when the request came
     prompt: Prompt
     mode: CompletionMode
     stop_reason: str
@@ -271,6 +272,7 @@ class CompletionEngine:
             completion_id=uuid.uuid4().hex,
             key=job.key,
             text=text,
+            offset=len(job.context.prefix),
             prompt=prompt,
             mode=mode,
             stop_reason=generation.stop_reason,

@@ -20,6 +20,7 @@ from feedback.recorder import Recorder, StoreWrite
 from feedback.redaction import redact
 from ghostloop.settings import Settings
 from lsp_server.engine import CompletionResult
+from lsp_server.survival import Schedule, SurvivalTracker
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +42,25 @@ def document_path(uri: str, root_uri: str | None) -> str:
 class FeedbackLog:
     """Turns served completions and client signals into store records."""
 
-    def __init__(self, settings: Settings, recorder: Recorder | None) -> None:
+    def __init__(self, settings: Settings, recorder: Recorder | None, schedule: Schedule) -> None:
         self.settings = settings
         self.recorder = recorder
+        self.survival = SurvivalTracker(settings.survival_windows, schedule, self._event)
         self._fates: OrderedDict[str, str] = OrderedDict()  # completion id -> latest fate
         self._last_served: dict[str, str] = {}  # document uri -> completion id
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, settings: Settings) -> FeedbackLog:
+    def open(cls, settings: Settings, schedule: Schedule) -> FeedbackLog:
+        """``schedule(delay_s, call)`` runs survival checks later (the loop's call_later)."""
         if not settings.telemetry:
             log.info("telemetry off: nothing about this user's code is recorded")
-            return cls(settings, None)
+            return cls(settings, None, schedule)
         url = settings.database_url or default_database_url(settings.data_dir)
-        recorder = Recorder(
-            engine=open_engine(url), journal_path=settings.data_dir / "journal.jsonl"
-        )
+        journal = settings.data_dir / "journal.jsonl"
+        recorder = Recorder(engine=open_engine(url), journal_path=journal)
         recorder.start()
-        return cls(settings, recorder)
+        return cls(settings, recorder, schedule)
 
     def close(self) -> None:
         if self.recorder is not None:
@@ -73,13 +75,33 @@ class FeedbackLog:
         with self._lock:
             previous = self._last_served.pop(uri, None)
         if previous is not None and self.fate(previous) not in FINAL_FATES:
-            self.event(previous, "rejected")
+            self.signal(previous, "rejected")
+
+    def accepted(self, completion_id: str, inserted: str, *, partial: bool) -> None:
+        """The user took ``inserted``: the whole suggestion, or its start (``partial``)."""
+        kind = "partial" if partial else "accepted"
+        self._event(completion_id, kind, accepted_length=len(inserted))
+        if self.recorder is not None:
+            self.survival.accepted(completion_id, inserted)
+
+    def signal(self, completion_id: str, kind: str) -> None:
+        """shown, rejected or dismissed; after the last two, what was typed is captured."""
+        self._event(completion_id, kind)
+        if kind in ("rejected", "dismissed") and self.recorder is not None:
+            self.survival.rejected(completion_id)
+
+    def changed(self, uri: str, text: str) -> None:
+        self.survival.changed(uri, text)
+
+    def closed(self, uri: str) -> None:
+        self.survival.closed(uri)
 
     def served(
         self,
         result: CompletionResult,
         *,
         uri: str,
+        document: str,
         root_uri: str | None,
         language: str,
         client_name: str,
@@ -93,6 +115,9 @@ class FeedbackLog:
                 self._fates.popitem(last=False)
         if self.recorder is None:
             return
+        self.survival.served(
+            uri, result.completion_id, document, result.offset, result.mode.multiline
+        )
         cap = self.settings.max_stored_prompt_chars
         prefix = redact(result.prompt.prefix[-cap:] if cap else "")
         suffix = redact(result.prompt.suffix[:cap])
@@ -121,10 +146,20 @@ class FeedbackLog:
         }
         self.recorder.submit(StoreWrite("completion", values))
 
-    def event(self, completion_id: str, kind: str, accepted_length: int | None = None) -> None:
-        with self._lock:
-            if completion_id in self._fates:
-                self._fates[completion_id] = kind
+    def _event(
+        self,
+        completion_id: str,
+        kind: str,
+        *,
+        accepted_length: int | None = None,
+        window_s: float | None = None,
+        survival_ratio: float | None = None,
+        text: str | None = None,
+    ) -> None:
+        if kind not in ("survival", "typed_instead"):
+            with self._lock:
+                if completion_id in self._fates:
+                    self._fates[completion_id] = kind
         if self.recorder is None:
             return
         values = {
@@ -133,5 +168,8 @@ class FeedbackLog:
             "created_at": datetime.now(UTC).isoformat(),
             "kind": kind,
             "accepted_length": accepted_length,
+            "window_s": window_s,
+            "survival_ratio": survival_ratio,
+            "text": None if text is None else redact(text).text,
         }
         self.recorder.submit(StoreWrite("event", values))

@@ -89,6 +89,7 @@ def create_server(settings: Settings) -> GhostloopServer:
     from lsp_server.handlers import (
         commands,
         completion,
+        documents,
         feedback,
         inline_completion,
         lifecycle,
@@ -96,6 +97,6 @@ def create_server(settings: Settings) -> GhostloopServer:
     )
 
     server = GhostloopServer(settings)
-    for module in (lifecycle, inline_completion, completion, commands, feedback, status):
+    for module in (lifecycle, documents, inline_completion, completion, commands, feedback, status):
         module.register(server)
     return server

@@ -77,6 +77,7 @@ async def suggest(server: GhostloopServer, cursor: Cursor) -> CompletionResult:
         server.feedback.served(
             result,
             uri=cursor.uri,
+            document=cursor.context.prefix + cursor.context.suffix,
             root_uri=server.root_uri,
             language=cursor.language,
             client_name=client.name if client else "",

@@ -43,7 +43,7 @@ def register(server: GhostloopServer) -> None:
             )
         if ls.feedback.fate(completion_id) in ("accepted", "partial"):
             raise JsonRpcInvalidParams(f"completion {completion_id} was already accepted")
-        ls.feedback.event(completion_id, "partial" if length < full else "accepted", length)
+        ls.feedback.accepted(completion_id, result.text[:length], partial=length < full)
         ls.engine.stats.accepted += 1
         log.info(
             "accept completion_id=%s accepted_chars=%d of=%d partial=%s",

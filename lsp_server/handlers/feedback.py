@@ -45,4 +45,4 @@ def register(server: GhostloopServer) -> None:
                 types.LogMessageParams(type=types.MessageType.Warning, message=problem)
             )
             return
-        ls.feedback.event(completion_id, kind)
+        ls.feedback.signal(completion_id, kind)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -47,7 +48,8 @@ def register(server: GhostloopServer) -> None:
         ls.client_info = client
         ls.root_uri = params.root_uri
         if ls.engine_or_none is None:
-            ls.feedback_or_none = FeedbackLog.open(ls.settings)
+            loop = asyncio.get_event_loop()
+            ls.feedback_or_none = FeedbackLog.open(ls.settings, schedule=loop.call_later)
             ls.engine_or_none = CompletionEngine(ls.settings)
             ls.engine_or_none.start()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,67 @@ async def test_telemetry_off_stores_nothing(start_server: StartServer, isolated_
     await client.shutdown_session()
     assert not (isolated_data_dir / "ghostloop.db").exists()
     assert not (isolated_data_dir / "journal.jsonl").exists()
+
+
+def insert(
+    client, uri: str, version: int, line: int, character: int, text: str, end: int | None = None
+) -> None:
+    """What an editor sends when text is typed or a suggestion inserted at a position."""
+    client.text_document_did_change(
+        types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+            content_changes=[
+                types.TextDocumentContentChangePartial(
+                    range=types.Range(
+                        start=types.Position(line=line, character=character),
+                        end=types.Position(line=line, character=character if end is None else end),
+                    ),
+                    text=text,
+                )
+            ],
+        )
+    )
+
+
+async def test_survival_of_accepted_text_and_what_was_typed_after_a_rejection(
+    start_server: StartServer, isolated_data_dir: Path
+):
+    client = await start_server(env={"GHOSTLOOP_SURVIVAL_WINDOWS_S": "0.3,1.2"})
+    line, character = lines_of(MID_LINE)
+    kept = await ask(client, "kept.py")
+    kept_id, text = kept.command.arguments[0], kept.insert_text
+    uri = "file:///workspace/kept.py"
+    insert(client, uri, 2, line, character, text)  # the editor inserts the suggestion
+    await client.workspace_execute_command_async(
+        types.ExecuteCommandParams(command="ghostloop.accept", arguments=[kept_id])
+    )
+    await asyncio.sleep(0.7)  # past the first window: the text stands as inserted
+    cut = max(1, len(text) // 2)
+    insert(client, uri, 3, line, character + cut, "ZZ", end=character + len(text))
+
+    thrown = (await ask(client, "thrown.py")).command.arguments[0]
+    client.protocol.notify("ghostloop/feedback", {"completionId": thrown, "kind": "rejected"})
+    insert(client, "file:///workspace/thrown.py", 2, line, character, "s_list = []")
+    await asyncio.sleep(1.5)  # past the last window
+    await client.shutdown_session()
+
+    engine = open_engine(f"sqlite:///{isolated_data_dir / 'ghostloop.db'}")
+    with Session(engine) as session:
+        survival = [
+            (e.window_s, e.survival_ratio, e.text)
+            for e in session.scalars(
+                select(FeedbackEvent)
+                .where(FeedbackEvent.completion_id == kept_id, FeedbackEvent.kind == "survival")
+                .order_by(FeedbackEvent.window_s)
+            )
+        ]
+        typed = session.scalars(
+            select(FeedbackEvent.text).where(
+                FeedbackEvent.completion_id == thrown, FeedbackEvent.kind == "typed_instead"
+            )
+        ).all()
+    engine.dispose()
+    assert survival[0] == (0.3, 1.0, text)
+    assert survival[1][0] == 1.2 and survival[1][2] == text[:cut] + "ZZ"
+    assert survival[1][1] < 1.0
+    assert typed == ["s_list = []"]

@@ -1,0 +1,198 @@
+"""How much of a suggestion survives: regions followed through edits, checked later.
+
+After an accept, the inserted region is followed through every edit, and at each window
+(30 s, 2 min, 10 min by default) the share of it that still stands is measured by edit
+distance, as Copilot's "still in code". After a rejection, what the user typed at that
+spot instead is captured once. Everything here is plain functions on text and offsets.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute) that turn ``a`` into ``b``."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(
+                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
+            )
+        previous = current
+    return previous[-1]
+
+
+def survival_ratio(inserted: str, now: str) -> float:
+    """Share of ``inserted`` still standing in ``now``: 1 untouched, 0 rewritten or gone."""
+    if not inserted:
+        return 0.0
+    return max(0.0, 1.0 - levenshtein(inserted, now) / len(inserted))
+
+
+def changed_span(old: str, new: str) -> tuple[int, int, int]:
+    """(start, old end, new length) of the one span where ``old`` and ``new`` differ.
+
+    Works for incremental and full-document changes alike; slicing compares in C.
+    """
+    limit = min(len(old), len(new))
+    low, high = 0, limit
+    while low < high:  # longest common prefix, by bisection
+        middle = (low + high + 1) // 2
+        if old[:middle] == new[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    prefix = low
+    low, high = 0, limit - prefix
+    while low < high:  # longest common suffix not overlapping the prefix
+        middle = (low + high + 1) // 2
+        if old[len(old) - middle :] == new[len(new) - middle :]:
+            low = middle
+        else:
+            high = middle - 1
+    suffix = low
+    return prefix, len(old) - suffix, len(new) - suffix - prefix
+
+
+@dataclass
+class Region:
+    """A span of a document that belongs to one completion, in current offsets."""
+
+    completion_id: str
+    start: int
+    end: int
+
+    def apply(self, start: int, old_end: int, new_length: int) -> None:
+        """Follow one edit that replaced ``[start, old_end)`` by ``new_length`` characters."""
+        delta = new_length - (old_end - start)
+        # Text inserted at the edge of an accepted region is not part of it; text inserted
+        # at an empty region (a rejected suggestion's spot) is what the user typed there.
+        empty = self.start == self.end
+        if old_end < self.start or (old_end == self.start and not (empty and start == old_end)):
+            self.start += delta
+            self.end += delta
+        elif start > self.end or (start == self.end and not empty):
+            return
+        else:  # the edit touches the region: it now spans whatever replaced its text
+            self.end = self.end + delta if old_end <= self.end else start + new_length
+            self.start = min(self.start, start)
+            self.end = max(self.end, self.start)
+
+
+def typed_instead(text: str, start: int, multiline: bool, max_lines: int = 8) -> str:
+    """What stands at ``start`` now: to the end of the line, or of the block."""
+    line_end = text.find("\n", start)
+    if not multiline or line_end < 0:
+        return text[start : len(text) if line_end < 0 else line_end]
+    line_start = text.rfind("\n", 0, start) + 1
+    indent = len(text[line_start:start]) - len(text[line_start:start].lstrip())
+    lines = [text[start:line_end]]
+    for line in text[line_end + 1 :].split("\n")[: max_lines - 1]:
+        if not line.strip() or len(line) - len(line.lstrip()) <= indent:
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+Schedule = Callable[[float, Callable[[], None]], object]
+Record = Callable[..., None]  # record(completion_id, kind, window_s=, survival_ratio=, text=)
+
+
+@dataclass
+class _Tracked:
+    uri: str
+    region: Region
+    multiline: bool
+    inserted: str = ""
+
+
+class SurvivalTracker:
+    """Follows each served suggestion's spot through edits until its fate is measured.
+
+    A served suggestion is an empty region at the cursor; the client's insertion of an
+    accepted one fills it (whichever of the insertion and the accept arrives first).
+    """
+
+    def __init__(
+        self, windows_s: tuple[float, ...], schedule: Schedule, record: Record, capacity: int = 512
+    ) -> None:
+        self.windows_s = windows_s
+        self._schedule = schedule
+        self._record = record
+        self._capacity = capacity
+        self._texts: dict[str, str] = {}
+        self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
+
+    def served(self, uri: str, completion_id: str, text: str, offset: int, multiline: bool) -> None:
+        self._texts[uri] = text
+        self._tracked[completion_id] = _Tracked(
+            uri, Region(completion_id, offset, offset), multiline
+        )
+        while len(self._tracked) > self._capacity:
+            self._forget(next(iter(self._tracked)))
+
+    def changed(self, uri: str, text: str) -> None:
+        old = self._texts.get(uri)
+        if old is None or old == text:
+            return
+        span = changed_span(old, text)
+        for tracked in self._tracked.values():
+            if tracked.uri == uri:
+                tracked.region.apply(*span)
+        self._texts[uri] = text
+
+    def closed(self, uri: str) -> None:
+        for completion_id in [c for c, t in self._tracked.items() if t.uri == uri]:
+            self._forget(completion_id)
+
+    def accepted(self, completion_id: str, inserted: str) -> None:
+        tracked = self._tracked.get(completion_id)
+        if tracked is None:
+            return
+        tracked.inserted = inserted
+        for window in self.windows_s:
+            self._schedule(window, functools.partial(self._check_survival, completion_id, window))
+
+    def rejected(self, completion_id: str) -> None:
+        if completion_id in self._tracked:
+            first = self.windows_s[0]
+            self._schedule(first, functools.partial(self._check_typed, completion_id, first))
+
+    def _region_text(self, tracked: _Tracked) -> str:
+        return self._texts.get(tracked.uri, "")[tracked.region.start : tracked.region.end]
+
+    def _check_survival(self, completion_id: str, window_s: float) -> None:
+        tracked = self._tracked.get(completion_id)
+        if tracked is None:
+            return
+        now = self._region_text(tracked)
+        self._record(
+            completion_id,
+            "survival",
+            window_s=window_s,
+            survival_ratio=round(survival_ratio(tracked.inserted, now), 4),
+            text=now,
+        )
+        if window_s == self.windows_s[-1]:
+            self._forget(completion_id)
+
+    def _check_typed(self, completion_id: str, window_s: float) -> None:
+        tracked = self._tracked.get(completion_id)
+        if tracked is None:
+            return
+        text = self._texts.get(tracked.uri, "")
+        typed = typed_instead(text, tracked.region.start, tracked.multiline)
+        self._record(completion_id, "typed_instead", window_s=window_s, text=typed)
+        self._forget(completion_id)
+
+    def _forget(self, completion_id: str) -> None:
+        tracked = self._tracked.pop(completion_id, None)
+        if tracked is not None and not any(t.uri == tracked.uri for t in self._tracked.values()):
+            self._texts.pop(tracked.uri, None)

@@ -1,0 +1,92 @@
+from lsp_server.survival import Region, changed_span, levenshtein, survival_ratio, typed_instead
+
+
+def follow(text: str, region: Region, new_text: str) -> str:
+    region.apply(*changed_span(text, new_text))
+    return new_text[region.start : region.end]
+
+
+def test_edit_distance_and_survival():
+    assert levenshtein("kitten", "sitting") == 3
+    assert survival_ratio("return total", "return total") == 1.0
+    assert survival_ratio("return total", "") == 0.0
+    assert 0.7 < survival_ratio("return total", "return totals") < 1.0
+
+
+def test_changed_span_finds_the_single_difference():
+    assert changed_span("abcdef", "abXYef") == (2, 4, 2)
+    assert changed_span("aaa", "aaaa") == (3, 3, 1)
+    assert changed_span("same", "same") == (4, 4, 0)
+
+
+def test_region_shifts_with_edits_before_it_and_ignores_edits_after():
+    text = "x = 1\nreturn total\n"
+    region = Region("c", 6, 18)
+    text2 = "# note\n" + text
+    assert follow(text, region, text2) == "return total"
+    assert follow(text2, region, text2 + "more()\n") == "return total"
+
+
+def test_region_records_edits_inside_it_but_not_text_typed_after_it():
+    text = "return total\n"
+    region = Region("c", 0, 12)
+    assert follow(text, region, "return total + tax\n") == "return total"
+    assert follow("return total + tax\n", region, "return sum + tax\n") == "return sum"
+
+
+def test_empty_region_takes_what_is_typed_at_it():
+    region = Region("c", 4, 4)
+    assert follow("x = \n", region, "x = compute()\n") == "compute()"
+
+
+def test_region_deleted_entirely_is_empty():
+    region = Region("c", 4, 16)
+    assert follow("x = return total\n", region, "x = \n") == ""
+
+
+def test_typing_at_the_spot_of_a_rejected_suggestion_is_captured():
+    text = "def f():\n    return a + b\n    # end\n"
+    assert typed_instead(text, 13, multiline=False) == "return a + b"
+    block = "    for x in y:\n        use(x)\n        more(x)\n    done()\n"
+    assert typed_instead(block, 4, multiline=True) == "for x in y:\n        use(x)\n        more(x)"
+
+
+def test_tracker_measures_survival_of_an_accepted_suggestion_at_each_window():
+    from lsp_server.survival import SurvivalTracker
+
+    scheduled: list = []
+    recorded: list = []
+    tracker = SurvivalTracker(
+        (30.0, 120.0),
+        lambda delay, call: scheduled.append((delay, call)),
+        lambda cid, kind, **fields: recorded.append((cid, kind, fields)),
+    )
+    tracker.served("u", "c1", "total = ", 8, multiline=False)
+    tracker.changed("u", "total = sum(items)")  # the client inserts the suggestion
+    tracker.accepted("c1", "sum(items)")
+    scheduled[0][1]()
+    tracker.changed("u", "total = sum(prices)")  # the user rewrites part of it
+    scheduled[1][1]()
+    assert [(k, f["window_s"], f["text"]) for _, k, f in recorded] == [
+        ("survival", 30.0, "sum(items)"),
+        ("survival", 120.0, "sum(prices)"),
+    ]
+    assert recorded[0][2]["survival_ratio"] == 1.0
+    assert 0.4 < recorded[1][2]["survival_ratio"] < 1.0
+
+
+def test_tracker_captures_what_was_typed_after_a_rejection():
+    from lsp_server.survival import SurvivalTracker
+
+    scheduled: list = []
+    recorded: list = []
+    tracker = SurvivalTracker(
+        (30.0,),
+        lambda delay, call: scheduled.append(call),
+        lambda cid, kind, **fields: recorded.append((kind, fields["text"])),
+    )
+    tracker.served("u", "c2", "x = \nnext()\n", 4, multiline=False)
+    tracker.rejected("c2")
+    tracker.changed("u", "x = compute(1)\nnext()\n")
+    scheduled[0]()
+    assert recorded == [("typed_instead", "compute(1)")]

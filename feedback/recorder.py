@@ -152,6 +152,7 @@ class Recorder:
                 self._replay()
                 continue
             if first is None:
+                self._replay()  # one last try, so a clean shutdown leaves no journal behind
                 return
             batch = [first]
             while len(batch) < BATCH:

@@ -56,6 +56,8 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
     url = settings.database_url or default_database_url(settings.data_dir)
     try:
         engine = open_engine(url)
+        if args.db_command == "purge":
+            return _purge(engine, args.older_than)
         if args.db_command == "upgrade":
             revision = upgrade(engine)
             print(f"database at revision {revision} (head): {engine.url.render_as_string()}")
@@ -66,6 +68,29 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
     except StoreError as error:
         print(f"ghostloop db: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _purge(engine: Any, older_than: str | None) -> int:
+    from datetime import UTC, datetime
+
+    from sqlalchemy.orm import Session
+
+    from feedback.database import upgrade
+    from feedback.store import parse_age, purge_older_than
+
+    if older_than is None:
+        print("ghostloop db purge: say how old, e.g. --older-than 30d", file=sys.stderr)
+        return 2
+    try:
+        cutoff = datetime.now(UTC) - parse_age(older_than)
+    except ValueError as error:
+        print(f"ghostloop db purge: {error}", file=sys.stderr)
+        return 2
+    upgrade(engine)
+    with Session(engine) as session, session.begin():
+        completions, events = purge_older_than(session=session, cutoff=cutoff)
+    print(f"deleted {completions} completions and {events} events older than {older_than}")
     return 0
 
 
@@ -99,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     db = commands.add_parser("db", help="upkeep of the feedback database")
-    db.add_argument("db_command", choices=["upgrade", "current"], help="apply migrations or show")
+    db.add_argument(
+        "db_command",
+        choices=["upgrade", "current", "purge"],
+        help="apply migrations, show the revision, or delete old records",
+    )
+    db.add_argument("--older-than", help="with purge: an age such as 30d, 12h")
     db.set_defaults(run=_db)
 
     config = commands.add_parser("config", help="print the effective settings")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -109,3 +109,33 @@ def test_db_upgrade_command_migrates_the_default_sqlite_store(isolated_data_dir:
     assert (isolated_data_dir / "ghostloop.db").is_file()
     after = run_cli("db", "current", env_data_dir=isolated_data_dir)
     assert "up to date" in after.stdout
+
+
+def test_purge_deletes_old_completions_with_their_events_only(engine: Engine):
+    from datetime import UTC, datetime, timedelta
+
+    from feedback.store import purge_older_than
+
+    upgrade(engine)
+    now = datetime.now(UTC)
+    with Session(engine) as session, session.begin():
+        for name, age in (("o", 40), ("n", 1)):
+            row = completion(name * 32)
+            row.created_at = now - timedelta(days=age)
+            record_completion(session=session, completion=row)
+            record_event(
+                session=session,
+                event=FeedbackEvent(id=name.upper() * 32, completion_id=name * 32, kind="shown"),
+            )
+    with Session(engine) as session, session.begin():
+        assert purge_older_than(session=session, cutoff=now - timedelta(days=30)) == (1, 1)
+    with Session(engine) as session:
+        assert [c.id for c in session.scalars(select(Completion))] == ["n" * 32]
+        assert [e.completion_id for e in session.scalars(select(FeedbackEvent))] == ["n" * 32]
+
+
+def test_db_purge_command_checks_its_age_argument(isolated_data_dir: Path):
+    bad = run_cli("db", "purge", "--older-than", "soon", env_data_dir=isolated_data_dir)
+    assert bad.returncode == 2 and "positive number with d, h, m or s" in bad.stderr
+    good = run_cli("db", "purge", "--older-than", "30d", env_data_dir=isolated_data_dir)
+    assert good.returncode == 0 and "deleted 0 completions" in good.stdout

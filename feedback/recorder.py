@@ -14,7 +14,7 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -46,9 +46,11 @@ class StoreWrite:
 
     table: Literal["completion", "event"]
     values: dict[str, Any]
+    attempts: int = 0  # times the database refused it because its completion was missing
 
     def to_json(self) -> str:
-        return json.dumps({"table": self.table, "values": self.values}, ensure_ascii=False)
+        record = {"table": self.table, "values": self.values, "attempts": self.attempts}
+        return json.dumps(record, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, line: str) -> StoreWrite:
@@ -57,7 +59,7 @@ class StoreWrite:
             data.get("values"), dict
         ):
             raise ValueError(f"not a journal record: {line[:80]!r}")
-        return cls(data["table"], data["values"])
+        return cls(data["table"], data["values"], int(data.get("attempts", 0)))
 
 
 @dataclass
@@ -103,6 +105,9 @@ class Recorder:
     capacity: int = 10_000
     retry_s: float = 2.0
     migrate: bool = True  # bring the schema up to date before the first write
+    # An event can overtake its completion (a full queue sends newer records to the
+    # journal); refused for that, it is journaled and retried this many times.
+    event_retries: int = 3
     stats: RecorderStats = field(default_factory=RecorderStats)
 
     def __post_init__(self) -> None:
@@ -191,13 +196,19 @@ class Recorder:
 
     def _write_one_by_one(self, batch: list[StoreWrite]) -> int:
         written = 0
+        deferred = []
         for write in batch:
             try:
                 with Session(self.engine) as session, session.begin():
                     written += _apply(session, write)
             except IntegrityError as error:
-                self.stats.skipped += 1
-                log.warning("skipped a %s the database refuses: %s", write.table, error.orig)
+                if write.table == "event" and write.attempts < self.event_retries:
+                    deferred.append(replace(write, attempts=write.attempts + 1))
+                else:
+                    self.stats.skipped += 1
+                    log.warning("skipped a %s the database refuses: %s", write.table, error.orig)
+        if deferred:
+            self._journal(deferred)
         return written
 
     def _journal(self, writes: list[StoreWrite]) -> None:

@@ -43,7 +43,7 @@ def counts(engine: Engine) -> tuple[int, int]:
 
 
 def test_records_and_outcomes_reach_the_store(engine: Engine, tmp_path: Path):
-    recorder = Recorder(engine=engine, journal_path=tmp_path / "journal.jsonl")
+    recorder = Recorder(engine=engine, journal_path=tmp_path / "journal.jsonl", event_retries=0)
     recorder.start()
     recorder.submit(completion_write("a" * 32))
     recorder.submit(event_write("a" * 32, "shown"))
@@ -120,3 +120,19 @@ def test_journal_left_by_a_crash_is_replayed_once_on_start(engine: Engine, tmp_p
     second.close()
     assert counts(engine) == (2, 1)
     assert second.stats.corrupt_journal_lines == 1 and not journal.exists()
+
+
+def test_an_event_that_overtakes_its_completion_still_lands(engine: Engine, tmp_path: Path):
+    journal = tmp_path / "journal.jsonl"
+    recorder = Recorder(engine=engine, journal_path=journal, retry_s=0.05)
+    recorder.start()
+    recorder.submit(event_write("g" * 32, "accepted", 3))  # its completion comes later
+    recorder.flush()
+    recorder.submit(completion_write("g" * 32))
+    recorder.flush()
+    for _ in range(200):  # the deferred event is retried from the journal
+        if not journal.exists():
+            break
+        time.sleep(0.05)
+    recorder.close()
+    assert counts(engine) == (1, 1) and recorder.stats.skipped == 0

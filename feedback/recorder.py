@@ -14,18 +14,18 @@ import logging
 import os
 import queue
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from feedback.database import StoreError, upgrade
 from feedback.schema import Completion, FeedbackEvent
-from feedback.store import record_completion, record_event
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ OUTCOME_RANK = {
     "accepted": 4,
 }
 BATCH = 256
+SUBMITTED_MEMORY = 100_000
+FINAL_REPLAY_ROUNDS = 10
 
 
 @dataclass(frozen=True)
@@ -80,20 +82,57 @@ def _row(write: StoreWrite) -> Completion | FeedbackEvent:
 
 
 def _apply(session: Session, write: StoreWrite) -> bool:
-    row = _row(write)
-    if isinstance(row, Completion):
-        return record_completion(session=session, completion=row)
-    if not record_event(session=session, event=row):
-        return False
-    session.flush()  # an event for an unknown completion fails here, on its own
-    completion = session.get(Completion, row.completion_id)
-    if completion is not None and OUTCOME_RANK.get(row.kind, -1) > OUTCOME_RANK.get(
-        completion.outcome, 0
-    ):
-        completion.outcome = row.kind
-        if row.kind in ("accepted", "partial"):
-            completion.accepted_length = row.accepted_length
-    return True
+    return _apply_batch(session, [write]) == 1
+
+
+def _apply_batch(session: Session, batch: list[StoreWrite]) -> int:
+    """Store the rows of ``batch`` not stored yet; returns how many were new.
+
+    Two id look-ups and two bulk inserts per batch; completions are flushed before events
+    so an event may follow its completion in the same batch.
+    """
+    completions = [_row(w) for w in batch if w.table == "completion"]
+    events = [_row(w) for w in batch if w.table == "event"]
+    new_completions = _new_rows(session, Completion, completions)
+    session.add_all(new_completions)
+    session.flush()
+    new_events = _new_rows(session, FeedbackEvent, events)
+    session.add_all(new_events)
+    session.flush()  # an event for an unknown completion fails here
+    _update_outcomes(session, [e for e in new_events if isinstance(e, FeedbackEvent)])
+    return len(new_completions) + len(new_events)
+
+
+def _new_rows(
+    session: Session, table: type[Completion] | type[FeedbackEvent], rows: list[Any]
+) -> list[Any]:
+    if not rows:
+        return []
+    ids = {row.id for row in rows}
+    existing = set(session.scalars(select(table.id).where(table.id.in_(ids))))
+    unique: dict[str, Any] = {}
+    for row in rows:
+        if row.id not in existing:
+            unique.setdefault(row.id, row)
+    return list(unique.values())
+
+
+def _update_outcomes(session: Session, events: list[FeedbackEvent]) -> None:
+    ranked = [e for e in events if e.kind in OUTCOME_RANK]
+    if not ranked:
+        return
+    ids = {e.completion_id for e in ranked}
+    completions = {
+        c.id: c for c in session.scalars(select(Completion).where(Completion.id.in_(ids)))
+    }
+    for event in ranked:
+        completion = completions.get(event.completion_id)
+        if completion is not None and OUTCOME_RANK[event.kind] > OUTCOME_RANK.get(
+            completion.outcome, 0
+        ):
+            completion.outcome = event.kind
+            if event.kind in ("accepted", "partial"):
+                completion.accepted_length = event.accepted_length
 
 
 @dataclass
@@ -116,12 +155,17 @@ class Recorder:
         self._idle = threading.Condition()
         self._pending = 0
         self._schema_ready = False
+        self._submitted: OrderedDict[str, None] = OrderedDict()  # completion ids seen here
         self._thread = threading.Thread(target=self._run, name="ghostloop-recorder", daemon=True)
 
     # -- producer side: called on the request path, never blocks on the database
     def submit(self, write: StoreWrite) -> None:
         with self._idle:
             self._pending += 1
+            if write.table == "completion":
+                self._submitted[str(write.values["id"])] = None
+                if len(self._submitted) > SUBMITTED_MEMORY:
+                    self._submitted.popitem(last=False)
         try:
             self._queue.put_nowait(write)
         except queue.Full:
@@ -157,7 +201,10 @@ class Recorder:
                 self._replay()
                 continue
             if first is None:
-                self._replay()  # one last try, so a clean shutdown leaves no journal behind
+                # a clean shutdown leaves no journal behind while the database answers
+                for _ in range(FINAL_REPLAY_ROUNDS):
+                    if self._replay() or not self.stats.database_up:
+                        break
                 return
             batch = [first]
             while len(batch) < BATCH:
@@ -180,7 +227,7 @@ class Recorder:
                 upgrade(self.engine)
                 self._schema_ready = True
             with Session(self.engine) as session, session.begin():
-                written = sum(_apply(session, write) for write in batch)
+                written = _apply_batch(session, batch)
         except IntegrityError:
             written = self._write_one_by_one(batch)
         except (SQLAlchemyError, StoreError) as error:
@@ -202,7 +249,9 @@ class Recorder:
                 with Session(self.engine) as session, session.begin():
                     written += _apply(session, write)
             except IntegrityError as error:
-                if write.table == "event" and write.attempts < self.event_retries:
+                if write.table == "event" and self._awaits_completion(write):
+                    deferred.append(write)
+                elif write.table == "event" and write.attempts < self.event_retries:
                     deferred.append(replace(write, attempts=write.attempts + 1))
                 else:
                     self.stats.skipped += 1
@@ -210,6 +259,11 @@ class Recorder:
         if deferred:
             self._journal(deferred)
         return written
+
+    def _awaits_completion(self, write: StoreWrite) -> bool:
+        """An event whose completion was submitted here is waiting, not orphaned."""
+        with self._idle:
+            return str(write.values.get("completion_id")) in self._submitted
 
     def _journal(self, writes: list[StoreWrite]) -> None:
         with self._journal_lock:

@@ -65,6 +65,9 @@ async def test_malformed_messages_get_errors_and_the_server_survives(tiny_model_
     uri = "file:///workspace/a.py"
     position_request = {"textDocument": {"uri": uri}, "context": {"triggerKind": 1}}
 
+    server.send(  # a notification before initialize is ignored, not fatal
+        {"method": "ghostloop/feedback", "params": {"completionId": "x", "kind": "shown"}}
+    )
     early = await server.request(
         "textDocument/inlineCompletion",
         {**position_request, "position": {"line": 0, "character": 0}},

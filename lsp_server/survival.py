@@ -131,10 +131,12 @@ class SurvivalTracker:
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
 
     def served(self, uri: str, completion_id: str, text: str, offset: int, multiline: bool) -> None:
-        self._texts[uri] = text
-        self._tracked[completion_id] = _Tracked(
-            uri, Region(completion_id, offset, offset), multiline
-        )
+        """Track a suggestion made for ``text`` (the document when it was asked for)."""
+        region = Region(completion_id, offset, offset)
+        current = self._texts.setdefault(uri, text)
+        if current != text:  # the document moved on while the suggestion was generated
+            region.apply(*changed_span(text, current))
+        self._tracked[completion_id] = _Tracked(uri, region, multiline)
         while len(self._tracked) > self._capacity:
             self._forget(next(iter(self._tracked)))
 

@@ -90,3 +90,25 @@ def test_tracker_captures_what_was_typed_after_a_rejection():
     tracker.changed("u", "x = compute(1)\nnext()\n")
     scheduled[0]()
     assert recorded == [("typed_instead", "compute(1)")]
+
+
+def test_a_second_suggestion_made_for_an_older_text_keeps_the_first_region_right():
+    from lsp_server.survival import SurvivalTracker
+
+    scheduled: list = []
+    recorded: list = []
+    tracker = SurvivalTracker(
+        (30.0,),
+        lambda delay, call: scheduled.append(call),
+        lambda cid, kind, **fields: recorded.append((cid, fields["text"])),
+    )
+    tracker.served("u", "first", "a = \n", 4, multiline=False)
+    tracker.changed("u", "a = one\n")
+    tracker.accepted("first", "one")
+    # asked for at the start of line 2 before "one" was inserted, served after it
+    tracker.served("u", "second", "a = \n", 5, multiline=False)
+    tracker.rejected("second")
+    tracker.changed("u", "a = one\nb = 2")
+    scheduled[0]()
+    scheduled[1]()
+    assert recorded == [("first", "one"), ("second", "b = 2")]

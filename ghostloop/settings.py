@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import hashlib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -127,6 +128,10 @@ class Settings:
     user: str = field(
         default_factory=_default_user, metadata=_help("who completions are attributed to")
     )
+    hash_user: bool = field(
+        default=False,
+        metadata=_help("store a SHA-256 digest of the user name instead of the name"),
+    )
     telemetry: bool = field(
         default=True,
         metadata=_help("record suggestions and their fate; false = store nothing of your code"),
@@ -164,6 +169,13 @@ class Settings:
             )
         if not 0.0 <= self.suffix_share < 1.0:
             raise SettingsError(f"suffix_share={self.suffix_share} must be in [0, 1)")
+
+    @property
+    def stored_user(self) -> str:
+        """The user as completion rows name it: the name, or its digest with hash_user."""
+        if not self.hash_user:
+            return self.user
+        return "sha256:" + hashlib.sha256(self.user.encode("utf-8")).hexdigest()[:32]
 
     @property
     def survival_windows(self) -> tuple[float, ...]:

@@ -125,7 +125,7 @@ class FeedbackLog:
         values = {
             "id": result.completion_id,
             "created_at": datetime.now(UTC).isoformat(),
-            "user": self.settings.user,
+            "user": self.settings.stored_user,
             "client_name": client_name,
             "client_version": client_version,
             "language": language,

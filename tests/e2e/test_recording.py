@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,20 @@ async def test_session_is_recorded_exactly(start_server: StartServer, database_u
     assert row.base_model and row.template == "prefix-only"
     assert row.prompt_prefix.endswith("self.word") and row.suggestion == taken.insert_text
     assert row.latency_ms > 0 and row.generated_tokens > 0
+
+
+async def test_hashed_user_is_stored_instead_of_the_name(
+    start_server: StartServer, isolated_data_dir: Path
+):
+    client = await start_server(env={"GHOSTLOOP_USER": "alice", "GHOSTLOOP_HASH_USER": "1"})
+    await ask(client, "hashed.py")
+    await client.shutdown_session()
+    engine = open_engine(f"sqlite:///{isolated_data_dir / 'ghostloop.db'}")
+    with Session(engine) as session:
+        users = session.scalars(select(Completion.user)).all()
+    engine.dispose()
+    digest = hashlib.sha256(b"alice").hexdigest()[:32]
+    assert users == [f"sha256:{digest}"]
 
 
 async def test_telemetry_off_stores_nothing(start_server: StartServer, isolated_data_dir: Path):

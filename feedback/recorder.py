@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from feedback.database import StoreError, upgrade
 from feedback.schema import Completion, FeedbackEvent
+from feedback.store import add_new
 
 log = logging.getLogger(__name__)
 
@@ -91,30 +92,15 @@ def _apply_batch(session: Session, batch: list[StoreWrite]) -> int:
     Two id look-ups and two bulk inserts per batch; completions are flushed before events
     so an event may follow its completion in the same batch.
     """
-    completions = [_row(w) for w in batch if w.table == "completion"]
-    events = [_row(w) for w in batch if w.table == "event"]
-    new_completions = _new_rows(session, Completion, completions)
-    session.add_all(new_completions)
+    rows = [_row(write) for write in batch]
+    completions = [r for r in rows if isinstance(r, Completion)]
+    events = [r for r in rows if isinstance(r, FeedbackEvent)]
+    new_completions = add_new(session=session, rows=completions)
     session.flush()
-    new_events = _new_rows(session, FeedbackEvent, events)
-    session.add_all(new_events)
+    new_events = add_new(session=session, rows=events)
     session.flush()  # an event for an unknown completion fails here
-    _update_outcomes(session, [e for e in new_events if isinstance(e, FeedbackEvent)])
+    _update_outcomes(session, new_events)
     return len(new_completions) + len(new_events)
-
-
-def _new_rows(
-    session: Session, table: type[Completion] | type[FeedbackEvent], rows: list[Any]
-) -> list[Any]:
-    if not rows:
-        return []
-    ids = {row.id for row in rows}
-    existing = set(session.scalars(select(table.id).where(table.id.in_(ids))))
-    unique: dict[str, Any] = {}
-    for row in rows:
-        if row.id not in existing:
-            unique.setdefault(row.id, row)
-    return list(unique.values())
 
 
 def _update_outcomes(session: Session, events: list[FeedbackEvent]) -> None:

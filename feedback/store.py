@@ -3,28 +3,44 @@ the caller owns the session (SQLAlchemy 2.0 style, no global session)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from feedback.schema import Completion, FeedbackEvent, PreferencePair
 
+RowT = TypeVar("RowT", Completion, FeedbackEvent)
+
+
+def add_new(*, session: Session, rows: Sequence[RowT]) -> list[RowT]:
+    """Add the rows (all of one table) whose ids are not stored yet; returns those added.
+
+    Ids are made where a record is born, so a replayed journal repeats them: one look-up
+    per call keeps each row stored once.
+    """
+    if not rows:
+        return []
+    table = type(rows[0])
+    existing = set(session.scalars(select(table.id).where(table.id.in_({r.id for r in rows}))))
+    new: dict[str, RowT] = {}
+    for row in rows:
+        if row.id not in existing:
+            new.setdefault(row.id, row)
+    session.add_all(new.values())
+    return list(new.values())
+
 
 def record_completion(*, session: Session, completion: Completion) -> bool:
     """Store ``completion`` once; False when a row with its id is already there."""
-    if session.get(Completion, completion.id) is not None:
-        return False
-    session.add(completion)
-    return True
+    return bool(add_new(session=session, rows=[completion]))
 
 
 def record_event(*, session: Session, event: FeedbackEvent) -> bool:
     """Store ``event`` once (a replayed journal repeats ids); False when already stored."""
-    if session.get(FeedbackEvent, event.id) is not None:
-        return False
-    session.add(event)
-    return True
+    return bool(add_new(session=session, rows=[event]))
 
 
 def events_of(*, session: Session, completion_id: str) -> list[FeedbackEvent]:

@@ -75,7 +75,8 @@ class CompletionResult:
 
 @dataclass
 class EngineStats:
-    """Counters that ``ghostloop/status`` reports; written by the worker only."""
+    """Counters that ``ghostloop/status`` reports: the worker writes them all but
+    ``accepted``, which the accept command counts on the event loop."""
 
     requests: int = 0
     completed: int = 0

@@ -1,4 +1,27 @@
-from lsp_server.survival import Region, changed_span, levenshtein, survival_ratio, typed_instead
+from typing import Any
+
+from lsp_server.survival import (
+    Region,
+    SurvivalTracker,
+    changed_span,
+    levenshtein,
+    survival_ratio,
+    typed_instead,
+)
+
+
+def tracker_with(
+    *windows: float,
+) -> tuple[SurvivalTracker, list[Any], list[tuple[str, str, dict[str, Any]]]]:
+    """A tracker whose checks run when the test calls them, and what it recorded."""
+    scheduled: list[Any] = []
+    recorded: list[tuple[str, str, dict[str, Any]]] = []
+    tracker = SurvivalTracker(
+        windows,
+        lambda delay, call: scheduled.append(call),
+        lambda cid, kind, **fields: recorded.append((cid, kind, fields)),
+    )
+    return tracker, scheduled, recorded
 
 
 def follow(text: str, region: Region, new_text: str) -> str:
@@ -52,21 +75,13 @@ def test_typing_at_the_spot_of_a_rejected_suggestion_is_captured():
 
 
 def test_tracker_measures_survival_of_an_accepted_suggestion_at_each_window():
-    from lsp_server.survival import SurvivalTracker
-
-    scheduled: list = []
-    recorded: list = []
-    tracker = SurvivalTracker(
-        (30.0, 120.0),
-        lambda delay, call: scheduled.append((delay, call)),
-        lambda cid, kind, **fields: recorded.append((cid, kind, fields)),
-    )
+    tracker, scheduled, recorded = tracker_with(30.0, 120.0)
     tracker.served("u", "c1", "total = ", 8, multiline=False)
     tracker.changed("u", "total = sum(items)")  # the client inserts the suggestion
     tracker.accepted("c1", "sum(items)")
-    scheduled[0][1]()
+    scheduled[0]()
     tracker.changed("u", "total = sum(prices)")  # the user rewrites part of it
-    scheduled[1][1]()
+    scheduled[1]()
     assert [(k, f["window_s"], f["text"]) for _, k, f in recorded] == [
         ("survival", 30.0, "sum(items)"),
         ("survival", 120.0, "sum(prices)"),
@@ -76,32 +91,18 @@ def test_tracker_measures_survival_of_an_accepted_suggestion_at_each_window():
 
 
 def test_tracker_captures_what_was_typed_after_a_rejection():
-    from lsp_server.survival import SurvivalTracker
-
-    scheduled: list = []
-    recorded: list = []
-    tracker = SurvivalTracker(
-        (30.0,),
-        lambda delay, call: scheduled.append(call),
-        lambda cid, kind, **fields: recorded.append((kind, fields["text"])),
-    )
+    tracker, scheduled, recorded = tracker_with(30.0)
     tracker.served("u", "c2", "x = \nnext()\n", 4, multiline=False)
     tracker.rejected("c2")
     tracker.changed("u", "x = compute(1)\nnext()\n")
     scheduled[0]()
-    assert recorded == [("typed_instead", "compute(1)")]
+    assert [(kind, fields["text"]) for _, kind, fields in recorded] == [
+        ("typed_instead", "compute(1)")
+    ]
 
 
 def test_a_second_suggestion_made_for_an_older_text_keeps_the_first_region_right():
-    from lsp_server.survival import SurvivalTracker
-
-    scheduled: list = []
-    recorded: list = []
-    tracker = SurvivalTracker(
-        (30.0,),
-        lambda delay, call: scheduled.append(call),
-        lambda cid, kind, **fields: recorded.append((cid, fields["text"])),
-    )
+    tracker, scheduled, recorded = tracker_with(30.0)
     tracker.served("u", "first", "a = \n", 4, multiline=False)
     tracker.changed("u", "a = one\n")
     tracker.accepted("first", "one")
@@ -111,4 +112,7 @@ def test_a_second_suggestion_made_for_an_older_text_keeps_the_first_region_right
     tracker.changed("u", "a = one\nb = 2")
     scheduled[0]()
     scheduled[1]()
-    assert recorded == [("first", "one"), ("second", "b = 2")]
+    assert [(cid, fields["text"]) for cid, _, fields in recorded] == [
+        ("first", "one"),
+        ("second", "b = 2"),
+    ]

@@ -1,24 +1,34 @@
 """Getting records into the store without ever holding up a completion.
 
-Writes go through a bounded in-process queue to one writer thread. What cannot be written
-(the database is down, slow, or the queue is full) is appended to a journal on disk,
-fsync'd line by line, and replayed in order once the database answers again, or on the
-next start. Every record carries the id it was born with, so a replay that repeats a line
-still stores it once.
+Every submitted record is first appended to a write-ahead log segment (one ``write`` to the
+OS, no fsync on the request path; the writer thread fsyncs once per batch), so a killed
+process loses nothing that was submitted: the next start stores what the dead process left
+in its segments. Then it goes through a bounded in-process queue to one writer thread. What
+cannot be written (the database is down, slow, or the queue is full) is appended to a
+journal on disk and replayed in order once the database answers again, or on the next
+start. A segment is emptied once each of its records is in the database or the journal.
+Every record carries the id it was born with, so a replay that repeats a line still stores
+it once.
+
+Each live process holds an advisory lock (``flock``) on its segments, so two servers that
+share a data directory never recover each other's live segments.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -41,6 +51,8 @@ OUTCOME_RANK = {
 BATCH = 256
 SUBMITTED_MEMORY = 100_000
 FINAL_REPLAY_ROUNDS = 10
+HOLD_POLL_S = 0.005
+WAL_SEGMENT_RECORDS = 4096  # a full segment is sealed; a new one takes the next records
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class StoreWrite:
     table: Literal["completion", "event"]
     values: dict[str, Any]
     attempts: int = 0  # times the database refused it because its completion was missing
+    segment: int = field(default=-1, compare=False)  # write-ahead segment holding it; not stored
 
     def to_json(self) -> str:
         record = {"table": self.table, "values": self.values, "attempts": self.attempts}
@@ -72,7 +85,30 @@ class RecorderStats:
     replayed: int = 0
     skipped: int = 0  # rows the database refuses for good (e.g. an event for no completion)
     corrupt_journal_lines: int = 0
+    recovered: int = 0  # records a killed process left in its write-ahead segments
     database_up: bool = True
+
+
+@dataclass
+class _Segment:
+    """One write-ahead log file of this process, locked while it exists."""
+
+    path: Path
+    file: TextIO
+    appended: int = 0
+    done: int = 0  # records now in the database or the journal
+    sealed: bool = False
+
+
+def _open_locked(path: Path, mode: Literal["a", "r"]) -> TextIO | None:
+    """Open ``path`` holding an exclusive flock; None when another process holds it."""
+    handle = path.open(mode, encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 def _row(write: StoreWrite) -> Completion | FeedbackEvent:
@@ -133,6 +169,11 @@ class Recorder:
     # An event can overtake its completion (a full queue sends newer records to the
     # journal); refused for that, it is journaled and retried this many times.
     event_retries: int = 3
+    # True while the process does latency-critical work (a completion is generating): the
+    # writer waits, up to max_hold_s per batch, so that its database work (CPU and the GIL
+    # on a small machine) does not slow the completion down.
+    hold: Callable[[], bool] | None = None
+    max_hold_s: float = 1.0
     stats: RecorderStats = field(default_factory=RecorderStats)
 
     def __post_init__(self) -> None:
@@ -142,6 +183,12 @@ class Recorder:
         self._pending = 0
         self._schema_ready = False
         self._submitted: OrderedDict[str, None] = OrderedDict()  # completion ids seen here
+        self._wal_lock = threading.Lock()
+        self._wal_dir = self.journal_path.with_suffix(".wal")
+        self._segments: dict[int, _Segment] = {}
+        self._segment_count = 0
+        self._wal_name = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self._journal_unsynced = False
         self._thread = threading.Thread(target=self._run, name="ghostloop-recorder", daemon=True)
 
     # -- producer side: called on the request path, never blocks on the database
@@ -152,11 +199,14 @@ class Recorder:
                 self._submitted[str(write.values["id"])] = None
                 if len(self._submitted) > SUBMITTED_MEMORY:
                     self._submitted.popitem(last=False)
+        write = self._log_ahead(write)
         try:
             self._queue.put_nowait(write)
         except queue.Full:
-            self._journal([write])
-            self._done(1)
+            # the record is in its segment already; the journal needs no fsync of its own
+            # until that segment is emptied (see _release)
+            self._journal([write], sync=False)
+            self._done([write])
 
     def start(self) -> None:
         self._thread.start()
@@ -170,15 +220,109 @@ class Recorder:
         self.flush(timeout_s)
         self._queue.put(None)
         self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            with self._wal_lock:
+                self._release(everything_done=self._pending == 0, closing=self._pending == 0)
+
+    # -- write-ahead log
+    def _log_ahead(self, write: StoreWrite) -> StoreWrite:
+        """Append ``write`` to this process's open segment; survives a kill of the process."""
+        with self._wal_lock:
+            current = self._segments.get(self._segment_count - 1)
+            if current is None or current.sealed:
+                self._wal_dir.mkdir(parents=True, exist_ok=True)
+                path = self._wal_dir / f"{self._wal_name}-{self._segment_count:06d}.jsonl"
+                handle = _open_locked(path, "a")
+                if handle is None:  # cannot happen for a fresh name; refuse to share a file
+                    raise StoreError(f"write-ahead segment {path} is locked by another process")
+                current = _Segment(path, handle)
+                self._segments[self._segment_count] = current
+                self._segment_count += 1
+            current.file.write(write.to_json() + "\n")
+            current.file.flush()
+            current.appended += 1
+            current.sealed = current.appended >= WAL_SEGMENT_RECORDS
+            return replace(write, segment=self._segment_count - 1)
+
+    def _sync_wal(self) -> None:
+        # duplicated descriptors: the fsync runs outside the lock that submit() takes
+        with self._wal_lock:
+            descriptors = [os.dup(segment.file.fileno()) for segment in self._segments.values()]
+        for descriptor in descriptors:
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+
+    def _release(self, everything_done: bool, closing: bool = False) -> None:
+        """Drop segments whose records are all stored or journaled; called under _wal_lock.
+
+        A sealed segment is deleted. When nothing is pending (``everything_done``) the open
+        segment is emptied in place, so the next submit needs no new file; ``closing``
+        deletes it too.
+        """
+        finished = [
+            number
+            for number, segment in self._segments.items()
+            if segment.done >= segment.appended
+            and (closing or (segment.appended > 0 and (segment.sealed or everything_done)))
+        ]
+        if not finished:
+            return
+        if self._journal_unsynced and self.journal_path.exists():
+            with self.journal_path.open("a", encoding="utf-8") as journal:
+                os.fsync(journal.fileno())
+        self._journal_unsynced = False
+        for number in finished:
+            segment = self._segments[number]
+            if segment.sealed or closing:
+                del self._segments[number]
+                segment.path.unlink(missing_ok=True)  # unlinked before unlocked: not recovered
+                segment.file.close()
+            else:
+                segment.file.truncate(0)  # append mode: the next write starts the file again
+                segment.appended = segment.done = 0
+
+    def _recover(self) -> None:
+        """Store (or journal) what killed processes left in their segments, then delete them."""
+        if not self._wal_dir.is_dir():
+            return
+        for path in sorted(self._wal_dir.glob("*.jsonl")):
+            handle = _open_locked(path, "r")
+            if handle is None:  # a live process (or this one) owns it
+                continue
+            with handle:
+                writes = []
+                for line in handle.read().splitlines():
+                    try:
+                        writes.append(StoreWrite.from_json(line))
+                    except (ValueError, json.JSONDecodeError):  # cut short by the kill
+                        self.stats.corrupt_journal_lines += 1
+                for start in range(0, len(writes), BATCH):
+                    batch = writes[start : start + BATCH]
+                    if not self._write(batch):
+                        self._journal(batch)
+                self.stats.recovered += len(writes)
+                path.unlink()
+            if writes:
+                log.info("recovered %d records from %s", len(writes), path.name)
 
     # -- writer side
-    def _done(self, count: int) -> None:
+    def _done(self, writes: list[StoreWrite]) -> None:
         with self._idle:
-            self._pending -= count
+            self._pending -= len(writes)
+            everything_done = self._pending == 0
             self._idle.notify_all()
+        with self._wal_lock:
+            for write in writes:
+                segment = self._segments.get(write.segment)
+                if segment is not None:
+                    segment.done += 1
+            self._release(everything_done)
 
     def _run(self) -> None:
         self._write([])  # migrate at start, off the caller's thread
+        self._recover()
         self._replay()
         while True:
             try:
@@ -192,6 +336,7 @@ class Recorder:
                     if self._replay() or not self.stats.database_up:
                         break
                 return
+            self._hold_back()
             batch = [first]
             while len(batch) < BATCH:
                 try:
@@ -202,9 +347,15 @@ class Recorder:
                     self._queue.put(None)
                     break
                 batch.append(item)
+            self._sync_wal()  # one fsync per batch, off the request path
             if (self.journal_path.exists() and not self._replay()) or not self._write(batch):
                 self._journal(batch)
-            self._done(len(batch))
+            self._done(batch)
+
+    def _hold_back(self) -> None:
+        deadline = time.monotonic() + self.max_hold_s
+        while self.hold is not None and self.hold() and time.monotonic() < deadline:
+            time.sleep(HOLD_POLL_S)
 
     def _write(self, batch: list[StoreWrite]) -> bool:
         """Store ``batch`` in one transaction; False when the database is unreachable."""
@@ -251,14 +402,17 @@ class Recorder:
         with self._idle:
             return str(write.values.get("completion_id")) in self._submitted
 
-    def _journal(self, writes: list[StoreWrite]) -> None:
+    def _journal(self, writes: list[StoreWrite], sync: bool = True) -> None:
         with self._journal_lock:
             self.journal_path.parent.mkdir(parents=True, exist_ok=True)
             with self.journal_path.open("a", encoding="utf-8") as journal:
                 for write in writes:
                     journal.write(write.to_json() + "\n")
                 journal.flush()
-                os.fsync(journal.fileno())
+                if sync:
+                    os.fsync(journal.fileno())
+                else:
+                    self._journal_unsynced = True
         self.stats.journaled += len(writes)
 
     def _replay(self) -> bool:

@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,3 +69,58 @@ def postgres_url() -> Iterator[str]:
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+class PrivateCluster:
+    """A PostgreSQL server of the test's own, so a test can stop and start it.
+
+    Run as the ``postgres`` OS user when the tests run as root (initdb refuses root).
+    """
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root = root
+        self.port = port
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        self.bin = found[-1].parent if found else None
+
+    def _run(self, *args: str) -> None:
+        assert self.bin is not None
+        command = [str(self.bin / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            command = ["su", "postgres", "-c", shlex.join(command)]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def init(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+        self._run("initdb", "-D", str(self.root / "data"), "-A", "trust", "-U", "postgres")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        data, log_file = str(self.root / "data"), str(self.root / "log")
+        self._run("pg_ctl", "-D", data, "-o", options, "-l", log_file, "-w", "start")
+
+    def stop(self) -> None:
+        """As a crash or a kill would: no checkpoint, connections cut."""
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "-w", "stop")
+
+
+@pytest.fixture
+def private_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateCluster]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(tempfile.mkdtemp(prefix="ghostloop-pg-"))
+    cluster = PrivateCluster(root, port)
+    if cluster.bin is None or (os.geteuid() == 0 and shutil.which("su") is None):
+        if os.environ.get("CI"):
+            raise RuntimeError("PostgreSQL server binaries (pg_ctl, initdb) are not installed")
+        pytest.skip("PostgreSQL server binaries are not installed")
+    cluster.init()
+    cluster.start()
+    yield cluster
+    with contextlib.suppress(subprocess.CalledProcessError):
+        cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)

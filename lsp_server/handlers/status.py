@@ -11,4 +11,7 @@ from lsp_server.server import GhostloopServer
 def register(server: GhostloopServer) -> None:
     @server.feature(STATUS_REQUEST)
     def status(ls: GhostloopServer, params: Any) -> dict[str, Any]:
-        return ls.engine.status()
+        status = ls.engine.status()
+        if ls.feedback_or_none is not None:
+            status["recorder"] = ls.feedback_or_none.status()
+        return status

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from feedback.database import open_engine
 from feedback.schema import Completion, FeedbackEvent
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests.conftest import POSTGRES_ADMIN_URL, PrivateCluster
 from tests.e2e.conftest import StartServer
 from tests.e2e.test_recording import ask
 
@@ -69,3 +69,65 @@ async def test_dead_database_then_killed_server_lose_no_event(
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+async def stream(client, names: list[str], ids: list[str]) -> None:
+    """Ask for a completion in each file; accept every second one, show the others."""
+    for name in names:
+        item = await ask(client, name)  # served whatever the database is doing
+        ids.append(item.command.arguments[0])
+        if len(ids) % 2:
+            await client.workspace_execute_command_async(
+                types.ExecuteCommandParams(command="ghostloop.accept", arguments=[ids[-1]])
+            )
+        else:
+            client.protocol.notify("ghostloop/feedback", {"completionId": ids[-1], "kind": "shown"})
+
+
+def stored(url: str) -> tuple[set[str], int]:
+    engine = open_engine(url)
+    try:
+        with Session(engine) as session:
+            completions = set(session.scalars(select(Completion.id)))
+            events = session.scalar(select(func.count()).select_from(FeedbackEvent)) or 0
+    except Exception:  # the database is still down or not migrated yet
+        return set(), 0
+    finally:
+        engine.dispose()
+    return completions, events
+
+
+async def wait_stored(url: str, count: int, timeout_s: float = 60) -> tuple[set[str], int]:
+    for _ in range(int(timeout_s / 0.1)):
+        completions, events = stored(url)
+        if len(completions) >= count and events >= count:
+            break
+        await asyncio.sleep(0.1)
+    return completions, events
+
+
+async def test_postgres_stopped_mid_stream_every_event_lands_once_after_it_is_back(
+    start_server: StartServer, private_postgres: PrivateCluster, isolated_data_dir: Path
+):
+    url = private_postgres.url
+    client = await start_server(env={"GHOSTLOOP_DATABASE_URL": url})
+    ids: list[str] = []
+    await stream(client, [f"before{index}.py" for index in range(STREAMED)], ids)
+    assert len((await wait_stored(url, STREAMED))[0]) == STREAMED
+
+    private_postgres.stop()
+    await stream(client, [f"during{index}.py" for index in range(STREAMED)], ids)
+    journal = isolated_data_dir / "journal.jsonl"
+    for _ in range(400):  # the writer journals what it cannot store
+        if journal.exists() and len(journal.read_text().splitlines()) >= 2 * STREAMED:
+            break
+        await asyncio.sleep(0.05)
+    status = await client.protocol.send_request_async("ghostloop/status", None)
+    assert status.recorder.database_up is False
+
+    private_postgres.start()
+    completions, _ = await wait_stored(url, 2 * STREAMED)
+    await client.shutdown_session()
+    assert completions == set(ids)
+    assert stored(url) == (set(ids), 2 * STREAMED)  # each event once: ids are unique keys
+    assert not journal.exists()

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session
 
-from feedback.database import open_engine
+from feedback.database import open_engine, upgrade
 from feedback.recorder import Recorder, StoreWrite
 from feedback.schema import Completion, FeedbackEvent
 from tests.conftest import POSTGRES_ADMIN_URL
@@ -136,3 +140,76 @@ def test_an_event_that_overtakes_its_completion_still_lands(engine: Engine, tmp_
         time.sleep(0.05)
     recorder.close()
     assert counts(engine) == (1, 1) and recorder.stats.skipped == 0
+
+
+KILLED_PRODUCER = """
+import os, signal, sys
+from pathlib import Path
+from feedback.database import open_engine, upgrade
+from feedback.recorder import Recorder
+from tests.integration.test_recorder import completion_write, event_write
+
+url, journal, start, count = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+recorder = Recorder(engine=open_engine(url), journal_path=journal)
+if start:
+    recorder.start()
+for index in range(count):
+    recorder.submit(completion_write(f"{index:032x}"))
+    recorder.submit(event_write(f"{index:032x}", "accepted", 4))
+os.kill(os.getpid(), signal.SIGKILL)  # no flush, no close: records still queued are lost
+"""
+
+
+@pytest.mark.parametrize("writer_running", [False, True], ids=["queued", "mid-write"])
+def test_records_queued_when_the_process_is_killed_land_once_on_the_next_start(
+    engine: Engine, tmp_path: Path, writer_running: bool
+):
+    upgrade(engine)
+    journal = tmp_path / "journal.jsonl"
+    url = engine.url.render_as_string(hide_password=False)
+    count = 400
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILLED_PRODUCER,
+            url,
+            str(journal),
+            str(int(writer_running)),
+            str(count),
+        ],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    if not writer_running:  # nothing reached the database: all of it is in the segments
+        assert counts(engine) == (0, 0)
+    assert list(journal.with_suffix(".wal").glob("*.jsonl"))
+
+    recovering = Recorder(engine=engine, journal_path=journal)
+    recovering.start()
+    recovering.flush()
+    recovering.close()
+    assert counts(engine) == (count, count)
+    assert recovering.stats.recovered >= (0 if writer_running else 2 * count)
+    assert not list(journal.with_suffix(".wal").glob("*.jsonl")) and not journal.exists()
+
+
+def test_a_live_recorder_keeps_its_segments_from_another_one(engine: Engine, tmp_path: Path):
+    """Two servers sharing a data directory: the second does not take the first's records."""
+    upgrade(engine)
+    journal = tmp_path / "journal.jsonl"
+    live = Recorder(engine=engine, journal_path=journal)  # its writer has not started yet
+    live.submit(completion_write("e" * 32))
+    other = Recorder(engine=engine, journal_path=journal)
+    other.start()
+    other.flush()
+    other.close()
+    assert other.stats.recovered == 0 and counts(engine) == (0, 0)
+    live.start()
+    live.flush()
+    live.close()
+    assert counts(engine) == (1, 0)
+    assert not list(journal.with_suffix(".wal").glob("*.jsonl"))

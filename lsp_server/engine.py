@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ghostloop.postprocess import CompletionMode, CursorContext, completion_mode, finish_suggestion
+from ghostloop.postprocess import CompletionMode, CursorContext
 from ghostloop.prompts import Prompt
 from ghostloop.settings import Settings
 from lsp_server.fair_queue import FairQueue, QueueClosed
@@ -127,6 +127,7 @@ class CompletionEngine:
         self._load_error: Exception | None = None
         self._ready = threading.Event()
         self._ready_at = 0.0
+        self._busy = False
         self._thread = threading.Thread(target=self._work, name="ghostloop-inference", daemon=True)
 
     def start(self) -> None:
@@ -198,6 +199,7 @@ class CompletionEngine:
             if not job.future.set_running_or_notify_cancel():
                 continue
             self.stats.requests += 1
+            self._busy = True
             if not loaded:
                 job.future.set_exception(self._load_error or RuntimeError("model not loaded"))
             elif job.cancelled:
@@ -205,9 +207,14 @@ class CompletionEngine:
                 job.future.set_exception(JobCancelled(job.cancel_reason or "cancelled"))
             else:
                 self._run(job)
+            self._busy = False
             with self._lock:
                 if self._latest.get(job.key) is job:
                     del self._latest[job.key]
+
+    def busy(self) -> bool:
+        """A completion is being generated or waits: background work should hold back."""
+        return self._busy or len(self._queue) > 0
 
     def _count_cancel(self, job: CompletionJob) -> None:
         if job.cancel_reason == "superseded":
@@ -229,8 +236,7 @@ class CompletionEngine:
         job.future.set_result(result)
 
     def _complete(self, job: CompletionJob) -> CompletionResult | None:
-        from ghostloop.decoding import TorchForward, generate
-        from ghostloop.prompts import build_prompt
+        from ghostloop.suggest import suggest
 
         settings, loaded = self.settings, self._model
         started = time.monotonic()
@@ -241,24 +247,8 @@ class CompletionEngine:
                 return "cancelled"
             return "deadline" if time.monotonic() >= deadline else None
 
-        mode = completion_mode(job.context, settings.max_lines)
-        prompt = build_prompt(
-            loaded.tokenizer,
-            loaded.template,
-            job.context.prefix,
-            job.context.suffix,
-            context_tokens=settings.context_tokens,
-            suffix_share=settings.suffix_share,
-            marker_ids=loaded.marker_ids,
-        )
-        generation = generate(
-            loaded,
-            TorchForward(loaded.model, loaded.device),
-            prompt,
-            mode,
-            max_new_tokens=settings.max_new_tokens,
-            should_stop=should_stop,
-        )
+        suggestion = suggest(loaded, settings, job.context, should_stop=should_stop)
+        generation, prompt, mode = suggestion.generation, suggestion.prompt, suggestion.mode
         stats = self.stats
         stats.tokens_generated += len(generation.token_ids)
         stats.last_generated_tokens = len(generation.token_ids)
@@ -266,7 +256,7 @@ class CompletionEngine:
         if generation.stop_reason == "cancelled":
             return None
         stats.deadline += generation.stop_reason == "deadline"
-        text = finish_suggestion(generation.text, job.context, mode)
+        text = suggestion.text
         stats.completed += 1
         stats.empty += not text
         result = CompletionResult(

@@ -11,8 +11,11 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from feedback.database import default_database_url, open_engine
@@ -51,20 +54,29 @@ class FeedbackLog:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, settings: Settings, schedule: Schedule) -> FeedbackLog:
-        """``schedule(delay_s, call)`` runs survival checks later (the loop's call_later)."""
+    def open(
+        cls, settings: Settings, schedule: Schedule, busy: Callable[[], bool] | None = None
+    ) -> FeedbackLog:
+        """``schedule(delay_s, call)`` runs survival checks later (the loop's call_later);
+        while ``busy()`` (a completion is generating) the recorder holds its writes back."""
         if not settings.telemetry:
             log.info("telemetry off: nothing about this user's code is recorded")
             return cls(settings, None, schedule)
         url = settings.database_url or default_database_url(settings.data_dir)
         journal = settings.data_dir / "journal.jsonl"
-        recorder = Recorder(engine=open_engine(url), journal_path=journal)
+        recorder = Recorder(engine=open_engine(url), journal_path=journal, hold=busy)
         recorder.start()
         return cls(settings, recorder, schedule)
 
     def close(self) -> None:
         if self.recorder is not None:
             self.recorder.close()
+
+    def status(self) -> dict[str, Any]:
+        """The recorder's counters for ghostloop/status; telemetry off reports nothing."""
+        if self.recorder is None:
+            return {"telemetry": False}
+        return {"telemetry": True, **asdict(self.recorder.stats)}
 
     def fate(self, completion_id: str) -> str | None:
         with self._lock:

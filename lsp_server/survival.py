@@ -13,27 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-
-def levenshtein(a: str, b: str) -> int:
-    """Edits (insert, delete, substitute) that turn ``a`` into ``b``."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, start=1):
-        current = [i]
-        for j, char_b in enumerate(b, start=1):
-            current.append(
-                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
-            )
-        previous = current
-    return previous[-1]
-
-
-def survival_ratio(inserted: str, now: str) -> float:
-    """Share of ``inserted`` still standing in ``now``: 1 untouched, 0 rewritten or gone."""
-    if not inserted:
-        return 0.0
-    return max(0.0, 1.0 - levenshtein(inserted, now) / len(inserted))
+from feedback.metrics import survival_ratio
 
 
 def changed_span(old: str, new: str) -> tuple[int, int, int]:

@@ -49,7 +49,11 @@ def register(server: GhostloopServer) -> None:
         ls.root_uri = params.root_uri
         if ls.engine_or_none is None:
             loop = asyncio.get_event_loop()
-            ls.feedback_or_none = FeedbackLog.open(ls.settings, schedule=loop.call_later)
+            ls.feedback_or_none = FeedbackLog.open(
+                ls.settings,
+                schedule=loop.call_later,
+                busy=lambda: ls.engine_or_none is not None and ls.engine_or_none.busy(),
+            )
             ls.engine_or_none = CompletionEngine(ls.settings)
             ls.engine_or_none.start()
 

@@ -1,13 +1,7 @@
 from typing import Any
 
-from lsp_server.survival import (
-    Region,
-    SurvivalTracker,
-    changed_span,
-    levenshtein,
-    survival_ratio,
-    typed_instead,
-)
+from feedback.metrics import levenshtein, survival_ratio
+from lsp_server.survival import Region, SurvivalTracker, changed_span, typed_instead
 
 
 def tracker_with(

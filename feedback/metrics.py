@@ -1,0 +1,162 @@
+"""What a suggestion is worth to the developer, and how sure we are of it.
+
+One set of rules serves the nightly gate, the replay and the admin views, so that every
+figure means the same everywhere. The headline is characters saved per completion: the
+characters of a suggestion that still stand in the code (0 for a reject). The ratio of
+retained to suggested characters is reported beside it, never alone: a model can raise it
+by suggesting less (FIELD-NOTES, lab run).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+EDIT_SIMILARITY = 0.5  # above this a developer takes a suggestion and fixes it up
+BOOTSTRAP_ROUNDS = 2000
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute) that turn ``a`` into ``b``."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(
+                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
+            )
+        previous = current
+    return previous[-1]
+
+
+def survival_ratio(inserted: str, now: str) -> float:
+    """Share of ``inserted`` still standing in ``now``: 1 untouched, 0 rewritten or gone."""
+    if not inserted:
+        return 0.0
+    return max(0.0, 1.0 - levenshtein(inserted, now) / len(inserted))
+
+
+def common_subsequence(a: str, b: str) -> int:
+    """Length of the longest common subsequence: characters of ``a`` left standing in ``b``."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = [0] * (len(b) + 1)
+    for char_a in a:
+        current = [0]
+        for j, char_b in enumerate(b, start=1):
+            current.append(
+                previous[j - 1] + 1 if char_a == char_b else max(previous[j], current[j - 1])
+            )
+        previous = current
+    return previous[-1]
+
+
+def similarity(a: str, b: str) -> float:
+    longest = max(len(a), len(b))
+    return 1.0 - levenshtein(a, b) / longest if longest else 1.0
+
+
+def expected_span(suggestion: str, truth: str) -> str:
+    """The part of ``truth`` a suggestion is judged against: as many lines as it has."""
+    lines = max(1, suggestion.count("\n") + 1)
+    return "\n".join(truth.split("\n")[:lines])
+
+
+Reaction = Literal["accepted", "edited", "rejected", "empty"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a developer who knows the true code does with a suggestion."""
+
+    reaction: Reaction
+    suggested: int  # characters suggested
+    retained: int  # characters of the suggestion still standing: characters saved
+    exact: bool  # the suggestion is exactly the true line(s)
+
+
+def judge(suggestion: str, truth: str, threshold: float = EDIT_SIMILARITY) -> Outcome:
+    """Accept an exact match, accept-then-edit a close one, reject the rest.
+
+    After an edit the region holds the true code; the retained characters are those of
+    the suggestion still standing in it (the longest common subsequence): typing what was
+    missing destroys nothing, deleting or replacing a character does.
+    """
+    text = suggestion.rstrip()
+    if not text.strip():
+        return Outcome("empty", 0, 0, False)
+    span = expected_span(text, truth).rstrip()
+    if text == span:
+        return Outcome("accepted", len(text), len(text), True)
+    if similarity(text, span) >= threshold:
+        return Outcome("edited", len(text), common_subsequence(text, span), False)
+    return Outcome("rejected", len(text), 0, False)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The figures of one set of completions (DESIGN.md, the replay's M)."""
+
+    completions: int
+    chars_saved_per_completion: float
+    exact_line_acceptance: float
+    survival_weighted_acceptance: float  # retained / suggested: never the headline
+    mean_suggestion_chars: float
+    empty_rate: float
+
+
+def summarise(outcomes: Sequence[Outcome]) -> Summary:
+    count = len(outcomes)
+    if not count:
+        return Summary(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    suggested = sum(o.suggested for o in outcomes)
+    retained = sum(o.retained for o in outcomes)
+    return Summary(
+        completions=count,
+        chars_saved_per_completion=retained / count,
+        exact_line_acceptance=sum(o.exact for o in outcomes) / count,
+        survival_weighted_acceptance=retained / suggested if suggested else 0.0,
+        mean_suggestion_chars=suggested / count,
+        empty_rate=sum(o.reaction == "empty" for o in outcomes) / count,
+    )
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float
+    low: float
+    high: float
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def as_list(self) -> list[float]:
+        return [self.estimate, self.low, self.high]
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    values.sort()
+    low = values[int(0.025 * (len(values) - 1))]
+    high = values[int(0.975 * (len(values) - 1))]
+    return low, high
+
+
+def mean_interval(values: Sequence[float], seed: int = 0) -> Interval:
+    """The mean with a 95% bootstrap interval."""
+    if not values:
+        return Interval(0.0, 0.0, 0.0)
+    rng = random.Random(seed)
+    n = len(values)
+    means = [sum(rng.choices(values, k=n)) / n for _ in range(BOOTSTRAP_ROUNDS)]
+    return Interval(sum(values) / n, *_percentiles(means))
+
+
+def paired_interval(before: Sequence[float], after: Sequence[float], seed: int = 0) -> Interval:
+    """Mean of ``after - before`` over the same positions, with a 95% bootstrap interval."""
+    if len(before) != len(after):
+        raise ValueError(f"paired figures need equal lengths, got {len(before)} and {len(after)}")
+    return mean_interval([b - a for a, b in zip(before, after, strict=True)], seed)

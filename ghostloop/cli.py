@@ -22,6 +22,7 @@ def _setup_logging(settings: Settings) -> None:
     if settings.log_level != "DEBUG":
         # pygls logs every message it sends at INFO; that is debugging detail.
         logging.getLogger("pygls").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -94,6 +95,69 @@ def _purge(engine: Any, older_than: str | None) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from feedback.database import StoreError
+    from ghostloop.models import ModelNotFoundError
+
+    try:
+        from trainer.nightly import run_nightly
+    except ImportError as error:
+        print(
+            f"ghostloop train: {error.name or error} is not installed — install the training "
+            "extra: pip install 'ghostloop[train]'",
+            file=sys.stderr,
+        )
+        return 1
+
+    try:
+        result = run_nightly(settings, args.method)
+    except (StoreError, ModelNotFoundError) as error:
+        print(f"ghostloop train: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ghostloop train: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    print(result.message)
+    return result.exit_code
+
+
+def _adapters(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy.orm import Session
+
+    from feedback import adapters
+    from feedback.database import StoreError, default_database_url, open_engine, upgrade
+
+    try:
+        engine = open_engine(settings.database_url or default_database_url(settings.data_dir))
+        upgrade(engine)
+        with Session(engine) as session, session.begin():
+            if args.adapters_command == "list":
+                rows = adapters.versions(session)
+                if not rows:
+                    print("no adapters published yet; the base model serves")
+                for row in rows:
+                    gate = (row.evidence or {}).get("gate", {})
+                    lift = gate.get("paired_lift", {}).get("chars_saved_per_completion")
+                    shown = f"lift {lift[0]:+.2f} [{lift[1]:+.2f}, {lift[2]:+.2f}]" if lift else ""
+                    print(
+                        f"{row.version:40} {row.status:12} run {row.run_id!s:5} "
+                        f"{row.created_at:%Y-%m-%d %H:%M} {shown}"
+                    )
+            elif args.adapters_command == "promote":
+                if not args.version:
+                    print("ghostloop adapters promote: name a VERSION", file=sys.stderr)
+                    return 2
+                row = adapters.promote(session, args.version)
+                print(f"{row.version} is active")
+            else:
+                rolled, now = adapters.rollback(session)
+                print(f"{rolled.version} rolled back; {now or 'the base model'} serves")
+    except (StoreError, adapters.AdapterStateError) as error:
+        print(f"ghostloop adapters: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _config(args: argparse.Namespace, settings: Settings) -> int:
     for env_name, default, help_text in settings_reference():
         name = env_name.removeprefix("GHOSTLOOP_").lower()
@@ -131,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db.add_argument("--older-than", help="with purge: an age such as 30d, 12h")
     db.set_defaults(run=_db)
+
+    train = commands.add_parser(
+        "train", help="the nightly job: train on recorded feedback, gate, publish an adapter"
+    )
+    train.add_argument(
+        "--method",
+        choices=["sft", "dpo", "rrhf"],
+        help="training method (default: GHOSTLOOP_TRAIN_METHOD, sft)",
+    )
+    train.set_defaults(run=_train)
+
+    adapters = commands.add_parser("adapters", help="list, promote or roll back adapters")
+    adapters.add_argument("adapters_command", choices=["list", "promote", "rollback"])
+    adapters.add_argument("version", nargs="?", help="with promote: the version to activate")
+    adapters.set_defaults(run=_adapters)
 
     config = commands.add_parser("config", help="print the effective settings")
     config.set_defaults(run=_config)

@@ -24,6 +24,7 @@ ENV_PREFIX = "GHOSTLOOP_"
 BACKENDS = ("torch", "onnxruntime")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+TRAIN_METHODS = ("sft", "dpo", "rrhf")
 
 
 class SettingsError(ValueError):
@@ -137,6 +138,53 @@ class Settings:
         metadata=_help("record suggestions and their fate; false = store nothing of your code"),
     )
     log_level: str = field(default="INFO", metadata=_help("DEBUG | INFO | WARNING | ERROR"))
+    # -- the nightly job (ghostloop train); defaults are what the lab run supports
+    train_method: str = field(
+        default="sft",
+        metadata=_help("sft | dpo | rrhf: the method `ghostloop train` uses without --method"),
+    )
+    lora_rank: int = field(default=16, metadata=_help("LoRA rank"))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha"))
+    lora_targets: str = field(
+        default="q_proj,k_proj,v_proj,o_proj",
+        metadata=_help("modules LoRA adapts, separated by commas"),
+    )
+    learning_rate: float = field(default=5e-4, metadata=_help("learning rate for sft and dpo"))
+    rrhf_learning_rate: float = field(
+        default=1e-4, metadata=_help("learning rate for rrhf (lower: its ranking loss is sharper)")
+    )
+    epochs: int = field(default=2, metadata=_help("passes over the training data"))
+    train_batch_size: int = field(default=4, metadata=_help("examples per optimiser step"))
+    dpo_beta: float = field(default=0.1, metadata=_help("DPO's beta"))
+    nll_weight: float = field(
+        default=1.0,
+        metadata=_help("weight of the likelihood term on the kept text in dpo and rrhf"),
+    )
+    rrhf_samples: int = field(
+        default=0,
+        metadata=_help("extra candidates per prompt sampled from the model for rrhf (slow)"),
+    )
+    eval_share: float = field(
+        default=0.2, metadata=_help("share of the newest examples held out for the gate")
+    )
+    max_user_share: float = field(
+        default=0.5, metadata=_help("most of a training batch one user may contribute")
+    )
+    min_train_examples: int = field(
+        default=16, metadata=_help("fewer training examples than this: nothing is trained")
+    )
+    min_eval_examples: int = field(
+        default=8, metadata=_help("fewer held-out examples than this: nothing is trained")
+    )
+    gate_min_lift: float = field(
+        default=0.0,
+        metadata=_help(
+            "relative rise in characters saved per completion an adapter needs to be "
+            "published (its paired 95% interval must exclude zero too)"
+        ),
+    )
+    keep_adapters: int = field(default=5, metadata=_help("adapter versions kept in the registry"))
+    seed: int = field(default=0, metadata=_help("seed for training, sampling and intervals"))
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -155,6 +203,14 @@ class Settings:
             ("deadline_ms", 1),
             ("max_document_chars", 1),
             ("max_stored_prompt_chars", 0),
+            ("lora_rank", 1),
+            ("lora_alpha", 1),
+            ("epochs", 1),
+            ("train_batch_size", 1),
+            ("rrhf_samples", 0),
+            ("min_train_examples", 1),
+            ("min_eval_examples", 1),
+            ("keep_adapters", 1),
         ):
             if getattr(self, name) < low:
                 raise SettingsError(f"{name}={getattr(self, name)} must be at least {low}")
@@ -167,6 +223,15 @@ class Settings:
                 f"survival_windows_s={self.survival_windows_s!r} must be increasing positive "
                 "seconds separated by commas, e.g. '30,120,600'"
             )
+        if self.train_method not in TRAIN_METHODS:
+            raise SettingsError(
+                f"train_method={self.train_method!r} is not one of {', '.join(TRAIN_METHODS)}"
+            )
+        for name in ("eval_share", "max_user_share"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise SettingsError(f"{name}={getattr(self, name)} must be in (0, 1]")
+        if not self.lora_target_modules:
+            raise SettingsError("lora_targets is empty; name modules such as 'q_proj,v_proj'")
         if not 0.0 <= self.suffix_share < 1.0:
             raise SettingsError(f"suffix_share={self.suffix_share} must be in [0, 1)")
 
@@ -180,6 +245,15 @@ class Settings:
     @property
     def survival_windows(self) -> tuple[float, ...]:
         return tuple(float(part) for part in self.survival_windows_s.split(","))
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return [part.strip() for part in self.lora_targets.split(",") if part.strip()]
+
+    @property
+    def adapters_dir(self) -> Path:
+        """The adapter registry: one directory per published version."""
+        return self.data_dir / "adapters"
 
     @property
     def torch_threads(self) -> int:

@@ -1,0 +1,246 @@
+"""The nightly job end to end: a real LSP session's feedback in, a gated adapter out."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from feedback.database import open_engine
+from feedback.schema import AdapterVersion, PreferencePair, TrainingRun
+from ghostloop import adapters as registry
+from ghostloop.models import resolve_model
+from ghostloop.settings import Settings
+from tests.e2e.conftest import StartServer
+from tests.training_data import (
+    OTHER_TRUTH,
+    SHORT_WINDOWS,
+    TRAIN_ENV,
+    TRUTH,
+    other_function_text,
+    record_session,
+    write_rows,
+)
+
+REPO = Path(__file__).parents[2]
+
+
+def train(env: dict[str, str], *args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    """``ghostloop train`` in its own process; ``prelude`` runs first (fault injection)."""
+    code = prelude + "\nimport sys\nfrom ghostloop.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, "train", *args],
+        cwd=REPO,
+        env={**os.environ, **TRAIN_ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def model_name(model: Path) -> str:
+    return resolve_model(Settings(model=str(model)))[0]
+
+
+def runs(url: str) -> list[TrainingRun]:
+    engine = open_engine(url)
+    with Session(engine) as session:
+        rows = list(session.scalars(select(TrainingRun).order_by(TrainingRun.id)))
+        session.expunge_all()
+    engine.dispose()
+    return rows
+
+
+def adapter_rows(url: str) -> list[AdapterVersion]:
+    engine = open_engine(url)
+    with Session(engine) as session:
+        rows = list(session.scalars(select(AdapterVersion).order_by(AdapterVersion.id)))
+        session.expunge_all()
+    engine.dispose()
+    return rows
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, isolated_data_dir: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+async def test_a_real_session_trains_gates_and_publishes_an_adapter(
+    start_server: StartServer, database_url: str, isolated_data_dir: Path, tiny_model_dir: Path
+):
+    env = {"GHOSTLOOP_DATABASE_URL": database_url, "GHOSTLOOP_SURVIVAL_WINDOWS_S": SHORT_WINDOWS}
+    client = await start_server(env=env)
+    ids = await record_session(client, positions=30)
+    await client.shutdown_session()
+
+    done = train({**env, "GHOSTLOOP_MODEL": str(tiny_model_dir)}, "--method", "sft")
+    assert done.returncode == 0, done.stderr
+    assert "published" in done.stdout and "not published" not in done.stdout, done.stdout
+    assert "gate: candidate" in done.stderr  # the progress bars
+    run = runs(database_url)[-1]
+    assert (run.status, run.decision, run.method) == ("finished", "published", "sft")
+    assert run.data_counts["completions"] == 30 and run.data_counts["labelled"] == 30
+    assert (run.data_counts["train"], run.data_counts["eval"]) == (24, 6)
+    assert run.losses["train_loss_after"] < run.losses["train_loss_before"]
+    gate = run.evaluation
+    assert (
+        gate["after"]["chars_saved_per_completion"] > gate["before"]["chars_saved_per_completion"]
+    )
+    assert gate["paired_lift"]["chars_saved_per_completion"][1] > 0  # interval above zero
+    assert gate["after"]["exact_line_acceptance"] > 0
+    [adapter] = adapter_rows(database_url)
+    assert (adapter.status, adapter.run_id) == ("active", run.id)
+    assert registry.verify(Path(adapter.path), adapter.checksum)["r"] == 16
+    assert adapter.evidence["gate"]["passed"] is True
+    engine = open_engine(database_url)
+    with Session(engine) as session:
+        pairs = list(session.scalars(select(PreferencePair).where(PreferencePair.run_id == run.id)))
+        assert {p.completion_id for p in pairs} == set(ids)
+        assert {p.chosen.rstrip("\n") for p in pairs} == {TRUTH}
+        assert all(p.ranking and p.ranking["events"] for p in pairs)
+        assert sum(p.split == "eval" for p in pairs) == 6
+    engine.dispose()
+
+    again = train({**env, "GHOSTLOOP_MODEL": str(tiny_model_dir)})
+    assert again.returncode == 0 and again.stdout.startswith("nothing to train"), again.stdout
+
+
+def test_the_gate_refuses_an_adapter_that_generates_worse(
+    isolated_data_dir: Path, tiny_model_dir: Path
+):
+    url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    env = {"GHOSTLOOP_DATABASE_URL": url, "GHOSTLOOP_MODEL": str(tiny_model_dir)}
+    write_rows(
+        url,
+        model_name(tiny_model_dir),
+        30,
+        lambda index: TRUTH,
+        start=datetime.now(UTC) - timedelta(hours=2),
+    )  # the new night's feedback comes after the first run's cut-off
+    first = train(env)
+    assert "published" in first.stdout and "not published" not in first.stdout, first.stdout
+    # the next night: older feedback teaches a short, useless line; what users keep most
+    # recently (the held-out part) is still the real line
+    write_rows(
+        url,
+        model_name(tiny_model_dir),
+        30,
+        lambda index: "r" if index < 24 else TRUTH,
+    )
+    second = train(env)
+    assert second.returncode == 0 and "not published" in second.stdout, second.stdout
+    run = runs(url)[-1]
+    assert run.decision == "refused" and "does not exclude zero" in (run.reason or "")
+    assert run.evaluation["baseline"] == adapter_rows(url)[0].version  # judged against it
+    assert [a.status for a in adapter_rows(url)] == ["active"]
+
+
+def test_too_little_data_and_no_data_exit_zero_with_the_counts(
+    isolated_data_dir: Path, tiny_model_dir: Path
+):
+    url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    env = {"GHOSTLOOP_DATABASE_URL": url, "GHOSTLOOP_MODEL": str(tiny_model_dir)}
+    nothing = train(env)
+    assert nothing.returncode == 0 and nothing.stdout.startswith("nothing to train")
+    write_rows(url, model_name(tiny_model_dir), 5, lambda index: TRUTH)
+    little = train(env)
+    assert little.returncode == 0, little.stderr
+    assert little.stdout.startswith("too little to train: 5 completions, 5 labelled")
+    assert runs(url)[-1].status == "skipped"
+
+
+DIE = "lambda *args, **kwargs: os.kill(os.getpid(), 9)"
+KILL_AT = {
+    # after training, before the gate decides
+    "training": f"import trainer.gate as g\ng.run_gate = {DIE}",
+    # the adapter's files are written, not yet renamed into the registry
+    "publish-files": f"import ghostloop.adapters as r\nr.os.rename = {DIE}",
+    # renamed into the registry, its row not yet written
+    "publish-row": f"import feedback.adapters as a\na.publish = {DIE}",
+}
+
+
+@pytest.mark.parametrize("where", list(KILL_AT))
+def test_a_killed_run_leaves_the_registry_and_the_active_adapter_as_they_were(
+    isolated_data_dir: Path, tiny_model_dir: Path, where: str
+):
+    url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    env = {"GHOSTLOOP_DATABASE_URL": url, "GHOSTLOOP_MODEL": str(tiny_model_dir)}
+    write_rows(
+        url,
+        model_name(tiny_model_dir),
+        30,
+        lambda index: TRUTH,
+        start=datetime.now(UTC) - timedelta(hours=2),
+    )
+    assert "published" in train(env).stdout
+    [before] = adapter_rows(url)
+    listing = sorted(p.name for p in (isolated_data_dir / "adapters").iterdir())
+    # a new habit the active adapter does not know yet: the next adapter would win
+    write_rows(
+        url,
+        model_name(tiny_model_dir),
+        30,
+        lambda index: OTHER_TRUTH,
+        prefix=other_function_text,
+    )
+
+    killed = train(env, prelude="import os\n" + KILL_AT[where])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    [after] = adapter_rows(url)
+    assert (after.version, after.status, after.checksum) == (
+        before.version,
+        "active",
+        before.checksum,
+    )
+    registry.verify(Path(after.path), after.checksum)
+    survivors = {p.name for p in (isolated_data_dir / "adapters").iterdir()}
+    visible = sorted(n for n in survivors if not n.startswith(registry.PARTIAL_PREFIX))
+    if where != "publish-row":
+        assert visible == listing
+    else:  # renamed but never recorded: the server reads only rows, the next run removes it
+        assert len(visible) == len(listing) + 1
+
+    retried = train(env)  # the data was never consumed: the next run trains on it
+    assert "published" in retried.stdout, retried.stdout
+    assert sorted(p.name for p in (isolated_data_dir / "adapters").iterdir()) == sorted(
+        a.version for a in adapter_rows(url)
+    )
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_publishes_nothing(
+    isolated_data_dir: Path, tiny_model_dir: Path
+):
+    url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    env = {"GHOSTLOOP_DATABASE_URL": url, "GHOSTLOOP_MODEL": str(tiny_model_dir)}
+    write_rows(url, model_name(tiny_model_dir), 30, lambda index: TRUTH)
+    prelude = (
+        "import trainer.gate as g\n"
+        "def interrupt(*args, **kwargs):\n    raise KeyboardInterrupt\n"
+        "g.run_gate = interrupt"
+    )
+    stopped = train(env, prelude=prelude)
+    assert stopped.returncode == 130 and "nothing was published" in stopped.stderr
+    assert runs(url)[-1].status == "interrupted" and adapter_rows(url) == []
+
+
+def test_a_second_concurrent_run_exits_with_a_clear_message(
+    isolated_data_dir: Path, tiny_model_dir: Path
+):
+    isolated_data_dir.mkdir(parents=True, exist_ok=True)
+    with (isolated_data_dir / "train.lock").open("a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        blocked = train({"GHOSTLOOP_MODEL": str(tiny_model_dir)})
+    assert blocked.returncode == 0
+    assert "another ghostloop train is running" in blocked.stdout
+    assert not (isolated_data_dir / "ghostloop.db").exists()  # it did not even open the store

@@ -1,0 +1,93 @@
+"""Each training method lowers its own loss on the training data (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ghostloop.corpus import sample_positions, stdlib_dir
+from ghostloop.models import load_model
+from ghostloop.settings import Settings
+from trainer.data import encode
+from trainer.labels import Example
+from trainer.methods import METHODS, TooLittleData, peft_model
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def stdlib_examples(count: int) -> list[Example]:
+    """Rejected suggestions where the developer typed the real rest of the line."""
+    path = stdlib_dir() / "shlex.py"
+    text = path.read_text(encoding="utf-8")
+    examples = []
+    for index, sample in enumerate(sample_positions(path, count, seed=3)):
+        examples.append(
+            Example(
+                completion_id=f"{index:032d}",
+                created_at=T0 + timedelta(seconds=index),
+                user="alice",
+                template="prefix-only",
+                prefix=text[: sample.offset][-1500:],
+                suffix=text[sample.offset :][:300],
+                suggestion="pass",
+                kept=sample.true_line_rest,
+                chars_saved=0,
+                outcome="rejected",
+                event_ids=(),
+            )
+        )
+    return examples
+
+
+@pytest.fixture
+def settings(tiny_model_dir: Path, isolated_data_dir: Path) -> Settings:
+    return Settings(
+        model=str(tiny_model_dir),
+        data_dir=isolated_data_dir,
+        learning_rate=5e-3,
+        rrhf_learning_rate=5e-3,
+        epochs=2,
+        threads=1,
+    )
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "rrhf"])
+def test_each_method_lowers_its_loss_on_the_training_data(
+    settings: Settings, method: str, tmp_path: Path
+):
+    loaded = load_model(settings)
+    model = peft_model(loaded, settings, None)
+    outcome = METHODS[method](loaded, settings, model, stdlib_examples(12), tmp_path / "work")
+    assert outcome.loss_after < outcome.loss_before, outcome.history
+    assert outcome.examples == 24 and outcome.tokens > 0 and outcome.seconds > 0
+
+
+def test_targets_are_built_as_the_server_prompts_with_healing_and_no_end_token(
+    settings: Settings,
+):
+    loaded = load_model(settings)
+    after_indent = Example(
+        **{
+            **dataclasses.asdict(stdlib_examples(1)[0]),
+            "prefix": "def f(values):\n    total = sum(values)\n    ",
+            "suffix": "\n",
+            "kept": "return total",
+        }
+    )
+    encoded = encode(loaded, settings, after_indent)
+    assert encoded.healed == " "  # one space of the indentation is generated again
+    target = loaded.tokenizer.decode_ids(encoded.chosen_ids)
+    assert target == " return total\n"  # the line ends with its newline, not an end token
+    assert loaded.tokenizer.hf.eos_token_id not in encoded.chosen_ids
+    prompt = loaded.tokenizer.decode_ids(encoded.prompt_ids)
+    assert prompt.endswith("total = sum(values)\n   ")
+
+
+def test_dpo_without_pairs_says_so(settings: Settings, tmp_path: Path):
+    loaded = load_model(settings)
+    same = [dataclasses.replace(e, suggestion=e.kept) for e in stdlib_examples(4)]
+    with pytest.raises(TooLittleData, match="0 of 4 examples"):
+        METHODS["dpo"](loaded, settings, peft_model(loaded, settings, None), same, tmp_path)

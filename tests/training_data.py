@@ -1,0 +1,139 @@
+"""Feedback for the trainer's tests: recorded by a real LSP session, or written as rows."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from lsprotocol import types
+from pytest_lsp import LanguageClient
+from sqlalchemy.orm import Session
+
+from feedback.database import open_engine, upgrade
+from feedback.schema import Completion, FeedbackEvent
+
+TRUTH = "return result"
+SHORT_WINDOWS = "0.2,0.4,0.6"
+# Train hard enough that the tiny random model learns the one line the developer keeps.
+TRAIN_ENV = {
+    "GHOSTLOOP_LEARNING_RATE": "5e-3",
+    "GHOSTLOOP_EPOCHS": "6",
+    "GHOSTLOOP_MIN_TRAIN_EXAMPLES": "8",
+    "GHOSTLOOP_MIN_EVAL_EXAMPLES": "4",
+    "GHOSTLOOP_THREADS": "1",
+}
+
+
+def function_text(index: int) -> str:
+    """A document cut where the developer writes ``return result``."""
+    return f"def scale_{index}(value):\n    result = value * {index}\n    "
+
+
+OTHER_TRUTH = "return total"
+
+
+def other_function_text(index: int) -> str:
+    """Another habit: here the developer writes ``return total``."""
+    return f"def offset_{index}(value):\n    total = value + {index}\n    "
+
+
+async def record_session(client: LanguageClient, positions: int) -> list[str]:
+    """A developer rejects each suggestion and types the real line; every fifth suggestion is
+    accepted and then rewritten to the real line. Returns the completion ids."""
+    ids = []
+    for index in range(positions):
+        uri = f"file:///workspace/scale_{index}.py"
+        prefix = function_text(index)
+        client.text_document_did_open(
+            types.DidOpenTextDocumentParams(
+                text_document=types.TextDocumentItem(
+                    uri=uri, language_id="python", version=1, text=prefix
+                )
+            )
+        )
+        line = prefix.count("\n")
+        result = await client.text_document_inline_completion_async(
+            types.InlineCompletionParams(
+                text_document=types.TextDocumentIdentifier(uri=uri),
+                position=types.Position(line=line, character=4),
+                context=types.InlineCompletionContext(
+                    trigger_kind=types.InlineCompletionTriggerKind.Invoked
+                ),
+            )
+        )
+        assert result is not None and result.items, "the tiny model suggests something here"
+        item = result.items[0]
+        completion_id = item.command.arguments[0]
+        ids.append(completion_id)
+        version = 2
+        if index % 5 == 4:
+            await client.workspace_execute_command_async(
+                types.ExecuteCommandParams(command="ghostloop.accept", arguments=[completion_id])
+            )
+            change(client, uri, version, prefix + str(item.insert_text))
+            version += 1
+        else:
+            client.protocol.notify(
+                "ghostloop/feedback", {"completionId": completion_id, "kind": "rejected"}
+            )
+        change(client, uri, version, prefix + TRUTH + "\n")
+    await asyncio.sleep(1.0)  # every survival window and typed-instead check has run
+    return ids
+
+
+def change(client: LanguageClient, uri: str, version: int, text: str) -> None:
+    client.text_document_did_change(
+        types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+            content_changes=[types.TextDocumentContentChangeWholeDocument(text=text)],
+        )
+    )
+
+
+def write_rows(
+    url: str,
+    base_model: str,
+    count: int,
+    kept: Callable[[int], str],
+    *,
+    start: datetime | None = None,
+    prefix: Callable[[int], str] = function_text,
+) -> None:
+    """``count`` rejected completions where the developer typed ``kept(index)`` instead,
+    logged a millisecond apart from ``start`` (default: a second ago)."""
+    engine = open_engine(url)
+    upgrade(engine)
+    start = start or datetime.now(UTC) - timedelta(seconds=1)
+    with Session(engine) as session, session.begin():
+        for index in range(count):
+            completion_id = uuid.uuid4().hex
+            session.add(
+                Completion(
+                    id=completion_id,
+                    created_at=start + timedelta(milliseconds=index),
+                    user="alice",
+                    base_model=base_model,
+                    template="prefix-only",
+                    prompt_prefix=prefix(index),
+                    prompt_suffix="",
+                    suggestion="pass",
+                    latency_ms=1.0,
+                    outcome="rejected",
+                )
+            )
+            session.flush()
+            session.add(
+                FeedbackEvent(id=uuid.uuid4().hex, completion_id=completion_id, kind="rejected")
+            )
+            session.add(
+                FeedbackEvent(
+                    id=uuid.uuid4().hex,
+                    completion_id=completion_id,
+                    kind="typed_instead",
+                    window_s=30.0,
+                    text=kept(index),
+                )
+            )
+    engine.dispose()

@@ -1,0 +1,79 @@
+"""Examples as token ids, built exactly as the server builds its prompts.
+
+The prompt is the server's (trimmed to the budget, token-healed at its end); the target
+is the healed text plus what the developer kept, tokenized on its own from that token
+boundary, so training sees the split the model sees when it serves (FIELD-NOTES: a
+prompt cut after indentation broke every fine-tune when done wrong). No end token is
+appended: a line completion ends with the newline that follows it in the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ghostloop.models import LoadedModel
+from ghostloop.postprocess import CursorContext
+from ghostloop.settings import Settings
+from ghostloop.suggest import prompt_for
+from trainer.labels import Example
+
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # the kept text
+    rejected_ids: list[int]  # the logged suggestion; empty when it equals the kept text
+    healed: str
+
+
+def target_text(example: Example, kept: str) -> str:
+    """``kept`` as a completion: one that ends the line is followed by the newline."""
+    ends_line = example.suffix == "" or example.suffix.startswith("\n")
+    if ends_line and not kept.endswith("\n"):
+        return kept + "\n"
+    return kept
+
+
+def encode_completion(loaded: LoadedModel, healed: str, text: str) -> list[int]:
+    return loaded.tokenizer.encode_text(healed + text)
+
+
+def encode(loaded: LoadedModel, settings: Settings, example: Example) -> Encoded:
+    prompt = prompt_for(loaded, settings, CursorContext(example.prefix, example.suffix))
+    chosen = encode_completion(loaded, prompt.healed, target_text(example, example.kept))
+    suggestion = example.suggestion
+    rejected: list[int] = []
+    if suggestion.strip() and suggestion.rstrip() != example.kept.rstrip():
+        rejected = encode_completion(loaded, prompt.healed, target_text(example, suggestion))
+    return Encoded(list(prompt.input_ids), chosen, rejected, prompt.healed)
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    completions: Sequence[Sequence[int]],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each completion after the prompt, and its token count.
+
+    One padded batch: every row is the prompt followed by one completion.
+    """
+    device = next(model.parameters()).device
+    rows = [list(prompt_ids) + list(c) for c in completions]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row, device=device)
+        mask[index, : len(row)] = 1
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    start = len(prompt_ids) - 1
+    lengths = torch.tensor([len(c) for c in completions], device=device)
+    positions = torch.arange(targets.shape[1], device=device).unsqueeze(0)
+    in_completion = (positions >= start) & (positions < start + lengths.unsqueeze(1))
+    return (token_logps * in_completion).sum(dim=1), lengths

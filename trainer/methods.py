@@ -1,0 +1,404 @@
+"""The three ways a night of feedback becomes a LoRA adapter: sft, dpo and rrhf.
+
+- sft: likelihood on the kept text only, through TRL's SFTTrainer (the control, and the
+  only recipe that lifted held-out acceptance in the lab run, FIELD-NOTES).
+- dpo: TRL's DPOTrainer with an NLL term on the kept text (``loss_type=["sigmoid",
+  "sft"]``); with a peft model and no reference model, the reference is the same model
+  with its adapter off.
+- rrhf: our own Trainer subclass, because no maintained library implements RRHF.
+
+Every method trains on token ids from ``trainer.data``; runs on CPU or GPU (bf16), and
+under ``accelerate launch`` on several processes, through transformers' Trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from feedback.metrics import judge
+from ghostloop.models import LoadedModel
+from ghostloop.postprocess import CursorContext, completion_mode, finish_suggestion
+from ghostloop.settings import Settings
+from ghostloop.suggest import prompt_for
+from trainer.data import Encoded, encode, encode_completion, sequence_logprobs, target_text
+from trainer.labels import Example
+
+log = logging.getLogger(__name__)
+
+
+class TooLittleData(RuntimeError):
+    """The method has nothing (or too little) to learn from; the message gives the counts."""
+
+
+@dataclass
+class TrainOutcome:
+    model: Any  # the peft model, adapter "default" trained
+    method: str
+    loss_before: float
+    loss_after: float
+    history: list[float]
+    examples: int
+    tokens: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.examples / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def peft_model(loaded: LoadedModel, settings: Settings, start_from: Path | None) -> Any:
+    """The base model with a trainable LoRA: a fresh one, or the active adapter's weights."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = loaded.model
+    if start_from is not None:
+        return PeftModel.from_pretrained(base, str(start_from), is_trainable=True)
+    config = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        target_modules=settings.lora_target_modules,
+        lora_dropout=0.05,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(base, config)
+    except ValueError as error:  # e.g. a target module the model does not have
+        raise ValueError(
+            f"cannot put a LoRA on {settings.lora_targets!r} of {loaded.name}: {error} — "
+            "set GHOSTLOOP_LORA_TARGETS to modules the model has"
+        ) from None
+
+
+def training_arguments(
+    settings: Settings, loaded: LoadedModel, work_dir: Path, learning_rate: float, **extra: Any
+) -> dict[str, Any]:
+    on_gpu = loaded.device.startswith("cuda")
+    return {
+        "output_dir": str(work_dir),
+        "per_device_train_batch_size": settings.train_batch_size,
+        "per_device_eval_batch_size": settings.train_batch_size,
+        "num_train_epochs": settings.epochs,
+        "learning_rate": learning_rate,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": settings.seed,
+        "use_cpu": not on_gpu,
+        "bf16": on_gpu and loaded.dtype == "bfloat16",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": False,  # the progress bar with its ETA
+        **extra,
+    }
+
+
+def _losses(trainer: Trainer) -> list[float]:
+    return [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _pad_id(loaded: LoadedModel) -> int:
+    hf = loaded.tokenizer.hf
+    pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+def _ensure_pad_token(loaded: LoadedModel) -> None:
+    hf = loaded.tokenizer.hf
+    if hf.pad_token is None:
+        hf.pad_token = hf.eos_token or hf.convert_ids_to_tokens(0)
+
+
+# -- sft -------------------------------------------------------------------------------
+def train_sft(
+    loaded: LoadedModel, settings: Settings, model: Any, examples: Sequence[Example], work: Path
+) -> TrainOutcome:
+    from trl import SFTConfig, SFTTrainer
+
+    rows = []
+    for example in examples:
+        encoded = encode(loaded, settings, example)
+        rows.append(
+            {
+                "input_ids": encoded.prompt_ids + encoded.chosen_ids,
+                "labels": [-100] * len(encoded.prompt_ids) + encoded.chosen_ids,
+            }
+        )
+    if not rows:
+        raise TooLittleData("sft has no examples")
+    dataset = Dataset.from_list(rows)
+    _ensure_pad_token(loaded)
+    config = SFTConfig(
+        **training_arguments(settings, loaded, work, settings.learning_rate),
+        max_length=None,
+        packing=False,
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=loaded.tokenizer.hf
+    )
+    return _run(trainer, "sft", model, dataset, sum(len(r["input_ids"]) for r in rows))
+
+
+def _run(trainer: Trainer, method: str, model: Any, dataset: Dataset, tokens: int) -> TrainOutcome:
+    before = float(trainer.evaluate(eval_dataset=dataset)["eval_loss"])
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    after = float(trainer.evaluate(eval_dataset=dataset)["eval_loss"])
+    model.eval()
+    return TrainOutcome(
+        model=model,
+        method=method,
+        loss_before=before,
+        loss_after=after,
+        history=_losses(trainer),
+        examples=len(dataset) * int(trainer.args.num_train_epochs),
+        tokens=tokens * int(trainer.args.num_train_epochs),
+        seconds=seconds,
+    )
+
+
+# -- dpo -------------------------------------------------------------------------------
+def _tokenized_dpo_trainer() -> type:
+    from trl import DPOTrainer
+
+    class TokenizedDPOTrainer(DPOTrainer):  # type: ignore[misc]
+        """DPOTrainer on rows that are token ids already.
+
+        TRL appends an end token to every completion of a plain-text dataset and has no
+        switch to turn that off; for line completions that teaches an end token after the
+        newline (FIELD-NOTES). Our rows are built as the server builds its prompts, so
+        they are used as they are.
+        """
+
+        def _prepare_dataset(self, dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
+            return dataset
+
+    return TokenizedDPOTrainer
+
+
+def train_dpo(
+    loaded: LoadedModel, settings: Settings, model: Any, examples: Sequence[Example], work: Path
+) -> TrainOutcome:
+    from trl import DPOConfig
+
+    rows = []
+    for example in examples:
+        encoded = encode(loaded, settings, example)
+        if encoded.rejected_ids and encoded.rejected_ids != encoded.chosen_ids:
+            rows.append(
+                {
+                    "prompt_ids": encoded.prompt_ids,
+                    "chosen_ids": encoded.chosen_ids,
+                    "rejected_ids": encoded.rejected_ids,
+                }
+            )
+    if len(rows) < 2:
+        raise TooLittleData(
+            f"dpo needs pairs whose suggestion differs from the kept text: {len(rows)} of "
+            f"{len(examples)} examples have one"
+        )
+    dataset = Dataset.from_list(rows)
+    _ensure_pad_token(loaded)
+    config = DPOConfig(
+        **training_arguments(settings, loaded, work, settings.learning_rate),
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, settings.nll_weight],
+        beta=settings.dpo_beta,
+        max_length=None,
+    )
+    trainer = _tokenized_dpo_trainer()(
+        model=model, args=config, train_dataset=dataset, processing_class=loaded.tokenizer.hf
+    )
+    tokens = sum(
+        2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows
+    )
+    return _run(trainer, "dpo", model, dataset, tokens)
+
+
+# -- rrhf ------------------------------------------------------------------------------
+def rrhf_loss(
+    model: Any, rows: Sequence[dict[str, Any]], pad_id: int, nll_weight: float
+) -> torch.Tensor:
+    """RRHF (Yuan et al., 2023) for one batch of prompts.
+
+    Per prompt: length-normalised log-probabilities of its candidates; a hinge ranking
+    loss AVERAGED over the ordered pairs (summing over ~13 pairs swamped the NLL term in
+    the lab run); plus the NLL of the best candidate. The batch loss is the mean.
+    """
+    losses = []
+    for row in rows:
+        candidates, scores = row["candidates"], row["scores"]
+        summed, lengths = sequence_logprobs(model, row["prompt_ids"], candidates, pad_id)
+        normalised = summed / lengths.clamp(min=1)
+        pairs = [
+            normalised[j] - normalised[i]
+            for i in range(len(scores))
+            for j in range(len(scores))
+            if scores[i] > scores[j]
+        ]
+        ranking = torch.relu(torch.stack(pairs)).mean() if pairs else normalised.sum() * 0
+        best = max(range(len(scores)), key=lambda index: scores[index])
+        losses.append(ranking - nll_weight * normalised[best])
+    return torch.stack(losses).mean()
+
+
+class RRHFTrainer(Trainer):
+    """transformers' Trainer (devices, accelerate, progress bar) with the RRHF loss."""
+
+    def __init__(self, *args: Any, pad_id: int, nll_weight: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pad_id = pad_id
+        self.nll_weight = nll_weight
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        loss = rrhf_loss(model, inputs["rows"], self.pad_id, self.nll_weight)
+        return (loss, None) if return_outputs else loss
+
+    def evaluate(  # type: ignore[override]
+        self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """The mean RRHF loss over ``eval_dataset`` without gradients."""
+        model = self.model
+        assert model is not None
+        was_training = model.training
+        model.eval()
+        batch = self.args.per_device_eval_batch_size
+        rows = list(eval_dataset if eval_dataset is not None else [])
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(rows), batch):
+                chunk = rows[start : start + batch]
+                total += float(rrhf_loss(model, chunk, self.pad_id, self.nll_weight)) * len(chunk)
+        model.train(was_training)
+        return {f"{metric_key_prefix}_loss": total / max(1, len(rows))}
+
+
+def sample_candidates(
+    loaded: LoadedModel, settings: Settings, model: Any, example: Example, count: int, seed: int
+) -> list[str]:
+    """``count`` suggestions sampled from the model being trained, post-processed as served."""
+    if count <= 0:
+        return []
+    context = CursorContext(example.prefix, example.suffix)
+    prompt = prompt_for(loaded, settings, context)
+    mode = completion_mode(context, settings.max_lines)
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt.input_ids)], device=device)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=0.8,
+            top_p=0.95,
+            max_new_tokens=settings.max_new_tokens,
+            num_return_sequences=count,
+            pad_token_id=_pad_id(loaded),
+        )
+    samples = []
+    for row in output[:, ids.shape[1] :]:
+        text = loaded.tokenizer.decode_ids([int(t) for t in row if int(t) not in loaded.stop_ids])
+        if text.startswith(prompt.healed):
+            samples.append(finish_suggestion(text[len(prompt.healed) :], context, mode))
+    return samples
+
+
+def rrhf_rows(
+    loaded: LoadedModel,
+    settings: Settings,
+    model: Any,
+    examples: Sequence[Example],
+) -> list[dict[str, Any]]:
+    """Per prompt: the kept text, the logged suggestion and any samples, each scored by the
+    characters it saves against the kept text (never the retained/suggested ratio, which
+    pays for stopping early)."""
+    rng = random.Random(settings.seed)
+    rows = []
+    for example in examples:
+        encoded: Encoded = encode(loaded, settings, example)
+        texts = {example.kept: float(judge(example.kept, example.kept).retained)}
+        if example.suggestion.strip():
+            texts.setdefault(
+                example.suggestion, float(judge(example.suggestion, example.kept).retained)
+            )
+        samples = sample_candidates(
+            loaded, settings, model, example, settings.rrhf_samples, rng.randrange(2**31)
+        )
+        for sample in samples:
+            if sample.strip():
+                texts.setdefault(sample, float(judge(sample, example.kept).retained))
+        candidates = [
+            encode_completion(loaded, encoded.healed, target_text(example, text)) for text in texts
+        ]
+        rows.append(
+            {
+                "prompt_ids": encoded.prompt_ids,
+                "candidates": candidates,
+                "scores": list(texts.values()),
+                "texts": list(texts),
+            }
+        )
+    return rows
+
+
+def train_rrhf(
+    loaded: LoadedModel, settings: Settings, model: Any, examples: Sequence[Example], work: Path
+) -> TrainOutcome:
+    rows = rrhf_rows(loaded, settings, model, examples)
+    ranked = [r for r in rows if len(set(r["scores"])) > 1]
+    if len(ranked) < 2:
+        raise TooLittleData(
+            f"rrhf needs prompts with candidates of different worth: {len(ranked)} of "
+            f"{len(rows)} have them"
+        )
+    dataset = Dataset.from_list(
+        [{k: r[k] for k in ("prompt_ids", "candidates", "scores")} for r in rows]
+    )
+    config = TrainingArguments(
+        **training_arguments(
+            settings, loaded, work, settings.rrhf_learning_rate, remove_unused_columns=False
+        )
+    )
+    trainer = RRHFTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        data_collator=lambda batch: {"rows": batch},
+        pad_id=_pad_id(loaded),
+        nll_weight=settings.nll_weight,
+    )
+    tokens = sum(
+        len(r["prompt_ids"]) * len(r["candidates"]) + sum(map(len, r["candidates"])) for r in rows
+    )
+    outcome = _run(trainer, "rrhf", model, dataset, tokens)
+    outcome.extra["rankings"] = [{"texts": r["texts"], "scores": r["scores"]} for r in rows]
+    return outcome
+
+
+METHODS = {"sft": train_sft, "dpo": train_dpo, "rrhf": train_rrhf}
+
+
+def nan_free(value: float) -> float | None:
+    return None if math.isnan(value) or math.isinf(value) else value

@@ -1,0 +1,361 @@
+"""``ghostloop train``: one idempotent nightly run from recorded feedback to a published
+adapter, guarded by a lock.
+
+Steps: label the completions logged since the last completed run, deduplicate, cap each
+user's share, split by time (newest held out), store the pairs, train, gate, publish.
+Every run is a row (parameters, data counts, losses, evaluation, status, timings). A
+crash or Ctrl-C at any point leaves the registry and the active adapter as they were: the
+adapter is renamed into the registry only after it is complete, and becomes active only
+with its row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from feedback import adapters as adapter_rows
+from feedback.database import default_database_url, open_engine, upgrade
+from feedback.schema import PreferencePair, TrainingRun
+from ghostloop import adapters as registry
+from ghostloop.models import LoadedModel, load_model
+from ghostloop.settings import Settings
+from trainer.gate import GateResult, run_gate
+from trainer.labels import (
+    DataCounts,
+    Example,
+    cap_users,
+    deduplicate,
+    load_examples,
+    split_by_time,
+)
+from trainer.methods import METHODS, TooLittleData, TrainOutcome, peft_model
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "train.lock"
+
+
+class AlreadyRunning(RuntimeError):
+    """Another ``ghostloop train`` holds the lock."""
+
+
+@dataclass
+class NightlyResult:
+    exit_code: int
+    message: str
+    run_id: int | None = None
+    published: str | None = None
+    gate: GateResult | None = None
+    training: TrainOutcome | None = None
+
+
+@contextmanager
+def exclusive(data_dir: Path) -> Iterator[None]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_NAME
+    handle: TextIO = path.open("a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise AlreadyRunning(
+                f"another ghostloop train is running (pid {holder}, lock {path}); "
+                "this run changes nothing"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _last_cutoff(session: Session, base_model: str) -> datetime | None:
+    row = session.scalars(
+        select(TrainingRun)
+        .where(TrainingRun.base_model == base_model, TrainingRun.status == "finished")
+        .order_by(TrainingRun.id.desc())
+    ).first()
+    if row is None or not row.data_counts.get("until"):
+        return None
+    return datetime.fromisoformat(row.data_counts["until"])
+
+
+def _parameters(settings: Settings, method: str) -> dict[str, Any]:
+    names = [
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "epochs",
+        "train_batch_size",
+        "dpo_beta",
+        "nll_weight",
+        "rrhf_samples",
+        "eval_share",
+        "max_user_share",
+        "gate_min_lift",
+        "seed",
+        "context_tokens",
+        "max_new_tokens",
+        "max_lines",
+    ]
+    parameters: dict[str, Any] = {name: getattr(settings, name) for name in names}
+    parameters["method"] = method
+    parameters["learning_rate"] = (
+        settings.rrhf_learning_rate if method == "rrhf" else settings.learning_rate
+    )
+    return parameters
+
+
+def _store_pairs(
+    session: Session, run_id: int, train: list[Example], held_out: list[Example]
+) -> None:
+    for split, examples in (("train", train), ("eval", held_out)):
+        for example in examples:
+            rejected = (
+                example.suggestion
+                if example.suggestion.strip()
+                and example.suggestion.rstrip() != example.kept.rstrip()
+                else None
+            )
+            session.add(
+                PreferencePair(
+                    completion_id=example.completion_id,
+                    run_id=run_id,
+                    user=example.user,
+                    split=split,
+                    prompt_prefix=example.prefix,
+                    prompt_suffix=example.suffix,
+                    chosen=example.kept,
+                    rejected=rejected,
+                    chosen_chars_saved=len(example.kept.rstrip()),
+                    rejected_chars_saved=example.chars_saved,
+                    ranking={
+                        "candidates": [
+                            {"text": example.kept, "source": "kept"},
+                            {"text": example.suggestion, "source": "logged suggestion"},
+                        ],
+                        "outcome": example.outcome,
+                        "events": list(example.event_ids),
+                    },
+                )
+            )
+
+
+def _version(method: str, run_id: int) -> str:
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{method}-run{run_id}"
+
+
+def run_nightly(settings: Settings, method: str | None = None) -> NightlyResult:
+    method = method or settings.train_method
+    if method not in METHODS:
+        return NightlyResult(2, f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    try:
+        with exclusive(settings.data_dir):
+            url = settings.database_url or default_database_url(settings.data_dir)
+            engine = open_engine(url)
+            try:
+                upgrade(engine)
+                return _run(settings, method, engine)
+            finally:
+                engine.dispose()
+    except AlreadyRunning as error:
+        return NightlyResult(0, str(error))
+
+
+def _run(settings: Settings, method: str, engine: Engine) -> NightlyResult:
+    started = time.monotonic()
+    until = datetime.now(UTC)
+    loaded = load_model(settings)
+    base_model = loaded.name
+    with Session(engine) as session:
+        since = _last_cutoff(session, base_model)
+        known = [row.version for row in adapter_rows.versions(session)]
+        active = adapter_rows.active(session, base_model)
+        baseline = (Path(active.path), active.version, active.checksum) if active else None
+    removed = registry.clean(settings.adapters_dir, known)
+    if removed:
+        log.info("removed unfinished adapter directories: %s", ", ".join(removed))
+
+    with Session(engine) as session:
+        examples, counts = load_examples(session, since=since, until=until, base_model=base_model)
+    if counts.completions == 0:
+        window = f"since {since:%Y-%m-%d %H:%M} UTC" if since else "at all"
+        return NightlyResult(0, f"nothing to train: no completions of {base_model} logged {window}")
+    examples = cap_users(deduplicate(examples, counts), settings.max_user_share, counts)
+    train, held_out = split_by_time(examples, settings.eval_share, counts)
+    counts_json = {**dataclasses.asdict(counts), "until": until.isoformat()}
+    if since is not None:
+        counts_json["since"] = since.isoformat()
+    run = TrainingRun(
+        method=method,
+        base_model=base_model,
+        parameters=_parameters(settings, method),
+        data_counts=counts_json,
+    )
+    if len(train) < settings.min_train_examples or len(held_out) < settings.min_eval_examples:
+        message = (
+            f"too little to train: {_describe(counts)}; need {settings.min_train_examples} "
+            f"training and {settings.min_eval_examples} held-out examples"
+        )
+        run_id = _finish_row(engine, run, "skipped", message, started)
+        return NightlyResult(0, message, run_id)
+
+    with Session(engine) as session, session.begin():
+        session.add(run)
+        session.flush()
+        _store_pairs(session, run.id, train, held_out)
+        run_id = run.id
+    log.info("run %d: %s %s", run_id, method, _describe(counts))
+    try:
+        return _train_gate_publish(
+            settings, loaded, engine, run_id, method, train, held_out, baseline, started
+        )
+    except TooLittleData as error:
+        message = f"too little to train with {method}: {error}"
+        _update_row(engine, run_id, status="skipped", reason=message, started=started)
+        return NightlyResult(0, message, run_id)
+    except KeyboardInterrupt:
+        _update_row(engine, run_id, status="interrupted", reason="Ctrl-C", started=started)
+        raise
+    except Exception as error:
+        _update_row(engine, run_id, status="failed", reason=repr(error), started=started)
+        raise
+
+
+def _describe(counts: DataCounts) -> str:
+    return (
+        f"{counts.completions} completions, {counts.labelled} labelled "
+        f"({counts.unsettled} not settled yet, {counts.no_target} rejected with nothing typed "
+        f"instead, {counts.unlabelled} without a fate, {counts.corrupt} corrupt), "
+        f"{counts.duplicates} duplicates, {counts.capped} over a user's share, "
+        f"{counts.train} to train and {counts.eval} held out"
+    )
+
+
+def _finish_row(engine: Engine, run: TrainingRun, status: str, reason: str, started: float) -> int:
+    with Session(engine) as session, session.begin():
+        run.status = status
+        run.reason = reason
+        run.finished_at = datetime.now(UTC)
+        run.losses = {"seconds": round(time.monotonic() - started, 3)}
+        session.add(run)
+        session.flush()
+        return run.id
+
+
+def _update_row(engine: Engine, run_id: int, *, started: float, **values: Any) -> None:
+    with Session(engine) as session, session.begin():
+        row = session.get(TrainingRun, run_id)
+        if row is None:
+            return
+        for name, value in values.items():
+            setattr(row, name, value)
+        row.finished_at = datetime.now(UTC)
+        timings = dict(row.losses or {})
+        timings["seconds"] = round(time.monotonic() - started, 3)
+        row.losses = timings
+
+
+def _train_gate_publish(
+    settings: Settings,
+    loaded: LoadedModel,
+    engine: Engine,
+    run_id: int,
+    method: str,
+    train: list[Example],
+    held_out: list[Example],
+    baseline: tuple[Path, str, str] | None,
+    started: float,
+) -> NightlyResult:
+    baseline_path = None
+    if baseline is not None:
+        path, version, digest = baseline
+        try:
+            registry.verify(path, digest)
+            baseline_path = path
+        except registry.AdapterError as error:
+            log.error(
+                "active adapter %s is unusable, training from the base model: %s", version, error
+            )
+    work = settings.data_dir / "train-work" / f"run{run_id}"
+    try:
+        model = peft_model(loaded, settings, baseline_path)
+        outcome = METHODS[method](loaded, settings, model, train, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    losses = {
+        "train_loss_before": outcome.loss_before,
+        "train_loss_after": outcome.loss_after,
+        "history": outcome.history,
+        "train_seconds": round(outcome.seconds, 3),
+        "examples_per_s": outcome.examples_per_s,
+        "tokens_per_s": outcome.tokens_per_s,
+    }
+    _update_row(engine, run_id, losses=losses, started=started, status="evaluating")
+    gate = run_gate(
+        loaded,
+        settings,
+        model,
+        held_out,
+        baseline_adapter=baseline_path,
+        baseline_name=baseline[1] if baseline_path and baseline else "base model",
+    )
+    evaluation = gate.to_json()
+    published = None
+    if gate.passed:
+        version = _version(method, run_id)
+
+        def save(directory: Path) -> None:
+            model.save_pretrained(
+                str(directory), selected_adapters=["default"], safe_serialization=True
+            )
+
+        path, digest = registry.write_atomically(settings.adapters_dir, version, save)
+        with Session(engine) as session, session.begin():
+            adapter_rows.publish(
+                session,
+                version=version,
+                base_model=loaded.name,
+                run_id=run_id,
+                path=path,
+                checksum=digest,
+                evidence={"gate": evaluation, "method": method},
+            )
+            pruned = adapter_rows.prune(session, settings.keep_adapters)
+        if pruned:
+            log.info("pruned adapter files of %s", ", ".join(pruned))
+        published = version
+    timings = {**losses, "seconds": round(time.monotonic() - started, 3)}
+    with Session(engine) as session, session.begin():
+        row = session.get(TrainingRun, run_id)
+        assert row is not None
+        row.status = "finished"
+        row.decision = "published" if published else "refused"
+        row.reason = gate.reason
+        row.evaluation = evaluation
+        row.losses = timings
+        row.finished_at = datetime.now(UTC)
+    verdict = f"published {published}" if published else "not published"
+    message = (
+        f"run {run_id} ({method}): {verdict}: {gate.reason}; train loss "
+        f"{outcome.loss_before:.3f} -> {outcome.loss_after:.3f}"
+    )
+    return NightlyResult(0, message, run_id, published, gate, outcome)

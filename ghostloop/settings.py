@@ -155,6 +155,10 @@ class Settings:
     )
     epochs: int = field(default=2, metadata=_help("passes over the training data"))
     train_batch_size: int = field(default=4, metadata=_help("examples per optimiser step"))
+    train_processes: int = field(
+        default=1,
+        metadata=_help("training processes (accelerate launch): the GPUs to use, or CPU processes"),
+    )
     dpo_beta: float = field(default=0.1, metadata=_help("DPO's beta"))
     nll_weight: float = field(
         default=1.0,
@@ -207,6 +211,7 @@ class Settings:
             ("lora_alpha", 1),
             ("epochs", 1),
             ("train_batch_size", 1),
+            ("train_processes", 1),
             ("rrhf_samples", 0),
             ("min_train_examples", 1),
             ("min_eval_examples", 1),

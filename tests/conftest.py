@@ -56,6 +56,16 @@ def postgres_url() -> Iterator[str]:
 
     CI has the server (.ci/run starts it); elsewhere a missing server skips these tests.
     """
+    yield from _temporary_database()
+
+
+@pytest.fixture
+def empty_postgres_url() -> Iterator[str]:
+    """A PostgreSQL database of this test's own: nothing another test wrote is in it."""
+    yield from _temporary_database()
+
+
+def _temporary_database() -> Iterator[str]:
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     name = f"ghostloop_test_{uuid.uuid4().hex[:8]}"
     try:

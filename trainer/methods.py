@@ -103,6 +103,9 @@ def training_arguments(
         "bf16": on_gpu and loaded.dtype == "bfloat16",
         "dataloader_num_workers": 0,
         "disable_tqdm": False,  # the progress bar with its ETA
+        # TRL turns activation checkpointing on by default: it trades compute for memory,
+        # and a small model on a CPU has memory to spare but no compute.
+        "gradient_checkpointing": on_gpu,
         **extra,
     }
 
@@ -153,12 +156,17 @@ def train_sft(
     return _run(trainer, "sft", model, dataset, sum(len(r["input_ids"]) for r in rows))
 
 
+LOSS_PROBE = 64  # training examples the loss is measured on before and after
+
+
 def _run(trainer: Trainer, method: str, model: Any, dataset: Dataset, tokens: int) -> TrainOutcome:
-    before = float(trainer.evaluate(eval_dataset=dataset)["eval_loss"])
+    # the same fixed sample of the training data before and after: the loss must fall
+    probe = dataset.select(range(min(LOSS_PROBE, len(dataset))))
+    before = float(trainer.evaluate(eval_dataset=probe)["eval_loss"])
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    after = float(trainer.evaluate(eval_dataset=dataset)["eval_loss"])
+    after = float(trainer.evaluate(eval_dataset=probe)["eval_loss"])
     model.eval()
     return TrainOutcome(
         model=model,

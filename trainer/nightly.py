@@ -43,6 +43,7 @@ from trainer.labels import (
     split_by_time,
 )
 from trainer.methods import METHODS, TooLittleData, TrainOutcome, peft_model
+from trainer.worker import launch
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def _last_cutoff(session: Session, base_model: str) -> datetime | None:
 
 def _parameters(settings: Settings, method: str) -> dict[str, Any]:
     names = [
+        "train_processes",
         "lora_rank",
         "lora_alpha",
         "lora_targets",
@@ -157,6 +159,22 @@ def _store_pairs(
                     },
                 )
             )
+
+
+def _store_rankings(engine: Engine, run_id: int, rankings: list[dict[str, Any]]) -> None:
+    """RRHF's candidates with their characters saved, on the training pairs they rank."""
+    with Session(engine) as session, session.begin():
+        pairs = session.scalars(
+            select(PreferencePair)
+            .where(PreferencePair.run_id == run_id, PreferencePair.split == "train")
+            .order_by(PreferencePair.id)
+        ).all()
+        for pair, ranking in zip(pairs, rankings, strict=False):
+            candidates = [
+                {"text": text, "chars_saved": score}
+                for text, score in zip(ranking["texts"], ranking["scores"], strict=True)
+            ]
+            pair.ranking = {**(pair.ranking or {}), "candidates": candidates}
 
 
 def _version(method: str, run_id: int) -> str:
@@ -297,8 +315,12 @@ def _train_gate_publish(
             )
     work = settings.data_dir / "train-work" / f"run{run_id}"
     try:
-        model = peft_model(loaded, settings, baseline_path)
-        outcome = METHODS[method](loaded, settings, model, train, work)
+        if settings.train_processes > 1:
+            outcome = launch(settings, loaded, method, train, work, baseline_path)
+        else:
+            model = peft_model(loaded, settings, baseline_path)
+            outcome = METHODS[method](loaded, settings, model, train, work)
+        model = outcome.model
     finally:
         shutil.rmtree(work, ignore_errors=True)
     losses = {
@@ -308,8 +330,11 @@ def _train_gate_publish(
         "train_seconds": round(outcome.seconds, 3),
         "examples_per_s": outcome.examples_per_s,
         "tokens_per_s": outcome.tokens_per_s,
+        "processes": int(outcome.extra.get("processes", 1)),
     }
     _update_row(engine, run_id, losses=losses, started=started, status="evaluating")
+    if "rankings" in outcome.extra:  # rrhf: store each prompt's ranked candidates
+        _store_rankings(engine, run_id, outcome.extra["rankings"])
     gate = run_gate(
         loaded,
         settings,

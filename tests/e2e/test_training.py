@@ -72,7 +72,7 @@ def adapter_rows(url: str) -> list[AdapterVersion]:
 def database_url(request: pytest.FixtureRequest, isolated_data_dir: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
-    return request.getfixturevalue("postgres_url")
+    return request.getfixturevalue("empty_postgres_url")  # counts start from zero
 
 
 async def test_a_real_session_trains_gates_and_publishes_an_adapter(
@@ -244,3 +244,83 @@ def test_a_second_concurrent_run_exits_with_a_clear_message(
     assert blocked.returncode == 0
     assert "another ghostloop train is running" in blocked.stdout
     assert not (isolated_data_dir / "ghostloop.db").exists()  # it did not even open the store
+
+
+def test_two_training_processes_under_accelerate_publish_like_one(
+    isolated_data_dir: Path, tiny_model_dir: Path
+):
+    """What several GPUs do, here with two CPU processes (gloo)."""
+    url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    env = {
+        "GHOSTLOOP_DATABASE_URL": url,
+        "GHOSTLOOP_MODEL": str(tiny_model_dir),
+        "GHOSTLOOP_TRAIN_PROCESSES": "2",
+        "GHOSTLOOP_EPOCHS": "12",  # each step sees twice the examples: as many steps as one
+    }
+    write_rows(url, model_name(tiny_model_dir), 30, lambda index: TRUTH)
+    done = train(env)
+    assert done.returncode == 0 and "published" in done.stdout, done.stderr[-3000:]
+    run = runs(url)[-1]
+    assert run.losses["processes"] == 2 and run.parameters["train_processes"] == 2
+    assert run.losses["train_loss_after"] < run.losses["train_loss_before"]
+    [adapter] = adapter_rows(url)
+    registry.verify(Path(adapter.path), adapter.checksum)
+
+
+def ghostloop(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ghostloop", *args],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_operators_list_roll_back_and_promote_adapters(
+    isolated_data_dir: Path, tiny_model_dir: Path
+):
+    url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    env = {"GHOSTLOOP_DATABASE_URL": url, "GHOSTLOOP_MODEL": str(tiny_model_dir)}
+    assert "no adapters published yet" in ghostloop(env, "adapters", "list").stdout
+    nothing = ghostloop(env, "adapters", "rollback")
+    assert nothing.returncode == 1 and "no active adapter to roll back" in nothing.stderr
+    write_rows(
+        url,
+        model_name(tiny_model_dir),
+        30,
+        lambda index: TRUTH,
+        start=datetime.now(UTC) - timedelta(hours=2),
+    )
+    assert "published" in train(env).stdout
+    write_rows(
+        url, model_name(tiny_model_dir), 30, lambda index: OTHER_TRUTH, prefix=other_function_text
+    )
+    assert "published" in train(env).stdout
+    first, second = (a.version for a in adapter_rows(url))
+    listing = ghostloop(env, "adapters", "list").stdout
+    assert first in listing and second in listing and "lift +" in listing
+
+    back = ghostloop(env, "adapters", "rollback")
+    assert back.returncode == 0 and f"{second} rolled back; {first} serves" in back.stdout
+    assert [a.status for a in adapter_rows(url)] == ["active", "rolled_back"]
+    again = ghostloop(env, "adapters", "promote", second)
+    assert again.returncode == 0 and [a.status for a in adapter_rows(url)] == ["retired", "active"]
+    unknown = ghostloop(env, "adapters", "promote", "no-such-version")
+    assert unknown.returncode == 1 and f"known versions: {first}, {second}" in unknown.stderr
+    assert [a.status for a in adapter_rows(url)] == ["retired", "active"]  # nothing changed
+
+
+def test_a_dead_database_or_a_missing_model_is_one_clear_line(
+    isolated_data_dir: Path, tiny_model_dir: Path
+):
+    dead = train(
+        {
+            "GHOSTLOOP_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "GHOSTLOOP_MODEL": str(tiny_model_dir),
+        }
+    )
+    assert dead.returncode == 1 and "cannot reach the database" in dead.stderr
+    missing = train({"GHOSTLOOP_MODEL": str(isolated_data_dir / "no-such-model")})
+    assert missing.returncode == 1 and "model path not found" in missing.stderr

@@ -1,0 +1,175 @@
+"""Training throughput per method, and the wall time of one nightly run.
+
+1. examples/s and tokens/s of sft, dpo and rrhf on the same logged examples (one epoch,
+   the configured model; SmolLM2-135M by default, CPU here, GPU in bf16 when there is one);
+2. the wall time of ``ghostloop train`` (the configured method, sft by default) over N
+   logged completions (default 1,000) including the gate, which generates on the
+   held-out fifth with both the base model and the candidate.
+
+The logged completions are real positions in the stdlib ``email`` package, rejected, with
+the true rest of the line typed instead (what a developer keeps). Everything lives in a
+temporary data directory with its own SQLite store.
+
+    PYTHONPATH=. python bench/train.py [--examples 32] [--completions 1000] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from feedback.database import open_engine, upgrade
+from feedback.schema import Completion, FeedbackEvent
+from ghostloop.corpus import sample_positions, stdlib_dir
+from ghostloop.models import load_model
+from ghostloop.settings import Settings, load_settings
+from trainer.labels import Example
+from trainer.methods import METHODS, peft_model
+from trainer.nightly import run_nightly
+
+
+def logged_positions(count: int) -> list[tuple[str, str, str]]:
+    """(prefix, suffix, kept) at real positions of the email package."""
+    files = sorted((stdlib_dir() / "email").rglob("*.py"))
+    per_file = max(1, -(-count // len(files)))
+    chosen = []
+    for path in files:
+        source = path.read_text(encoding="utf-8")
+        for sample in sample_positions(path, per_file, seed=11):
+            chosen.append(
+                (
+                    source[: sample.offset][-4000:],
+                    source[sample.offset :][:1000],
+                    sample.true_line_rest,
+                )
+            )
+    return [c for c in chosen if c[2].strip()][:count]
+
+
+def store(url: str, base_model: str, positions: list[tuple[str, str, str]]) -> None:
+    engine = open_engine(url)
+    upgrade(engine)
+    start = datetime.now(UTC) - timedelta(hours=1)
+    with Session(engine) as session, session.begin():
+        for index, (prefix, suffix, kept) in enumerate(positions):
+            completion_id = uuid.uuid4().hex
+            session.add(
+                Completion(
+                    id=completion_id,
+                    created_at=start + timedelta(milliseconds=index),
+                    user=f"dev{index % 7}",
+                    base_model=base_model,
+                    template="prefix-only",
+                    prompt_prefix=prefix,
+                    prompt_suffix=suffix,
+                    suggestion="pass",
+                    latency_ms=1.0,
+                    outcome="rejected",
+                )
+            )
+            session.flush()
+            session.add(
+                FeedbackEvent(id=uuid.uuid4().hex, completion_id=completion_id, kind="rejected")
+            )
+            session.add(
+                FeedbackEvent(
+                    id=uuid.uuid4().hex,
+                    completion_id=completion_id,
+                    kind="typed_instead",
+                    window_s=30.0,
+                    text=kept,
+                )
+            )
+    engine.dispose()
+
+
+def method_throughput(settings: Settings, count: int, work: Path) -> None:
+    positions = logged_positions(count)
+    examples = [
+        Example(
+            completion_id=f"{i:032d}",
+            created_at=datetime.now(UTC),
+            user="dev",
+            template="",
+            prefix=prefix,
+            suffix=suffix,
+            suggestion="pass",
+            kept=kept,
+            chars_saved=0,
+            outcome="rejected",
+            event_ids=(),
+        )
+        for i, (prefix, suffix, kept) in enumerate(positions)
+    ]
+    one_epoch = dataclasses.replace(settings, epochs=1)
+    for method in METHODS:
+        loaded = load_model(one_epoch)
+        model = peft_model(loaded, one_epoch, None)
+        outcome = METHODS[method](loaded, one_epoch, model, examples, work / method)
+        print(
+            f"{method:5} {outcome.examples_per_s:7.2f} examples/s {outcome.tokens_per_s:8.1f} "
+            f"tokens/s ({outcome.examples} examples, {outcome.tokens} tokens, "
+            f"{outcome.seconds:.1f} s; loss {outcome.loss_before:.3f} -> {outcome.loss_after:.3f})",
+            flush=True,
+        )
+
+
+def nightly(settings: Settings, completions: int) -> None:
+    url = f"sqlite:///{settings.data_dir / 'ghostloop.db'}"
+    settings = dataclasses.replace(settings, database_url=url)
+    loaded = load_model(settings)
+    store(url, loaded.name, logged_positions(completions))
+    del loaded
+    started = time.perf_counter()
+    result = run_nightly(settings)
+    wall = time.perf_counter() - started
+    training = result.training
+    print(f"nightly run over {completions} logged completions: {wall:.0f} s wall, gate included")
+    if training is not None:
+        print(
+            f"  training {training.seconds:.0f} s ({training.examples_per_s:.2f} examples/s), "
+            f"gate and the rest {wall - training.seconds:.0f} s"
+        )
+    print(f"  {result.message}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--examples", type=int, default=32, help="examples per method")
+    parser.add_argument("--completions", type=int, default=1000, help="for the nightly run")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores)")
+    parser.add_argument("--skip-methods", action="store_true")
+    parser.add_argument("--skip-nightly", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = load_settings()
+        settings = dataclasses.replace(
+            base, data_dir=Path(tmp), threads=args.threads, database_url=""
+        )
+        loaded = load_model(settings)
+        print(
+            f"model {loaded.name} on {loaded.device} ({loaded.dtype}), "
+            f"{settings.torch_threads} threads, load avg {os.getloadavg()[0]:.2f}, "
+            f"context {settings.context_tokens} tokens, LoRA r{settings.lora_rank} "
+            f"on {settings.lora_targets}, batch {settings.train_batch_size}",
+            flush=True,
+        )
+        del loaded
+        if not args.skip_methods:
+            method_throughput(settings, args.examples, Path(tmp) / "work")
+        if not args.skip_nightly:
+            nightly(settings, args.completions)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,17 +21,13 @@ import logging
 import os
 import tempfile
 import time
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy.orm import Session
-
-from feedback.database import open_engine, upgrade
-from feedback.schema import Completion, FeedbackEvent
 from ghostloop.corpus import sample_positions, stdlib_dir
 from ghostloop.models import load_model
 from ghostloop.settings import Settings, load_settings
+from tests.training_data import write_rejections
 from trainer.labels import Example
 from trainer.methods import METHODS, peft_model
 from trainer.nightly import run_nightly
@@ -53,43 +49,6 @@ def logged_positions(count: int) -> list[tuple[str, str, str]]:
                 )
             )
     return [c for c in chosen if c[2].strip()][:count]
-
-
-def store(url: str, base_model: str, positions: list[tuple[str, str, str]]) -> None:
-    engine = open_engine(url)
-    upgrade(engine)
-    start = datetime.now(UTC) - timedelta(hours=1)
-    with Session(engine) as session, session.begin():
-        for index, (prefix, suffix, kept) in enumerate(positions):
-            completion_id = uuid.uuid4().hex
-            session.add(
-                Completion(
-                    id=completion_id,
-                    created_at=start + timedelta(milliseconds=index),
-                    user=f"dev{index % 7}",
-                    base_model=base_model,
-                    template="prefix-only",
-                    prompt_prefix=prefix,
-                    prompt_suffix=suffix,
-                    suggestion="pass",
-                    latency_ms=1.0,
-                    outcome="rejected",
-                )
-            )
-            session.flush()
-            session.add(
-                FeedbackEvent(id=uuid.uuid4().hex, completion_id=completion_id, kind="rejected")
-            )
-            session.add(
-                FeedbackEvent(
-                    id=uuid.uuid4().hex,
-                    completion_id=completion_id,
-                    kind="typed_instead",
-                    window_s=30.0,
-                    text=kept,
-                )
-            )
-    engine.dispose()
 
 
 def method_throughput(settings: Settings, count: int, work: Path) -> None:
@@ -127,7 +86,7 @@ def nightly(settings: Settings, completions: int) -> None:
     url = f"sqlite:///{settings.data_dir / 'ghostloop.db'}"
     settings = dataclasses.replace(settings, database_url=url)
     loaded = load_model(settings)
-    store(url, loaded.name, logged_positions(completions))
+    write_rejections(url, loaded.name, logged_positions(completions), users=7)
     del loaded
     started = time.perf_counter()
     result = run_nightly(settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from lsprotocol import types
@@ -103,21 +103,35 @@ def write_rows(
 ) -> None:
     """``count`` rejected completions where the developer typed ``kept(index)`` instead,
     logged a millisecond apart from ``start`` (default: a second ago)."""
+    rows = [(prefix(index), "", kept(index)) for index in range(count)]
+    write_rejections(url, base_model, rows, start=start)
+
+
+def write_rejections(
+    url: str,
+    base_model: str,
+    rows: Sequence[tuple[str, str, str]],
+    *,
+    start: datetime | None = None,
+    users: int = 1,
+) -> None:
+    """One rejected completion per (prefix, suffix, kept) with ``kept`` typed instead,
+    a millisecond apart from ``start``, spread over ``users`` users."""
     engine = open_engine(url)
     upgrade(engine)
     start = start or datetime.now(UTC) - timedelta(seconds=1)
     with Session(engine) as session, session.begin():
-        for index in range(count):
+        for index, (prefix, suffix, kept) in enumerate(rows):
             completion_id = uuid.uuid4().hex
             session.add(
                 Completion(
                     id=completion_id,
                     created_at=start + timedelta(milliseconds=index),
-                    user="alice",
+                    user="alice" if users == 1 else f"dev{index % users}",
                     base_model=base_model,
                     template="prefix-only",
-                    prompt_prefix=prefix(index),
-                    prompt_suffix="",
+                    prompt_prefix=prefix,
+                    prompt_suffix=suffix,
                     suggestion="pass",
                     latency_ms=1.0,
                     outcome="rejected",
@@ -133,7 +147,7 @@ def write_rows(
                     completion_id=completion_id,
                     kind="typed_instead",
                     window_s=30.0,
-                    text=kept(index),
+                    text=kept,
                 )
             )
     engine.dispose()

@@ -50,6 +50,20 @@ def model_name(model: Path) -> str:
     return resolve_model(Settings(model=str(model)))[0]
 
 
+def publish_first(url: str, env: dict[str, str], model: Path) -> None:
+    """Two hours ago users kept ``return result``; tonight's first run publishes for it.
+    Rows written later come after its cut-off: the next night's feedback."""
+    write_rows(
+        url,
+        model_name(model),
+        30,
+        lambda index: TRUTH,
+        start=datetime.now(UTC) - timedelta(hours=2),
+    )
+    first = train(env)
+    assert "published" in first.stdout and "not published" not in first.stdout, first.stdout
+
+
 def runs(url: str) -> list[TrainingRun]:
     engine = open_engine(url)
     with Session(engine) as session:
@@ -120,15 +134,7 @@ def test_the_gate_refuses_an_adapter_that_generates_worse(
 ):
     url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
     env = {"GHOSTLOOP_DATABASE_URL": url, "GHOSTLOOP_MODEL": str(tiny_model_dir)}
-    write_rows(
-        url,
-        model_name(tiny_model_dir),
-        30,
-        lambda index: TRUTH,
-        start=datetime.now(UTC) - timedelta(hours=2),
-    )  # the new night's feedback comes after the first run's cut-off
-    first = train(env)
-    assert "published" in first.stdout and "not published" not in first.stdout, first.stdout
+    publish_first(url, env, tiny_model_dir)
     # the next night: older feedback teaches a short, useless line; what users keep most
     # recently (the held-out part) is still the real line
     write_rows(
@@ -176,14 +182,7 @@ def test_a_killed_run_leaves_the_registry_and_the_active_adapter_as_they_were(
 ):
     url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
     env = {"GHOSTLOOP_DATABASE_URL": url, "GHOSTLOOP_MODEL": str(tiny_model_dir)}
-    write_rows(
-        url,
-        model_name(tiny_model_dir),
-        30,
-        lambda index: TRUTH,
-        start=datetime.now(UTC) - timedelta(hours=2),
-    )
-    assert "published" in train(env).stdout
+    publish_first(url, env, tiny_model_dir)
     [before] = adapter_rows(url)
     listing = sorted(p.name for p in (isolated_data_dir / "adapters").iterdir())
     # a new habit the active adapter does not know yet: the next adapter would win
@@ -286,14 +285,7 @@ def test_operators_list_roll_back_and_promote_adapters(
     assert "no adapters published yet" in ghostloop(env, "adapters", "list").stdout
     nothing = ghostloop(env, "adapters", "rollback")
     assert nothing.returncode == 1 and "no active adapter to roll back" in nothing.stderr
-    write_rows(
-        url,
-        model_name(tiny_model_dir),
-        30,
-        lambda index: TRUTH,
-        start=datetime.now(UTC) - timedelta(hours=2),
-    )
-    assert "published" in train(env).stdout
+    publish_first(url, env, tiny_model_dir)
     write_rows(
         url, model_name(tiny_model_dir), 30, lambda index: OTHER_TRUTH, prefix=other_function_text
     )

@@ -174,3 +174,29 @@ async def test_survival_of_accepted_text_and_what_was_typed_after_a_rejection(
     assert survival[1][0] == 1.2 and survival[1][2] == text[:cut] + "ZZ"
     assert survival[1][1] < 1.0
     assert typed == ["s_list = []"]
+
+
+async def test_another_users_completion_cannot_be_accepted_or_rejected(
+    start_server: StartServer, isolated_data_dir: Path
+):
+    """Alice and Bob each run a server on one store; Bob's signals for Alice's completion
+    are refused, and her row stays as she left it."""
+    url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    alice = await start_server(env={"GHOSTLOOP_DATABASE_URL": url, "GHOSTLOOP_USER": "alice"})
+    bob = await start_server(env={"GHOSTLOOP_DATABASE_URL": url, "GHOSTLOOP_USER": "bob"})
+    hers = (await ask(alice, "hers.py")).command.arguments[0]
+    await alice.shutdown_session()  # her completion is in the store
+    with pytest.raises(Exception, match="never served by this server"):
+        await bob.workspace_execute_command_async(
+            types.ExecuteCommandParams(command="ghostloop.accept", arguments=[hers])
+        )
+    bob.protocol.notify("ghostloop/feedback", {"completionId": hers, "kind": "rejected"})
+    await bob.shutdown_session()
+    warnings = [m.message for m in bob.log_messages if m.type == types.MessageType.Warning]
+    assert any("unknown completion id" in w for w in warnings)
+    engine = open_engine(url)
+    with Session(engine) as session:
+        row = session.get(Completion, hers)
+        assert row is not None and (row.user, row.outcome) == ("alice", "pending")
+        assert session.scalars(select(FeedbackEvent)).all() == []
+    engine.dispose()

@@ -316,3 +316,29 @@ def test_a_dead_database_or_a_missing_model_is_one_clear_line(
     assert dead.returncode == 1 and "cannot reach the database" in dead.stderr
     missing = train({"GHOSTLOOP_MODEL": str(isolated_data_dir / "no-such-model")})
     assert missing.returncode == 1 and "model path not found" in missing.stderr
+
+
+@pytest.mark.parametrize("method", ["dpo", "rrhf"])
+def test_the_whole_job_runs_with_each_preference_method(
+    isolated_data_dir: Path, tiny_model_dir: Path, method: str
+):
+    url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    env = {"GHOSTLOOP_DATABASE_URL": url, "GHOSTLOOP_MODEL": str(tiny_model_dir)}
+    write_rows(url, model_name(tiny_model_dir), 30, lambda index: TRUTH)
+    done = train(env, "--method", method)
+    assert done.returncode == 0 and f"({method})" in done.stdout, done.stderr[-3000:]
+    run = runs(url)[-1]
+    assert (run.status, run.method) == ("finished", method)
+    assert run.decision in ("published", "refused") and run.evaluation["reason"]
+    assert run.losses["train_loss_after"] < run.losses["train_loss_before"]
+    assert "preference_accuracy_after" in run.evaluation["likelihood"]
+    if method == "rrhf":  # each training pair carries its ranked candidates
+        engine = open_engine(url)
+        with Session(engine) as session:
+            pairs = session.scalars(
+                select(PreferencePair).where(PreferencePair.split == "train")
+            ).all()
+            assert all(
+                {c["text"] for c in p.ranking["candidates"]} == {TRUTH, "pass"} for p in pairs
+            )
+        engine.dispose()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from sqlalchemy import select
@@ -64,22 +65,24 @@ def publish_first(url: str, env: dict[str, str], model: Path) -> None:
     assert "published" in first.stdout and "not published" not in first.stdout, first.stdout
 
 
-def runs(url: str) -> list[TrainingRun]:
+Row = TypeVar("Row", TrainingRun, AdapterVersion)
+
+
+def all_rows(url: str, table: type[Row]) -> list[Row]:
     engine = open_engine(url)
     with Session(engine) as session:
-        rows = list(session.scalars(select(TrainingRun).order_by(TrainingRun.id)))
+        rows = list(session.scalars(select(table).order_by(table.id)))
         session.expunge_all()
     engine.dispose()
     return rows
+
+
+def runs(url: str) -> list[TrainingRun]:
+    return all_rows(url, TrainingRun)
 
 
 def adapter_rows(url: str) -> list[AdapterVersion]:
-    engine = open_engine(url)
-    with Session(engine) as session:
-        rows = list(session.scalars(select(AdapterVersion).order_by(AdapterVersion.id)))
-        session.expunge_all()
-    engine.dispose()
-    return rows
+    return all_rows(url, AdapterVersion)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -110,7 +111,9 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         return 1
 
     try:
-        result = run_nightly(settings, args.method)
+        # progress bars and the trainer's loss lines go to stderr; stdout is the one-line result
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_nightly(settings, args.method)
     except (StoreError, ModelNotFoundError) as error:
         print(f"ghostloop train: {error}", file=sys.stderr)
         return 1

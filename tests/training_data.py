@@ -19,7 +19,7 @@ SHORT_WINDOWS = "0.2,0.4,0.6"
 # Train hard enough that the tiny random model learns the one line the developer keeps.
 TRAIN_ENV = {
     "GHOSTLOOP_LEARNING_RATE": "5e-3",
-    "GHOSTLOOP_EPOCHS": "6",
+    "GHOSTLOOP_EPOCHS": "12",
     "GHOSTLOOP_MIN_TRAIN_EXAMPLES": "8",
     "GHOSTLOOP_MIN_EVAL_EXAMPLES": "4",
     "GHOSTLOOP_THREADS": "1",
@@ -31,11 +31,11 @@ def function_text(index: int) -> str:
     return f"def scale_{index}(value):\n    result = value * {index}\n    "
 
 
-OTHER_TRUTH = "return total"
+OTHER_TRUTH = "yield total"  # far from "return result": its adapter saves nothing here
 
 
 def other_function_text(index: int) -> str:
-    """Another habit: here the developer writes ``return total``."""
+    """Another habit: here the developer raises instead of returning."""
     return f"def offset_{index}(value):\n    total = value + {index}\n    "
 
 

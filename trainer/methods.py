@@ -65,7 +65,9 @@ class TrainOutcome:
 def peft_model(loaded: LoadedModel, settings: Settings, start_from: Path | None) -> Any:
     """The base model with a trainable LoRA: a fresh one, or the active adapter's weights."""
     from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import set_seed
 
+    set_seed(settings.seed)  # the LoRA's initial weights: a run can be repeated exactly
     base = loaded.model
     if start_from is not None:
         return PeftModel.from_pretrained(base, str(start_from), is_trainable=True)

@@ -103,7 +103,8 @@ async def test_a_real_session_trains_gates_and_publishes_an_adapter(
     done = train({**env, "GHOSTLOOP_MODEL": str(tiny_model_dir)}, "--method", "sft")
     assert done.returncode == 0, done.stderr
     assert "published" in done.stdout and "not published" not in done.stdout, done.stdout
-    assert "gate: candidate" in done.stderr  # the progress bars
+    assert "gate: candidate" in done.stderr  # the progress bars and loss lines go to stderr
+    assert len(done.stdout.splitlines()) == 1  # stdout is the one-line result
     run = runs(database_url)[-1]
     assert (run.status, run.decision, run.method) == ("finished", "published", "sft")
     assert run.data_counts["completions"] == 30 and run.data_counts["labelled"] == 30

@@ -3,6 +3,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -213,3 +214,24 @@ def test_a_live_recorder_keeps_its_segments_from_another_one(engine: Engine, tmp
     live.close()
     assert counts(engine) == (1, 0)
     assert not list(journal.with_suffix(".wal").glob("*.jsonl"))
+
+
+def test_writes_wait_while_the_process_is_busy(engine: Engine, tmp_path: Path):
+    """While a completion generates, the writer holds its database work back."""
+    upgrade(engine)
+    generating = threading.Event()
+    generating.set()
+    recorder = Recorder(
+        engine=engine,
+        journal_path=tmp_path / "journal.jsonl",
+        hold=generating.is_set,
+        max_hold_s=60.0,
+    )
+    recorder.start()
+    recorder.submit(completion_write("h" * 32))
+    time.sleep(0.5)  # an unheld writer stores it within milliseconds
+    assert counts(engine) == (0, 0)
+    generating.clear()
+    assert recorder.flush()
+    recorder.close()
+    assert counts(engine) == (1, 0)

@@ -44,11 +44,17 @@ def encode_completion(loaded: LoadedModel, healed: str, text: str) -> list[int]:
 def encode(loaded: LoadedModel, settings: Settings, example: Example) -> Encoded:
     prompt = prompt_for(loaded, settings, CursorContext(example.prefix, example.suffix))
     chosen = encode_completion(loaded, prompt.healed, target_text(example, example.kept))
-    suggestion = example.suggestion
     rejected: list[int] = []
-    if suggestion.strip() and suggestion.rstrip() != example.kept.rstrip():
-        rejected = encode_completion(loaded, prompt.healed, target_text(example, suggestion))
+    if example.rejected is not None:
+        rejected = encode_completion(loaded, prompt.healed, target_text(example, example.rejected))
     return Encoded(list(prompt.input_ids), chosen, rejected, prompt.healed)
+
+
+def pad_id(loaded: LoadedModel) -> int:
+    """The id batches are padded with: the tokenizer's pad, else its end token, else 0."""
+    hf = loaded.tokenizer.hf
+    pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+    return int(pad if pad is not None else 0)
 
 
 def sequence_logprobs(

@@ -25,7 +25,7 @@ from ghostloop.models import LoadedModel
 from ghostloop.postprocess import CursorContext
 from ghostloop.settings import Settings
 from ghostloop.suggest import suggest
-from trainer.data import encode, sequence_logprobs
+from trainer.data import Encoded, encode, pad_id, sequence_logprobs
 from trainer.labels import Example
 
 BASELINE = "baseline"
@@ -89,17 +89,11 @@ def generate_outcomes(
     return outcomes
 
 
-def likelihood_figures(
-    loaded: LoadedModel, settings: Settings, model: Any, examples: Sequence[Example]
-) -> tuple[float, float, int]:
+def likelihood_figures(model: Any, pairs: Sequence[Encoded], pad: int) -> tuple[float, float, int]:
     """(preference accuracy, mean length-normalised margin, pairs) of kept over suggested."""
-    pad = loaded.tokenizer.hf.pad_token_id or 0
     wins, margins = 0, []
     with torch.no_grad():
-        for example in examples:
-            encoded = encode(loaded, settings, example)
-            if not encoded.rejected_ids:
-                continue
+        for encoded in pairs:
             summed, lengths = sequence_logprobs(
                 model, encoded.prompt_ids, [encoded.chosen_ids, encoded.rejected_ids], pad
             )
@@ -121,14 +115,14 @@ def run_gate(
     baseline_name: str,
 ) -> GateResult:
     model.eval()
+    encoded = [encode(loaded, settings, example) for example in held_out]
+    pairs, pad = [e for e in encoded if e.rejected_ids], pad_id(loaded)
     with _arm(model, baseline_adapter, use_baseline=True) as plain:
         before = generate_outcomes(loaded, settings, plain, held_out, baseline_name)
-        accuracy_before, margin_before, pairs = likelihood_figures(
-            loaded, settings, plain, held_out
-        )
+        accuracy_before, margin_before, pair_count = likelihood_figures(plain, pairs, pad)
     with _arm(model, baseline_adapter, use_baseline=False) as plain:
         after = generate_outcomes(loaded, settings, plain, held_out, "candidate")
-        accuracy_after, margin_after, _ = likelihood_figures(loaded, settings, plain, held_out)
+        accuracy_after, margin_after, _ = likelihood_figures(plain, pairs, pad)
     saved_before = [float(o.retained) for o in before]
     saved_after = [float(o.retained) for o in after]
     lift = paired_interval(saved_before, saved_after, settings.seed)
@@ -188,7 +182,7 @@ def run_gate(
         relative_lift=relative,
         exact_line_lift=exact_lift,
         likelihood={
-            "pairs": pairs,
+            "pairs": pair_count,
             "preference_accuracy_before": accuracy_before,
             "preference_accuracy_after": accuracy_after,
             "margin_before": margin_before,

@@ -42,6 +42,13 @@ class Example:
     outcome: str
     event_ids: tuple[str, ...]  # the events the label was made from
 
+    @property
+    def rejected(self) -> str | None:
+        """The logged suggestion as the losing side; None when empty or what was kept."""
+        if self.suggestion.strip() and self.suggestion.rstrip() != self.kept.rstrip():
+            return self.suggestion
+        return None
+
 
 @dataclass
 class DataCounts:

@@ -14,7 +14,6 @@ under ``accelerate launch`` on several processes, through transformers' Trainer.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -31,7 +30,14 @@ from ghostloop.models import LoadedModel
 from ghostloop.postprocess import CursorContext, completion_mode, finish_suggestion
 from ghostloop.settings import Settings
 from ghostloop.suggest import prompt_for
-from trainer.data import Encoded, encode, encode_completion, sequence_logprobs, target_text
+from trainer.data import (
+    Encoded,
+    encode,
+    encode_completion,
+    pad_id,
+    sequence_logprobs,
+    target_text,
+)
 from trainer.labels import Example
 
 log = logging.getLogger(__name__)
@@ -114,12 +120,6 @@ def training_arguments(
 
 def _losses(trainer: Trainer) -> list[float]:
     return [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
-
-
-def _pad_id(loaded: LoadedModel) -> int:
-    hf = loaded.tokenizer.hf
-    pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
-    return int(pad if pad is not None else 0)
 
 
 def _ensure_pad_token(loaded: LoadedModel) -> None:
@@ -325,7 +325,7 @@ def sample_candidates(
             top_p=0.95,
             max_new_tokens=settings.max_new_tokens,
             num_return_sequences=count,
-            pad_token_id=_pad_id(loaded),
+            pad_token_id=pad_id(loaded),
         )
     samples = []
     for row in output[:, ids.shape[1] :]:
@@ -396,7 +396,7 @@ def train_rrhf(
         args=config,
         train_dataset=dataset,
         data_collator=lambda batch: {"rows": batch},
-        pad_id=_pad_id(loaded),
+        pad_id=pad_id(loaded),
         nll_weight=settings.nll_weight,
     )
     tokens = sum(
@@ -408,7 +408,3 @@ def train_rrhf(
 
 
 METHODS = {"sft": train_sft, "dpo": train_dpo, "rrhf": train_rrhf}
-
-
-def nan_free(value: float) -> float | None:
-    return None if math.isnan(value) or math.isinf(value) else value

@@ -131,12 +131,6 @@ def _store_pairs(
 ) -> None:
     for split, examples in (("train", train), ("eval", held_out)):
         for example in examples:
-            rejected = (
-                example.suggestion
-                if example.suggestion.strip()
-                and example.suggestion.rstrip() != example.kept.rstrip()
-                else None
-            )
             session.add(
                 PreferencePair(
                     completion_id=example.completion_id,
@@ -146,7 +140,7 @@ def _store_pairs(
                     prompt_prefix=example.prefix,
                     prompt_suffix=example.suffix,
                     chosen=example.kept,
-                    rejected=rejected,
+                    rejected=example.rejected,
                     chosen_chars_saved=len(example.kept.rstrip()),
                     rejected_chars_saved=example.chars_saved,
                     ranking={

@@ -133,6 +133,9 @@ def _adapters(args: argparse.Namespace, settings: Settings) -> int:
     try:
         engine = open_engine(settings.database_url or default_database_url(settings.data_dir))
         upgrade(engine)
+        if args.adapters_command == "check":
+            with Session(engine) as session:
+                return _check_canary(session, settings)
         with Session(engine) as session, session.begin():
             if args.adapters_command == "list":
                 rows = adapters.versions(session)
@@ -152,12 +155,53 @@ def _adapters(args: argparse.Namespace, settings: Settings) -> int:
                     return 2
                 row = adapters.promote(session, args.version)
                 print(f"{row.version} is active")
+            elif args.adapters_command == "canary":
+                if not args.version:
+                    print("ghostloop adapters canary: name a VERSION", file=sys.stderr)
+                    return 2
+                share = args.share if args.share is not None else settings.canary_share or 0.2
+                row = adapters.start_canary(session, args.version, share)
+                print(f"{row.version} is a canary for {share:.0%} of users")
             else:
                 rolled, now = adapters.rollback(session)
                 print(f"{rolled.version} rolled back; {now or 'the base model'} serves")
     except (StoreError, adapters.AdapterStateError) as error:
         print(f"ghostloop adapters: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _check_canary(session: Any, settings: Settings) -> int:
+    from feedback import canary
+
+    verdict = canary.check(
+        session,
+        None,
+        min_completions=settings.canary_min_completions,
+        max_completions=settings.canary_max_completions,
+        confidence=settings.canary_confidence,
+        seed=settings.seed,
+    )
+    if verdict is None:
+        print("no canary is running")
+        return 0
+    arms = ", ".join(
+        f"{arm}: {f.chars_saved_per_completion:.2f} chars saved per completion over "
+        f"{f.completions} completions of {f.users} users"
+        for arm, f in verdict.arms.items()
+    )
+    if verdict.decision == "wait":
+        print(
+            f"canary {verdict.version}: waiting for {settings.canary_min_completions} settled "
+            f"completions per arm since the last test ({arms})"
+        )
+        return 0
+    low_high = verdict.difference
+    print(
+        f"canary {verdict.version}: {verdict.decision} at test {verdict.look}/{verdict.looks}; "
+        f"canary - active {low_high[0]:+.2f} [{low_high[1]:+.2f}, {low_high[2]:+.2f}] "
+        f"({verdict.level:.2%} interval); {arms}"
+    )
     return 0
 
 
@@ -209,9 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(run=_train)
 
-    adapters = commands.add_parser("adapters", help="list, promote or roll back adapters")
-    adapters.add_argument("adapters_command", choices=["list", "promote", "rollback"])
-    adapters.add_argument("version", nargs="?", help="with promote: the version to activate")
+    adapters = commands.add_parser(
+        "adapters", help="list, promote, canary, check or roll back adapters"
+    )
+    adapters.add_argument(
+        "adapters_command",
+        choices=["list", "promote", "canary", "check", "rollback"],
+        help="rollback ends a running canary first, else the active adapter",
+    )
+    adapters.add_argument(
+        "version", nargs="?", help="with promote: the version to activate; with canary: to try"
+    )
+    adapters.add_argument(
+        "--share", type=float, help="with canary: share of users served the canary (0-1)"
+    )
     adapters.set_defaults(run=_adapters)
 
     config = commands.add_parser("config", help="print the effective settings")

@@ -188,6 +188,33 @@ class Settings:
         ),
     )
     keep_adapters: int = field(default=5, metadata=_help("adapter versions kept in the registry"))
+    # -- serving adapters (hot-swap and canary)
+    adapter_poll_s: float = field(
+        default=30.0,
+        metadata=_help("seconds between the server's checks of the adapters table; 0 = never"),
+    )
+    canary_share: float = field(
+        default=0.0,
+        metadata=_help(
+            "share of users a newly published adapter is served to first (sticky per user); "
+            "0 = it serves everyone at once (one developer cannot be split into arms)"
+        ),
+    )
+    canary_min_completions: int = field(
+        default=200,
+        metadata=_help("settled completions per arm between two tests of a canary"),
+    )
+    canary_max_completions: int = field(
+        default=2000,
+        metadata=_help("per arm: by then a canary no better and no worse is retired"),
+    )
+    canary_confidence: float = field(
+        default=0.95,
+        metadata=_help("confidence of the canary's verdict over all its tests together"),
+    )
+    canary_check_s: float = field(
+        default=300.0, metadata=_help("seconds between a server's tests of a running canary")
+    )
     seed: int = field(default=0, metadata=_help("seed for training, sampling and intervals"))
 
     def __post_init__(self) -> None:
@@ -216,6 +243,9 @@ class Settings:
             ("min_train_examples", 1),
             ("min_eval_examples", 1),
             ("keep_adapters", 1),
+            ("adapter_poll_s", 0),
+            ("canary_min_completions", 1),
+            ("canary_check_s", 0),
         ):
             if getattr(self, name) < low:
                 raise SettingsError(f"{name}={getattr(self, name)} must be at least {low}")
@@ -235,6 +265,15 @@ class Settings:
         for name in ("eval_share", "max_user_share"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise SettingsError(f"{name}={getattr(self, name)} must be in (0, 1]")
+        if not 0.0 <= self.canary_share < 1.0:
+            raise SettingsError(f"canary_share={self.canary_share} must be in [0, 1)")
+        if not 0.5 <= self.canary_confidence < 1.0:
+            raise SettingsError(f"canary_confidence={self.canary_confidence} must be in [0.5, 1)")
+        if self.canary_max_completions < self.canary_min_completions:
+            raise SettingsError(
+                f"canary_max_completions={self.canary_max_completions} must be at least "
+                f"canary_min_completions={self.canary_min_completions}"
+            )
         if not self.lora_target_modules:
             raise SettingsError("lora_targets is empty; name modules such as 'q_proj,v_proj'")
         if not 0.0 <= self.suffix_share < 1.0:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ghostloop.decoding import Generation, TorchForward, generate
+from ghostloop.lora import LoraWeights, serving
 from ghostloop.models import LoadedModel
 from ghostloop.postprocess import (
     CompletionMode,
@@ -49,18 +50,21 @@ def suggest(
     context: CursorContext,
     *,
     model: Any = None,
+    adapter: LoraWeights | None = None,
     should_stop: Callable[[], str | None] = lambda: None,
 ) -> Suggestion:
-    """Greedy suggestion at ``context``; ``model`` replaces ``loaded.model`` (an adapter)."""
+    """Greedy suggestion at ``context``. ``adapter`` is put in force on the served model
+    for this call (the server); ``model`` replaces ``loaded.model`` (the gate's peft model)."""
     mode = completion_mode(context, settings.max_lines)
     prompt = prompt_for(loaded, settings, context)
-    generation = generate(
-        loaded,
-        TorchForward(loaded.model if model is None else model, loaded.device),
-        prompt,
-        mode,
-        max_new_tokens=settings.max_new_tokens,
-        should_stop=should_stop,
-    )
+    with serving(loaded.model).applied(adapter):
+        generation = generate(
+            loaded,
+            TorchForward(loaded.model if model is None else model, loaded.device),
+            prompt,
+            mode,
+            max_new_tokens=settings.max_new_tokens,
+            should_stop=should_stop,
+        )
     text = finish_suggestion(generation.text, context, mode)
     return Suggestion(text, prompt, mode, generation)

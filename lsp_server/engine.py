@@ -18,6 +18,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from feedback.canary import arm_for
+from ghostloop.lora import LoraWeights
 from ghostloop.postprocess import CompletionMode, CursorContext
 from ghostloop.prompts import Prompt
 from ghostloop.settings import Settings
@@ -40,6 +42,7 @@ class CompletionJob:
 
     key: str
     context: CursorContext
+    user: str = ""
     arrival: float = field(default_factory=time.monotonic)
     future: Future[CompletionResult] = field(default_factory=Future)
     cancel_reason: str | None = None
@@ -71,6 +74,35 @@ class CompletionResult:
     queue_ms: float
     prefill_ms: float
     latency_ms: float
+    adapter_version: str | None = None  # None: the base model
+    arm: str = "active"  # "canary" for a user in a running canary's share
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """The adapters in force: replaced whole (one reference) when the table changes, so a
+    job holds the state it started with until it finishes."""
+
+    active: LoraWeights | None = None
+    canary: LoraWeights | None = None
+    canary_share: float = 0.0
+
+    def pick(self, user: str) -> tuple[str, LoraWeights | None]:
+        """(arm, adapter) for ``user``: sticky per user while a canary runs."""
+        if self.canary is None:
+            return "active", self.active
+        arm = arm_for(user, self.canary.version, self.canary_share)
+        return arm, self.canary if arm == "canary" else self.active
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "adapter": self.active.version if self.active else None,
+            "canary": (
+                {"version": self.canary.version, "share": self.canary_share}
+                if self.canary
+                else None
+            ),
+        }
 
 
 @dataclass
@@ -110,13 +142,23 @@ class RecentCompletions:
 
 
 ModelLoader = Callable[[Settings], Any]
+Prepare = Callable[[], None]
 
 
 class CompletionEngine:
     """Loads the model in the background, then serves jobs one at a time in fair order."""
 
-    def __init__(self, settings: Settings, loader: ModelLoader | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        loader: ModelLoader | None = None,
+        prepare: Prepare | None = None,
+    ) -> None:
+        """``prepare`` runs once the model is loaded and before the first job (the
+        adapters in force at start are read there)."""
         self.settings = settings
+        self.serving = ServingState()  # replaced by the adapter watcher, read per job
+        self._prepare = prepare
         self.stats = EngineStats()
         self.recent = RecentCompletions()
         self._loader = loader
@@ -140,6 +182,11 @@ class CompletionEngine:
                 job.cancel("shutdown")
 
     @property
+    def loaded(self) -> Any:
+        """The loaded model, None until it is."""
+        return self._model
+
+    @property
     def model_name(self) -> str:
         return self._model.name if self._model is not None else self.settings.model
 
@@ -157,7 +204,7 @@ class CompletionEngine:
             "model": model.name if model else None,
             "device": model.device if model else None,
             "template": model.template.name if model else None,
-            "adapter": None,
+            **self.serving.describe(),
             "queued": len(self._queue),
             "stats": dict(vars(self.stats)),
         }
@@ -165,9 +212,9 @@ class CompletionEngine:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
-    def submit(self, key: str, context: CursorContext) -> CompletionJob:
+    def submit(self, key: str, context: CursorContext, user: str = "") -> CompletionJob:
         """Queue a job; an unfinished older job for the same document is superseded."""
-        job = CompletionJob(key=key, context=context)
+        job = CompletionJob(key=key, context=context, user=user)
         with self._lock:
             older = self._latest.get(key)
             self._latest[key] = job
@@ -185,6 +232,11 @@ class CompletionEngine:
             log.error("model failed to load: %s", error)
             self._load_error = error
             return False
+        if self._prepare is not None:
+            try:
+                self._prepare()
+            except Exception:  # adapters are optional: the base model serves
+                log.exception("reading the adapters in force failed; serving the base model")
         self._ready_at = time.monotonic()
         self._ready.set()
         return True
@@ -239,6 +291,7 @@ class CompletionEngine:
         from ghostloop.suggest import suggest
 
         settings, loaded = self.settings, self._model
+        arm, adapter = self.serving.pick(job.user)
         started = time.monotonic()
         deadline = max(job.arrival, self._ready_at) + settings.deadline_ms / 1000
 
@@ -247,7 +300,9 @@ class CompletionEngine:
                 return "cancelled"
             return "deadline" if time.monotonic() >= deadline else None
 
-        suggestion = suggest(loaded, settings, job.context, should_stop=should_stop)
+        suggestion = suggest(
+            loaded, settings, job.context, adapter=adapter, should_stop=should_stop
+        )
         generation, prompt, mode = suggestion.generation, suggestion.prompt, suggestion.mode
         stats = self.stats
         stats.tokens_generated += len(generation.token_ids)
@@ -272,12 +327,14 @@ class CompletionEngine:
             queue_ms=(started - job.arrival) * 1000,
             prefill_ms=generation.prefill_ms,
             latency_ms=(time.monotonic() - job.arrival) * 1000,
+            adapter_version=adapter.version if adapter else None,
+            arm=arm,
         )
         if text:
             self.recent.add(result)
         log.info(
             "completion_id=%s key=%s chars=%d tokens=%d prompt_tokens=%d stop=%s "
-            "queue_ms=%.1f prefill_ms=%.1f latency_ms=%.1f",
+            "queue_ms=%.1f prefill_ms=%.1f latency_ms=%.1f adapter=%s arm=%s",
             result.completion_id,
             job.key,
             len(text),
@@ -287,5 +344,7 @@ class CompletionEngine:
             result.queue_ms,
             result.prefill_ms,
             result.latency_ms,
+            result.adapter_version,
+            arm,
         )
         return result

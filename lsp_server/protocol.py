@@ -14,6 +14,12 @@ Client -> server
   "error", "error": str | null, "model": str | null, "device": str | null,
   "template": str | null, "adapter": str | null, "queued": int, "stats": {...}}``.
   Editors show it in their status line; tests and benchmarks wait for ``ready``.
+  ``"adapter"`` is the active adapter version (null: the base model), ``"canary"`` is
+  ``{"version", "share"}`` while a canary runs, ``"adapters"`` the watcher's state.
+- request ``ghostloop/reloadAdapters``: no params. Reads the adapters table now (instead
+  of at the next ``adapter_poll_s``) and puts what it names in force. Result:
+  ``{"adapter": str | null, "canary": {...} | null, "swaps": int, "last_read_ms": float |
+  null, "refused": [{"version": str, "reason": str}], "error": str | null}``.
 
 Error codes a client can meet
 - ``-32800`` RequestCancelled: the client cancelled the request.
@@ -31,6 +37,7 @@ from pygls.exceptions import JsonRpcException
 
 ACCEPT_COMMAND = "ghostloop.accept"
 STATUS_REQUEST = "ghostloop/status"
+RELOAD_ADAPTERS_REQUEST = "ghostloop/reloadAdapters"
 FEEDBACK_NOTIFICATION = "ghostloop/feedback"
 
 MODEL_UNAVAILABLE = -32001

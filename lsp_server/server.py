@@ -12,6 +12,7 @@ from pygls.protocol import LanguageServerProtocol
 
 from ghostloop import __version__
 from ghostloop.settings import Settings
+from lsp_server.adapter_watch import AdapterWatcher
 from lsp_server.engine import CompletionEngine
 from lsp_server.recording import FeedbackLog
 
@@ -68,6 +69,7 @@ class GhostloopServer(LanguageServer):
         self.settings = settings
         self.engine_or_none: CompletionEngine | None = None
         self.feedback_or_none: FeedbackLog | None = None
+        self.adapters_or_none: AdapterWatcher | None = None
         self.client_info: types.ClientInfo | None = None
         self.root_uri: str | None = None
 
@@ -76,6 +78,12 @@ class GhostloopServer(LanguageServer):
         if self.engine_or_none is None:
             raise JsonRpcServerNotInitialized("send 'initialize' before any other request")
         return self.engine_or_none
+
+    @property
+    def adapters(self) -> AdapterWatcher:
+        if self.adapters_or_none is None:
+            raise JsonRpcServerNotInitialized("send 'initialize' before any other request")
+        return self.adapters_or_none
 
     @property
     def feedback(self) -> FeedbackLog:

@@ -58,7 +58,7 @@ def cursor_at(server: GhostloopServer, uri: str, position: types.Position) -> Cu
 async def suggest(server: GhostloopServer, cursor: Cursor) -> CompletionResult:
     """Run one completion job; cancellation of this request stops its generation."""
     server.feedback.superseded(cursor.uri)
-    job = server.engine.submit(cursor.uri, cursor.context)
+    job = server.engine.submit(cursor.uri, cursor.context, server.settings.stored_user)
     try:
         result = await asyncio.wrap_future(job.future)
     except asyncio.CancelledError:

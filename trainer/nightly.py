@@ -357,6 +357,7 @@ def _train_gate_publish(
                 path=path,
                 checksum=digest,
                 evidence={"gate": evaluation, "method": method},
+                canary_share=settings.canary_share,
             )
             pruned = adapter_rows.prune(session, settings.keep_adapters)
         if pruned:
@@ -373,6 +374,8 @@ def _train_gate_publish(
         row.losses = timings
         row.finished_at = datetime.now(UTC)
     verdict = f"published {published}" if published else "not published"
+    if published and settings.canary_share:
+        verdict += f" as a canary for {settings.canary_share:.0%} of users"
     message = (
         f"run {run_id} ({method}): {verdict}: {gate.reason}; train loss "
         f"{outcome.loss_before:.3f} -> {outcome.loss_after:.3f}"

@@ -10,6 +10,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 
 from ghostloop.settings import SettingsError
+from lsp_server.adapter_watch import AdapterWatcher
 from lsp_server.engine import CompletionEngine
 from lsp_server.recording import FeedbackLog
 from lsp_server.server import GhostloopServer
@@ -54,11 +55,21 @@ def register(server: GhostloopServer) -> None:
                 schedule=loop.call_later,
                 busy=lambda: ls.engine_or_none is not None and ls.engine_or_none.busy(),
             )
-            ls.engine_or_none = CompletionEngine(ls.settings)
-            ls.engine_or_none.start()
+
+            def read_adapters() -> None:
+                if ls.adapters_or_none is not None:
+                    ls.adapters_or_none.check()
+
+            engine = CompletionEngine(ls.settings, prepare=read_adapters)
+            watcher = AdapterWatcher(ls.settings, engine)
+            ls.engine_or_none, ls.adapters_or_none = engine, watcher
+            engine.start()
+            watcher.start()
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: GhostloopServer, params: None) -> None:
+        if ls.adapters_or_none is not None:
+            ls.adapters_or_none.stop()
         if ls.engine_or_none is not None:
             ls.engine_or_none.stop()
         if ls.feedback_or_none is not None:

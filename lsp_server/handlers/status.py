@@ -1,10 +1,12 @@
-"""ghostloop/status: the model, adapter and state an editor shows in its status line."""
+"""ghostloop/status: the model, adapter and state an editor shows in its status line;
+ghostloop/reloadAdapters: follow the adapters table now rather than at the next poll."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from lsp_server.protocol import STATUS_REQUEST
+from lsp_server.protocol import RELOAD_ADAPTERS_REQUEST, STATUS_REQUEST, ModelUnavailable
 from lsp_server.server import GhostloopServer
 
 
@@ -14,4 +16,15 @@ def register(server: GhostloopServer) -> None:
         status = ls.engine.status()
         if ls.feedback_or_none is not None:
             status["recorder"] = ls.feedback_or_none.status()
+        if ls.adapters_or_none is not None:
+            status["adapters"] = ls.adapters_or_none.status()
         return status
+
+    @server.feature(RELOAD_ADAPTERS_REQUEST)
+    async def reload_adapters(ls: GhostloopServer, params: Any) -> dict[str, Any]:
+        watcher = ls.adapters
+        if ls.engine.loaded is None:
+            raise ModelUnavailable(
+                f"the model is {ls.engine.state}; adapters are read once it is ready"
+            )
+        return await asyncio.to_thread(watcher.check)

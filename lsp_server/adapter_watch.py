@@ -1,0 +1,212 @@
+"""The server follows the adapters table: new versions hot-swapped in, canaries judged.
+
+A thread polls the table every ``adapter_poll_s`` (and at once on
+``ghostloop/reloadAdapters``). A version the server does not hold yet is read, checked
+(checksum, safetensors only, every factor fits the served model) and then put in force by
+replacing the engine's ServingState in one assignment: jobs that started keep the state
+they read, new jobs get the new one, nothing waits. A version that fails its checks is
+refused with a log line naming why; what served before keeps serving. Only the active and
+the canary adapter are held; a replaced one is dropped with the last job that used it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from feedback import adapters as adapter_rows
+from feedback import canary as canaries
+from feedback.database import StoreError, default_database_url, open_engine
+from feedback.schema import AdapterVersion
+from ghostloop.adapters import AdapterError
+from ghostloop.lora import LoraWeights, read_adapter
+from ghostloop.settings import Settings
+from lsp_server.engine import CompletionEngine, ServingState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What the table says should serve."""
+
+    active: AdapterVersion | None
+    canary: AdapterVersion | None
+
+
+class AdapterWatcher:
+    """Keeps ``engine.serving`` equal to what the adapters table names, where it can."""
+
+    def __init__(self, settings: Settings, engine: CompletionEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._db: Engine | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ghostloop-adapters", daemon=True)
+        self._refused: dict[tuple[str, str], str] = {}  # (version, checksum) -> why
+        self._last_canary_check = 0.0
+        self.swaps = 0
+        self.last_swap_ms: float | None = None  # reading and checking the new adapter
+        self.error: str | None = None
+
+    # -- life
+    def start(self) -> None:
+        if self.settings.adapter_poll_s > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._wake.wait(self.settings.adapter_poll_s)
+            self._wake.clear()
+            if self._stopped.is_set() or self.engine.loaded is None:
+                continue
+            try:
+                self.check()
+            except Exception:  # the watcher must outlive any one bad check
+                log.exception("checking the adapters table failed")
+
+    # -- checks
+    def _database(self) -> Engine | None:
+        if self._db is None:
+            url = self.settings.database_url or default_database_url(self.settings.data_dir)
+            self._db = open_engine(url)  # a bad URL raises StoreError
+            database = self._db.url.database
+            sqlite = self._db.url.get_backend_name() == "sqlite"
+            if sqlite and database and not Path(database).is_file():
+                self._db = None
+                return None  # no store yet: nothing was ever published
+        return self._db
+
+    def _wanted(self, session: Session, base_model: str) -> Wanted:
+        return Wanted(
+            adapter_rows.active(session, base_model), adapter_rows.canary(session, base_model)
+        )
+
+    def check(self) -> dict[str, Any]:
+        """Bring the served adapters in line with the table now; returns ``status()``."""
+        with self._lock:
+            self._check()
+        return self.status()
+
+    def _check(self) -> None:
+        try:
+            database = self._database()
+        except StoreError as error:
+            self._fail(str(error))
+            return
+        if database is None or self.engine.loaded is None:
+            return
+        base_model = self.engine.model_name
+        try:
+            with Session(database, expire_on_commit=False) as session:
+                if self._canary_due():
+                    self._judge_canary(session, base_model)
+                wanted = self._wanted(session, base_model)
+        except SQLAlchemyError as error:
+            self._fail(f"cannot read the adapters table: {' '.join(str(error).split())[:300]}")
+            return
+        if self.error is not None:
+            log.info("adapters table readable again")
+        self.error = None
+        self._apply(wanted)
+
+    def _fail(self, message: str) -> None:
+        if message != self.error:
+            log.warning("%s; the adapters in force keep serving", message)
+        self.error = message
+
+    def _canary_due(self) -> bool:
+        return time.monotonic() - self._last_canary_check >= self.settings.canary_check_s
+
+    def _judge_canary(self, session: Session, base_model: str) -> None:
+        self._last_canary_check = time.monotonic()
+        settings = self.settings
+        canaries.check(
+            session,
+            base_model,
+            min_completions=settings.canary_min_completions,
+            max_completions=settings.canary_max_completions,
+            confidence=settings.canary_confidence,
+            seed=settings.seed,
+        )
+
+    def _weights(
+        self, row: AdapterVersion | None, fallback: LoraWeights | None
+    ) -> LoraWeights | None:
+        """The weights for ``row``: held already, read now, or ``fallback`` if refused."""
+        if row is None:
+            return None
+        serving = self.engine.serving
+        for held in (serving.active, serving.canary):
+            if held is not None and (held.version, held.checksum) == (row.version, row.checksum):
+                return held
+        weights = self._load(row)
+        return fallback if weights is None else weights
+
+    def _load(self, row: AdapterVersion) -> LoraWeights | None:
+        key = (row.version, row.checksum)
+        if key in self._refused:
+            return None
+        started = time.perf_counter()
+        try:
+            weights = read_adapter(
+                Path(row.path),
+                self.engine.loaded.model,
+                version=row.version,
+                expected_checksum=row.checksum,
+            )
+        except AdapterError as error:
+            self._refused[key] = str(error)
+            log.error("refused adapter %s: %s", row.version, error)
+            return None
+        self.last_swap_ms = (time.perf_counter() - started) * 1000
+        log.info(
+            "read adapter %s (rank %d, %.1f MB) in %.1f ms",
+            row.version,
+            weights.rank,
+            weights.nbytes / 1e6,
+            self.last_swap_ms,
+        )
+        return weights
+
+    def _apply(self, wanted: Wanted) -> None:
+        current = self.engine.serving
+        # a refused active version leaves what served before serving; a refused canary, none
+        active = self._weights(wanted.active, fallback=current.active)
+        canary = self._weights(wanted.canary, fallback=None)
+        share = float(wanted.canary.canary_share or 0.0) if wanted.canary and canary else 0.0
+        state = ServingState(active, canary, share)
+        if state != current:
+            self.engine.serving = state  # one assignment: running jobs keep theirs
+            self.swaps += 1
+            log.info(
+                "serving adapter=%s canary=%s share=%.2f",
+                active.version if active else "base model",
+                canary.version if canary else None,
+                share,
+            )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **self.engine.serving.describe(),
+            "swaps": self.swaps,
+            "last_read_ms": self.last_swap_ms,
+            "refused": [
+                {"version": version, "reason": why} for (version, _), why in self._refused.items()
+            ],
+            "error": self.error,
+        }

@@ -1,0 +1,64 @@
+"""LoRA adapters for the tiny model, published as the nightly job publishes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from feedback import adapters as adapter_rows
+from feedback.database import open_engine, upgrade
+from ghostloop import adapters as registry
+from ghostloop.models import resolve_model
+from ghostloop.settings import Settings
+
+
+def save_adapter(model_dir: Path, directory: Path, *, seed: int, rank: int = 4) -> None:
+    """A LoRA for ``model_dir`` with random (non-zero) factors, saved as peft saves one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,  # B is random too: the adapter changes what is generated
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def publish_adapter(
+    settings: Settings,
+    model_dir: Path,
+    version: str,
+    *,
+    seed: int,
+    canary_share: float = 0.0,
+    trained_for: Path | None = None,
+) -> Path:
+    """Write a version into the registry and publish it for the served model (as the
+    nightly job does); ``trained_for`` makes its weights fit another model."""
+    path, digest = registry.write_atomically(
+        settings.adapters_dir,
+        version,
+        lambda directory: save_adapter(trained_for or model_dir, directory, seed=seed),
+    )
+    engine = open_engine(settings.database_url)
+    upgrade(engine)
+    with Session(engine) as session, session.begin():
+        adapter_rows.publish(
+            session,
+            version=version,
+            base_model=resolve_model(Settings(model=str(model_dir)))[0],
+            run_id=None,
+            path=path,
+            checksum=digest,
+            evidence={"test": True},
+            canary_share=canary_share,
+        )
+    engine.dispose()
+    return path

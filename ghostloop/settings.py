@@ -191,7 +191,9 @@ class Settings:
     # -- serving adapters (hot-swap and canary)
     adapter_poll_s: float = field(
         default=30.0,
-        metadata=_help("seconds between the server's checks of the adapters table; 0 = never"),
+        metadata=_help(
+            "seconds between the server's checks of the adapters table; 0 = at start only"
+        ),
     )
     canary_share: float = field(
         default=0.0,

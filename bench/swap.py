@@ -121,6 +121,7 @@ async def run(args: argparse.Namespace) -> None:
         "GHOSTLOOP_DATABASE_URL": database,
         "GHOSTLOOP_ADAPTER_POLL_S": str(args.poll),
         "GHOSTLOOP_MAX_NEW_TOKENS": "16",
+        "GHOSTLOOP_DEADLINE_MS": "60000",  # no cut-off: p99 must be the real tail
         "GHOSTLOOP_LOG_LEVEL": "WARNING",
     }
     made = []

@@ -31,12 +31,12 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from feedback import adapters
+from feedback.metrics import kept_check
 from feedback.schema import AdapterVersion, Completion, FeedbackEvent
 
 log = logging.getLogger(__name__)
 
 ARMS = ("active", "canary")
-KEPT_WINDOW_S = 120.0
 BOOTSTRAP_ROUNDS = 4000
 
 
@@ -54,10 +54,9 @@ def chars_saved(completion: Completion, events: Sequence[FeedbackEvent]) -> int 
         return 0
     if completion.outcome not in ("accepted", "partial"):
         return None
-    checks = [e for e in events if e.kind == "survival" and e.survival_ratio is not None]
-    if not checks or not completion.accepted_length:
+    check = kept_check(events)
+    if check is None or check.survival_ratio is None or not completion.accepted_length:
         return None
-    check = min(checks, key=lambda e: (abs(float(e.window_s or 0) - KEPT_WINDOW_S), e.id))
     ratio = min(1.0, max(0.0, float(check.survival_ratio or 0.0)))
     return round(completion.accepted_length * ratio)
 

@@ -12,10 +12,28 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
+KEPT_WINDOW_S = 120.0  # "what stands in the code after 2 min": labels and the canary
 EDIT_SIMILARITY = 0.5  # above this a developer takes a suggestion and fixes it up
 BOOTSTRAP_ROUNDS = 2000
+
+
+class SurvivalCheck(Protocol):
+    id: str
+    kind: str
+    window_s: float | None
+
+
+Check = TypeVar("Check", bound=SurvivalCheck)
+
+
+def kept_check(events: Sequence[Check]) -> Check | None:
+    """The survival check that says what was kept: the one nearest two minutes."""
+    checks = [e for e in events if e.kind == "survival" and e.window_s is not None]
+    if not checks:
+        return None
+    return min(checks, key=lambda e: (abs(float(e.window_s or 0) - KEPT_WINDOW_S), e.id))
 
 
 def levenshtein(a: str, b: str) -> int:

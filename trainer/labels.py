@@ -17,11 +17,11 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from feedback.metrics import kept_check
 from feedback.schema import Completion, FeedbackEvent
 
 log = logging.getLogger(__name__)
 
-KEPT_WINDOW_S = 120.0  # "what stands in the code after 2 min"
 ACCEPTED = ("accepted", "partial")
 REJECTED = ("rejected", "dismissed")
 
@@ -82,10 +82,9 @@ def label(completion: Completion, events: Sequence[FeedbackEvent]) -> Example | 
         length = completion.accepted_length
         if length is None or not 0 < length <= len(completion.suggestion):
             raise CorruptRow(f"completion {completion.id} has accepted_length={length}")
-        checks = [e for e in events if e.kind == "survival" and e.window_s is not None]
-        if not checks:
+        check = kept_check(events)
+        if check is None:
             return None
-        check = min(checks, key=lambda e: (abs(float(e.window_s or 0) - KEPT_WINDOW_S), e.id))
         ratio = check.survival_ratio
         if ratio is None or not 0.0 <= ratio <= 1.0 or not isinstance(check.text, str):
             raise CorruptRow(f"survival event {check.id} has ratio={ratio}")

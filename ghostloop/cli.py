@@ -174,14 +174,7 @@ def _adapters(args: argparse.Namespace, settings: Settings) -> int:
 def _check_canary(session: Any, settings: Settings) -> int:
     from feedback import canary
 
-    verdict = canary.check(
-        session,
-        None,
-        min_completions=settings.canary_min_completions,
-        max_completions=settings.canary_max_completions,
-        confidence=settings.canary_confidence,
-        seed=settings.seed,
-    )
+    verdict = canary.check(session, None, **settings.canary_plan)
     if verdict is None:
         print("no canary is running")
         return 0

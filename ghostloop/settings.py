@@ -293,6 +293,16 @@ class Settings:
         return tuple(float(part) for part in self.survival_windows_s.split(","))
 
     @property
+    def canary_plan(self) -> dict[str, Any]:
+        """How a canary is tested: the keyword arguments of ``feedback.canary.check``."""
+        return {
+            "min_completions": self.canary_min_completions,
+            "max_completions": self.canary_max_completions,
+            "confidence": self.canary_confidence,
+            "seed": self.seed,
+        }
+
+    @property
     def lora_target_modules(self) -> list[str]:
         return [part.strip() for part in self.lora_targets.split(",") if part.strip()]
 

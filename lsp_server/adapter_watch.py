@@ -134,15 +134,7 @@ class AdapterWatcher:
 
     def _judge_canary(self, session: Session, base_model: str) -> None:
         self._last_canary_check = time.monotonic()
-        settings = self.settings
-        canaries.check(
-            session,
-            base_model,
-            min_completions=settings.canary_min_completions,
-            max_completions=settings.canary_max_completions,
-            confidence=settings.canary_confidence,
-            seed=settings.seed,
-        )
+        canaries.check(session, base_model, **self.settings.canary_plan)
 
     def _weights(
         self, row: AdapterVersion | None, fallback: LoraWeights | None

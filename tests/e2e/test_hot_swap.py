@@ -224,10 +224,19 @@ async def test_promote_and_rollback_reach_the_running_server_within_a_poll(
         return (await serving(client))["canary"] == {"version": "v1", "share": 0.3}
 
     assert await until(canary_runs, timeout_s=5)
+    checked = await asyncio.to_thread(ghostloop, database, "check")
+    assert checked.returncode == 0, checked.stderr
+    assert "canary v1: waiting for 200 settled completions per arm" in checked.stdout
     ended = await asyncio.to_thread(ghostloop, database, "rollback")
     assert ended.returncode == 0 and "v1 rolled back; v2 serves" in ended.stdout
     assert await until(lambda: serves("v2"), timeout_s=5)
     assert (await serving(client))["canary"] is None
+    after = await asyncio.to_thread(ghostloop, database, "check")
+    assert after.returncode == 0 and after.stdout.strip() == "no canary is running"
+    unknown = await asyncio.to_thread(ghostloop, database, "canary", "v9", "--share", "0.3")
+    assert unknown.returncode == 1 and "no adapter version 'v9'" in unknown.stderr
+    bad_share = await asyncio.to_thread(ghostloop, database, "canary", "v1", "--share", "1.5")
+    assert bad_share.returncode == 1 and "between 0 and 1" in bad_share.stderr
 
 
 def splitting_version(stem: str, users: list[str], share: float) -> str:

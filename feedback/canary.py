@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from feedback import adapters
 from feedback.metrics import kept_check
 from feedback.schema import AdapterVersion, Completion, FeedbackEvent
+from feedback.store import events_by_completion
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,7 @@ def _arm_values(
         Completion.arm.in_(ARMS),
     )
     completions = list(session.scalars(query))
-    events: dict[str, list[FeedbackEvent]] = defaultdict(list)
-    ids = [c.id for c in completions]
-    for start in range(0, len(ids), 500):
-        for event in session.scalars(
-            select(FeedbackEvent).where(FeedbackEvent.completion_id.in_(ids[start : start + 500]))
-        ):
-            events[event.completion_id].append(event)
+    events = events_by_completion(session=session, completion_ids=[c.id for c in completions])
     values: dict[str, dict[str, list[int]]] = {arm: defaultdict(list) for arm in ARMS}
     details: dict[str, list[tuple[int, int, bool]]] = {arm: [] for arm in ARMS}
     for completion in completions:
@@ -216,8 +211,8 @@ def check(
 ) -> CanaryVerdict | None:
     """Evaluate the running canary and act on its verdict (commits); None when none runs.
 
-    Several servers may check at once: the row is re-read under a lock (PostgreSQL) or in
-    one write transaction (SQLite), so a verdict is applied once.
+    Several servers may check at once: a final verdict is claimed by one conditional
+    UPDATE, so it is applied once.
     """
     row = adapters.canary(session, base_model)
     if row is None:
@@ -249,7 +244,7 @@ def check(
     claimed = session.execute(
         update(AdapterVersion)
         .where(AdapterVersion.id == row.id, AdapterVersion.status == "canary")
-        .values(status=ended[verdict.decision], canary_share=None)
+        .values(status=ended[verdict.decision])
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()

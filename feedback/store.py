@@ -3,6 +3,7 @@ the caller owns the session (SQLAlchemy 2.0 style, no global session)."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -51,6 +52,23 @@ def events_of(*, session: Session, completion_id: str) -> list[FeedbackEvent]:
         .order_by(FeedbackEvent.created_at, FeedbackEvent.id)
     )
     return list(session.scalars(query))
+
+
+def events_by_completion(
+    *, session: Session, completion_ids: Sequence[str], chunk: int = 500
+) -> dict[str, list[FeedbackEvent]]:
+    """The events of many completions, each completion's in the order they happened
+    (read ``chunk`` ids per query, under every database's bound on parameters)."""
+    events: dict[str, list[FeedbackEvent]] = defaultdict(list)
+    for start in range(0, len(completion_ids), chunk):
+        query = (
+            select(FeedbackEvent)
+            .where(FeedbackEvent.completion_id.in_(completion_ids[start : start + chunk]))
+            .order_by(FeedbackEvent.created_at, FeedbackEvent.id)
+        )
+        for event in session.scalars(query):
+            events[event.completion_id].append(event)
+    return events
 
 
 def purge_older_than(*, session: Session, cutoff: datetime) -> tuple[int, int]:

@@ -56,7 +56,7 @@ class AdapterWatcher:
         self._refused: dict[tuple[str, str], str] = {}  # (version, checksum) -> why
         self._last_canary_check = 0.0
         self.swaps = 0
-        self.last_swap_ms: float | None = None  # reading and checking the new adapter
+        self.last_read_ms: float | None = None  # reading and checking the new adapter
         self.error: str | None = None
 
     # -- life
@@ -83,12 +83,11 @@ class AdapterWatcher:
     def _database(self) -> Engine | None:
         if self._db is None:
             url = self.settings.database_url or default_database_url(self.settings.data_dir)
-            self._db = open_engine(url)  # a bad URL raises StoreError
-            database = self._db.url.database
-            sqlite = self._db.url.get_backend_name() == "sqlite"
-            if sqlite and database and not Path(database).is_file():
-                self._db = None
-                return None  # no store yet: nothing was ever published
+            self._db = open_engine(url)  # a bad URL raises StoreError; made once
+        database = self._db.url.database
+        sqlite = self._db.url.get_backend_name() == "sqlite"
+        if sqlite and database and not Path(database).is_file():
+            return None  # no store yet: nothing was ever published
         return self._db
 
     def _wanted(self, session: Session, base_model: str) -> Wanted:
@@ -165,13 +164,13 @@ class AdapterWatcher:
             self._refused[key] = str(error)
             log.error("refused adapter %s: %s", row.version, error)
             return None
-        self.last_swap_ms = (time.perf_counter() - started) * 1000
+        self.last_read_ms = (time.perf_counter() - started) * 1000
         log.info(
             "read adapter %s (rank %d, %.1f MB) in %.1f ms",
             row.version,
             weights.rank,
             weights.nbytes / 1e6,
-            self.last_swap_ms,
+            self.last_read_ms,
         )
         return weights
 
@@ -196,7 +195,7 @@ class AdapterWatcher:
         return {
             **self.engine.serving.describe(),
             "swaps": self.swaps,
-            "last_read_ms": self.last_swap_ms,
+            "last_read_ms": self.last_read_ms,
             "refused": [
                 {"version": version, "reason": why} for (version, _), why in self._refused.items()
             ],

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from feedback.metrics import kept_check
 from feedback.schema import Completion, FeedbackEvent
+from feedback.store import events_by_completion
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +126,7 @@ def load_examples(
         query = query.where(Completion.created_at > since)
     completions = list(session.scalars(query.order_by(Completion.created_at, Completion.id)))
     counts = DataCounts(completions=len(completions))
-    events: dict[str, list[FeedbackEvent]] = defaultdict(list)
-    ids = [c.id for c in completions]
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        for event in session.scalars(
-            select(FeedbackEvent).where(FeedbackEvent.completion_id.in_(chunk))
-        ):
-            events[event.completion_id].append(event)
+    events = events_by_completion(session=session, completion_ids=[c.id for c in completions])
     examples = []
     for completion in completions:
         try:

@@ -19,10 +19,9 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from ghostloop.corpus import CursorSample, sample_positions, stdlib_dir
+from ghostloop.corpus import CursorSample, document_at, sample_positions, stdlib_dir
 from ghostloop.settings import Settings, load_settings
 from lsp_server.client import GhostloopClient
-from lsp_server.demo import document_at
 
 FILES = ("json/decoder.py", "textwrap.py", "shlex.py", "csv.py", "fnmatch.py")
 

@@ -37,12 +37,43 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace, settings: Settings) -> int:
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
+    from pathlib import Path
 
-    from lsp_server.demo import run_demo
+    from lsp_server.replay import ReplayOptions, run_replay
 
-    return asyncio.run(run_demo(settings, files=args.files, positions=args.positions))
+    if args.positions < 1:
+        print("ghostloop replay: --positions must be at least 1", file=sys.stderr)
+        return 2
+    methods = [m for m in (args.methods or "").split(",") if m]
+    unknown = sorted(set(methods) - {"sft", "dpo", "rrhf"})
+    if unknown or len(set(methods)) != len(methods):
+        print(
+            f"ghostloop replay: --methods takes distinct names among sft, dpo, rrhf; "
+            f"got {args.methods!r}",
+            file=sys.stderr,
+        )
+        return 2
+    options = ReplayOptions(
+        root=Path(args.path),
+        positions=args.positions,
+        seed=args.seed,
+        methods=tuple(methods),
+        ungated=args.ungated,
+        windows_s=args.windows,
+        work_dir=Path(args.work_dir) if args.work_dir else None,
+        database_url=args.database_url or "",
+        progress=not args.no_progress,
+    )
+    return asyncio.run(run_replay(settings, options, as_json=args.json))
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from ghostloop.corpus import stdlib_dir
+
+    args.path = str(stdlib_dir() / "email")
+    return _replay(args, settings)
 
 
 def _db(args: argparse.Namespace, settings: Settings) -> int:
@@ -113,7 +144,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     try:
         # progress bars and the trainer's loss lines go to stderr; stdout is the one-line result
         with contextlib.redirect_stdout(sys.stderr):
-            result = run_nightly(settings, args.method)
+            result = run_nightly(settings, args.method, from_scratch=args.from_scratch)
     except (StoreError, ModelNotFoundError) as error:
         print(f"ghostloop train: {error}", file=sys.stderr)
         return 1
@@ -220,12 +251,37 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=2087, help="TCP port (default: 2087)")
     serve.set_defaults(run=_serve)
 
-    demo = commands.add_parser(
-        "demo", help="complete real files through the real server and print what it suggests"
-    )
-    demo.add_argument("files", nargs="*", help="files to complete (default: stdlib modules)")
-    demo.add_argument("--positions", type=int, default=12, help="cursor positions in all")
-    demo.set_defaults(run=_demo)
+    for name, text in (
+        ("replay", "a simulated developer over a repository: does a night of training help?"),
+        ("demo", "the replay on the standard library's email package (the README's main job)"),
+    ):
+        replay = commands.add_parser(name, help=text)
+        if name == "replay":
+            replay.add_argument("path", help="a repository (its Python files are replayed)")
+        replay.add_argument(
+            "--positions", type=int, default=400, help="held-out positions (and as many to train)"
+        )
+        replay.add_argument("--seed", type=int, default=0, help="file split and positions")
+        replay.add_argument(
+            "--methods",
+            help="training methods side by side on the same positions, e.g. sft,dpo,rrhf "
+            "(default: the configured nightly method)",
+        )
+        replay.add_argument(
+            "--ungated",
+            action="store_true",
+            help="replay the candidate adapter even if the gate refuses to publish it",
+        )
+        replay.add_argument(
+            "--windows", default="1,2,3", help="survival windows in seconds (shortened)"
+        )
+        replay.add_argument(
+            "--work-dir", help="data directory of the replay (default: <data dir>/replays/<time>)"
+        )
+        replay.add_argument("--database-url", help="store (default: SQLite in the work dir)")
+        replay.add_argument("--json", action="store_true", help="print the report as JSON")
+        replay.add_argument("--no-progress", action="store_true", help="no progress bars")
+        replay.set_defaults(run=_replay if name == "replay" else _demo)
 
     db = commands.add_parser("db", help="upkeep of the feedback database")
     db.add_argument(
@@ -243,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=["sft", "dpo", "rrhf"],
         help="training method (default: GHOSTLOOP_TRAIN_METHOD, sft)",
+    )
+    train.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="train on everything logged, from the base model (not since the last run, not "
+        "on top of the active adapter)",
     )
     train.set_defaults(run=_train)
 

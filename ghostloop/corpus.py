@@ -84,3 +84,8 @@ def sample_positions(
             )
         )
     return sorted(samples, key=lambda s: s.offset)
+
+
+def document_at(sample: CursorSample, source: str) -> str:
+    """The file as it stands while the developer is about to type the rest of the line."""
+    return source[: sample.offset] + source[sample.offset + len(sample.true_line_rest) :]

@@ -187,6 +187,13 @@ class Settings:
             "published (its paired 95% interval must exclude zero too)"
         ),
     )
+    gate_enforced: bool = field(
+        default=True,
+        metadata=_help(
+            "false publishes an adapter the gate refused, its decision stored beside it: for "
+            "measuring a candidate (ghostloop replay --ungated), never for a team's server"
+        ),
+    )
     keep_adapters: int = field(default=5, metadata=_help("adapter versions kept in the registry"))
     # -- serving adapters (hot-swap and canary)
     adapter_poll_s: float = field(

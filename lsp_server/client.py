@@ -17,7 +17,12 @@ from typing import Any
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
-from lsp_server.protocol import STATUS_REQUEST
+from lsp_server.protocol import (
+    ACCEPT_COMMAND,
+    FEEDBACK_NOTIFICATION,
+    RELOAD_ADAPTERS_REQUEST,
+    STATUS_REQUEST,
+)
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,23 @@ class GhostloopClient:
             item.command.arguments[0] if item.command and item.command.arguments else None
         )
         return TimedSuggestion(text, completion_id, latency_ms)
+
+    async def accept(self, completion_id: str, length: int | None = None) -> None:
+        """What an editor does on inserting a suggestion (``length``: a partial accept)."""
+        arguments: list[Any] = [completion_id] if length is None else [completion_id, length]
+        await self.lsp.workspace_execute_command_async(
+            types.ExecuteCommandParams(command=ACCEPT_COMMAND, arguments=arguments)
+        )
+
+    def feedback(self, completion_id: str, kind: str) -> None:
+        """shown | rejected | dismissed, as ``ghostloop/feedback``."""
+        self.lsp.protocol.notify(
+            FEEDBACK_NOTIFICATION, {"completionId": completion_id, "kind": kind}
+        )
+
+    async def reload_adapters(self) -> dict[str, Any]:
+        result = await self.lsp.protocol.send_request_async(RELOAD_ADAPTERS_REQUEST, None)
+        return _plain(result)
 
     async def stop(self) -> None:
         await self.lsp.shutdown_async(None)

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from lsprotocol import types
 from pytest_lsp import LanguageClient
@@ -151,3 +152,20 @@ def write_rejections(
                 )
             )
     engine.dispose()
+
+
+def write_repo(root: Path, files: int) -> Path:
+    """A repository of small modules that share their habits (what a night can learn)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(files):
+        body = "".join(
+            f"def scale_{index}_{j}(value):\n    result = value * {j + 2}\n    return result\n\n"
+            for j in range(4)
+        )
+        (root / f"module_{index}.py").write_text(
+            f'"""Module {index}."""\n\n{body}', encoding="utf-8"
+        )
+    (root / ".venv").mkdir()
+    (root / ".venv" / "skipped.py").write_text("x = 1\n")
+    (root / "empty.py").write_text("\n")
+    return root

@@ -175,7 +175,12 @@ def _version(method: str, run_id: int) -> str:
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{method}-run{run_id}"
 
 
-def run_nightly(settings: Settings, method: str | None = None) -> NightlyResult:
+def run_nightly(
+    settings: Settings, method: str | None = None, *, from_scratch: bool = False
+) -> NightlyResult:
+    """One nightly run. ``from_scratch``: over everything logged, from the base model (not
+    only since the last run, not on top of the active adapter): how the replay trains
+    several methods on the same data."""
     method = method or settings.train_method
     if method not in METHODS:
         return NightlyResult(2, f"unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -185,22 +190,22 @@ def run_nightly(settings: Settings, method: str | None = None) -> NightlyResult:
             engine = open_engine(url)
             try:
                 upgrade(engine)
-                return _run(settings, method, engine)
+                return _run(settings, method, engine, from_scratch)
             finally:
                 engine.dispose()
     except AlreadyRunning as error:
         return NightlyResult(0, str(error))
 
 
-def _run(settings: Settings, method: str, engine: Engine) -> NightlyResult:
+def _run(settings: Settings, method: str, engine: Engine, from_scratch: bool) -> NightlyResult:
     started = time.monotonic()
     until = datetime.now(UTC)
     loaded = load_model(settings)
     base_model = loaded.name
     with Session(engine) as session:
-        since = _last_cutoff(session, base_model)
+        since = None if from_scratch else _last_cutoff(session, base_model)
         known = [row.version for row in adapter_rows.versions(session)]
-        active = adapter_rows.active(session, base_model)
+        active = None if from_scratch else adapter_rows.active(session, base_model)
         baseline = (Path(active.path), active.version, active.checksum) if active else None
     removed = registry.clean(settings.adapters_dir, known)
     if removed:
@@ -250,6 +255,10 @@ def _run(settings: Settings, method: str, engine: Engine) -> NightlyResult:
     except Exception as error:
         _update_row(engine, run_id, status="failed", reason=repr(error), started=started)
         raise
+
+
+def _ungated(reason: str) -> str:
+    return f"published without the gate's approval (gate_enforced=false); the gate said: {reason}"
 
 
 def _describe(counts: DataCounts) -> str:
@@ -339,7 +348,7 @@ def _train_gate_publish(
     )
     evaluation = gate.to_json()
     published = None
-    if gate.passed:
+    if gate.passed or not settings.gate_enforced:
         version = _version(method, run_id)
 
         def save(directory: Path) -> None:
@@ -356,7 +365,7 @@ def _train_gate_publish(
                 run_id=run_id,
                 path=path,
                 checksum=digest,
-                evidence={"gate": evaluation, "method": method},
+                evidence={"gate": evaluation, "method": method, "gated": gate.passed},
                 canary_share=settings.canary_share,
             )
             pruned = adapter_rows.prune(session, settings.keep_adapters)
@@ -369,11 +378,13 @@ def _train_gate_publish(
         assert row is not None
         row.status = "finished"
         row.decision = "published" if published else "refused"
-        row.reason = gate.reason
+        row.reason = gate.reason if gate.passed or not published else _ungated(gate.reason)
         row.evaluation = evaluation
         row.losses = timings
         row.finished_at = datetime.now(UTC)
     verdict = f"published {published}" if published else "not published"
+    if published and not gate.passed:
+        verdict += " although the gate refused it (gate_enforced=false)"
     if published and settings.canary_share:
         verdict += f" as a canary for {settings.canary_share:.0%} of users"
     message = (

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ghostloop.corpus import sample_positions, stdlib_dir
+from ghostloop.corpus import document_at, sample_positions, stdlib_dir
 from ghostloop.models import default_gguf_path
 from lsp_server.client import GhostloopClient
-from lsp_server.demo import document_at
 from tests.e2e.conftest import server_env
 
 

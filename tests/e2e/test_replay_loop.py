@@ -1,0 +1,183 @@
+"""``ghostloop replay`` end to end on the tiny model: the bookkeeping of the loop's proof.
+
+A small repository, the real server over LSP, a real nightly run, the hot-swap, and the
+report checked against the store: every figure recomputed here from the rows by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from feedback.database import open_engine
+from feedback.schema import Completion, FeedbackEvent, TrainingRun
+from tests.training_data import TRAIN_ENV, write_repo
+
+WINDOWS = "0.3,0.6,0.9"
+
+
+def replay(tmp_path: Path, model: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GHOSTLOOP_MODEL": str(model), **TRAIN_ENV}
+    command = [sys.executable, "-m", "ghostloop", "replay", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def by_hand(session: Session, ids: list[str | None], truths: list[str]) -> dict[str, float]:
+    """chars saved and exact-line acceptance straight from the rows, without the report's code."""
+    saved, exact, suggested = 0.0, 0, 0
+    for completion_id, truth in zip(ids, truths, strict=True):
+        if completion_id is None:
+            continue
+        row = session.get(Completion, completion_id)
+        assert row is not None
+        suggested += len(row.suggestion)
+        if row.outcome == "accepted":
+            last = session.scalars(
+                select(FeedbackEvent).where(
+                    FeedbackEvent.completion_id == completion_id,
+                    FeedbackEvent.kind == "survival",
+                    FeedbackEvent.window_s == 0.9,
+                )
+            ).one()
+            saved += round(row.accepted_length * last.survival_ratio)
+            exact += row.suggestion.rstrip() == truth.rstrip()
+        else:
+            assert row.outcome == "rejected", row.outcome
+    n = len(ids)
+    return {
+        "chars_saved_per_completion": saved / n,
+        "exact_line_acceptance": exact / n,
+        "mean_suggestion_chars": suggested / n,
+    }
+
+
+def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir):
+    root = write_repo(tmp_path / "repo", 12)
+    work = tmp_path / "replay"
+    done = replay(
+        tmp_path,
+        tiny_model_dir,
+        *(str(root), "--positions", "40", "--ungated", "--json", "--no-progress"),
+        *("--methods", "sft,dpo"),
+        *("--work-dir", str(work), "--windows", WINDOWS, "--seed", "5"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+
+    split = report["split"]
+    files = sorted(p.name for p in root.glob("module_*.py"))
+    assert sorted(split["train_files"] + split["held_out_files"]) == files
+    assert not set(split["train_files"]) & set(split["held_out_files"])
+    assert split["held_out_positions"] == split["train_positions"] == 40
+    held_out = set(split["held_out_files"])
+    positions = report["positions"]
+    assert len(positions) == 40 and {p["path"] for p in positions} <= held_out
+
+    keys = [p["key"] for p in positions]
+    methods = report["methods"]
+    assert list(methods) == ["sft", "dpo"] and report["method"] == "sft"
+    served_before = report["served"]["before"]
+    served_after = {name: methods[name]["served"] for name in methods}
+    assert report["served"]["after"] == served_after["sft"]
+    assert list(served_before) == keys, "paired by position"
+    assert all(list(served) == keys for served in served_after.values()), "paired by position"
+    assert report["before"]["completions"] == 40
+    assert all(methods[name]["after"]["completions"] == 40 for name in methods)
+    assert report["adapter"] == methods["sft"]["adapter"] and report["gated"] is False
+
+    engine = open_engine(f"sqlite:///{work / 'ghostloop.db'}")
+    with Session(engine) as session:
+        rows = session.scalars(select(Completion)).all()
+        by_user: dict[str, list[Completion]] = {}
+        for row in rows:
+            by_user.setdefault(row.user, []).append(row)
+        # the training half's baseline, then the held-out half three times: nothing else
+        assert sorted(by_user) == ["replay-heldout", "replay-train"]
+        before_ids = {i for i in served_before.values() if i}
+        after_ids = {
+            name: {i for i in served.values() if i} for name, served in served_after.items()
+        }
+        assert {r.id for r in by_user["replay-heldout"]} == before_ids.union(*after_ids.values())
+        assert all(session.get(Completion, i).adapter_version is None for i in before_ids)
+        for name, ids in after_ids.items():
+            versions = {session.get(Completion, i).adapter_version for i in ids}
+            assert versions == {methods[name]["adapter"]}, f"{name}'s pass served its adapter"
+
+        # every method trained on the training half alone, all of it, from the base model
+        runs = session.scalars(select(TrainingRun).order_by(TrainingRun.id)).all()
+        assert [run.method for run in runs] == ["sft", "dpo"]
+        for run in runs:
+            assert run.data_counts["completions"] == len(by_user["replay-train"])
+            assert set(run.data_counts["users"]) == {"replay-train"}
+            assert run.evaluation["baseline"] == "base model"
+            assert run.decision == "published"  # --ungated: published whatever the gate said
+            if not run.evaluation["passed"]:
+                assert run.reason.startswith("published without the gate's approval")
+            assert methods[run.method]["gate_passed"] == run.evaluation["passed"]
+
+        truths = [p["truth"] for p in positions]
+        figures = {"before": (report["before"], served_before)}
+        figures.update({name: (methods[name]["after"], served_after[name]) for name in methods})
+        for name, (reported, ids) in figures.items():
+            expected = by_hand(session, [ids[k] for k in keys], truths)
+            for metric, value in expected.items():
+                assert abs(reported[metric] - value) < 1e-3, (name, metric)
+        reactions = report["reactions"][f"{methods['sft']['adapter']}, held-out half"]
+        accepted = sum(session.get(Completion, i).outcome == "accepted" for i in after_ids["sft"])
+        assert reactions.get("accepted", 0) + reactions.get("edited", 0) == accepted
+        assert accepted > 0, "a night on the training half taught the tiny model its habits"
+    engine.dispose()
+
+    lift = report["paired_lift"]["chars_saved_per_completion"]
+    difference = (
+        report["after"]["chars_saved_per_completion"]
+        - report["before"]["chars_saved_per_completion"]
+    )
+    assert abs(lift[0] - difference) < 1e-3 and lift[1] <= lift[0] <= lift[2]
+    assert set(report["by_kind"]) == {"line_start", "mid_line"}
+    stored = json.loads((work / "report.json").read_text())
+    assert stored["paired_lift"] == report["paired_lift"]
+    assert (work / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_replay_refuses_a_missing_path_and_changes_nothing(tmp_path, tiny_model_dir):
+    work = tmp_path / "replay"
+    done = replay(
+        tmp_path, tiny_model_dir, str(tmp_path / "nowhere"), "--work-dir", str(work), "--json"
+    )
+    assert done.returncode == 2
+    assert "neither a directory nor a file" in done.stderr and done.stdout == ""
+    assert not work.exists()
+
+
+def test_a_refused_adapter_is_not_replayed_and_the_report_says_so(tmp_path, tiny_model_dir):
+    """Gated (the default): a night too short to learn anything publishes nothing."""
+    root = write_repo(tmp_path / "repo", 12)
+    work = tmp_path / "replay"
+    env = {**os.environ, "GHOSTLOOP_MODEL": str(tiny_model_dir), **TRAIN_ENV}
+    env.update({"GHOSTLOOP_EPOCHS": "1", "GHOSTLOOP_LEARNING_RATE": "1e-6"})
+    command = [sys.executable, "-m", "ghostloop", "replay", str(root), "--positions", "40"]
+    command += ["--json", "--no-progress", "--work-dir", str(work), "--windows", WINDOWS]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["gated"] is True and report["adapter"] is None
+    assert report["after"] is None and report["paired_lift"] is None
+    assert report["methods"]["sft"]["gate_passed"] is False
+    assert "no adapter was published" in done.stderr
+    assert list(report["reactions"]) == ["baseline, training half", "baseline, held-out half"]
+    engine = open_engine(f"sqlite:///{work / 'ghostloop.db'}")
+    with Session(engine) as session:
+        run = session.scalars(select(TrainingRun)).one()
+        assert run.decision == "refused"
+        held_out = session.scalars(
+            select(Completion).where(Completion.user == "replay-heldout")
+        ).all()
+        assert len(held_out) == report["before"]["served"], "the held-out half ran once"
+    engine.dispose()

@@ -1,0 +1,116 @@
+"""The replay's pieces without a server: the split, the positions, and every figure."""
+
+from __future__ import annotations
+
+import pytest
+
+from feedback.metrics import judge
+from feedback.replay_report import Position, Scored, compare, paired_lift, summary
+from lsp_server.replay import ReplayError, _offset, choose_positions, source_files, split_files
+from tests.training_data import write_repo
+
+
+def test_files_split_by_path_into_two_disjoint_halves_the_same_way_each_time(tmp_path):
+    root = write_repo(tmp_path, 9)
+    files = source_files(root)
+    assert len(files) == 9, "virtual environments and empty files are not the repository's code"
+    train, held = split_files(files, root, seed=3)
+    assert sorted(train + held) == files and not set(train) & set(held)
+    assert len(train) == 4 and len(held) == 5
+    assert (train, held) == split_files(list(reversed(files)), root, seed=3)
+    assert (train, held) != split_files(files, root, seed=4)
+
+
+def test_a_repository_needs_two_files_and_must_exist(tmp_path):
+    with pytest.raises(ReplayError, match="at least two"):
+        split_files(source_files(write_repo(tmp_path, 1)), tmp_path, seed=0)
+    with pytest.raises(ReplayError, match="neither a directory nor a file"):
+        source_files(tmp_path / "missing")
+
+
+def test_positions_are_real_code_once_per_line_and_seeded(tmp_path):
+    root = write_repo(tmp_path, 4)
+    files = source_files(root)
+    positions = choose_positions(files, root, 20, seed=1)
+    assert len(positions) == 20
+    assert len({(p.path, p.line) for p in positions}) == 20, "a line is typed once"
+    for position in positions:
+        line = (root / position.path).read_text().split("\n")[position.line]
+        assert line[position.character :] == position.truth and position.truth.strip()
+        assert not line.lstrip().startswith(('"""', "#")), "docstrings and comments skipped"
+    assert {p.kind for p in positions} == {"line_start", "mid_line"}
+    assert positions == choose_positions(files, root, 20, seed=1)
+
+
+def test_lsp_characters_count_utf16_units():
+    text = "a\n𝒳 = 'é'\n"
+    assert _offset(text, 1, 0) == 2
+    assert _offset(text, 1, 2) == 3  # the script X is two UTF-16 units, one Python character
+    assert _offset(text, 1, 99) == len("a\n𝒳 = 'é'")
+
+
+def scored(saved: float, suggested: int, exact: bool = False) -> Scored:
+    return Scored(saved, exact, suggested, suggested == 0, 100.0, True, None)
+
+
+def test_each_figure_of_a_pass():
+    scores = [scored(10, 10, exact=True), scored(0, 20), scored(4, 8), scored(0, 0)]
+    figures = summary(scores)
+    assert figures["completions"] == 4
+    assert figures["chars_saved_per_completion"] == pytest.approx(14 / 4)
+    assert figures["exact_line_acceptance"] == pytest.approx(1 / 4)
+    assert figures["survival_weighted_acceptance"] == pytest.approx(14 / 38, abs=1e-4)
+    assert figures["mean_suggestion_chars"] == pytest.approx(38 / 4)
+    assert figures["empty_rate"] == pytest.approx(1 / 4)
+    low, high = figures["intervals"]["chars_saved_per_completion"][1:]
+    assert low <= 14 / 4 <= high and low < high
+
+
+def test_a_shorter_suggestion_raises_the_ratio_but_the_headline_falls():
+    """A model that learns to stop early: retained/suggested up, characters saved down."""
+    truths = [f"result = compute(alpha_{i}, beta)" for i in range(30)]
+    full = [judge(t, t) for t in truths[:20]] + [judge("x = 1", t) for t in truths[20:]]
+    short = [judge(t[: len(t) * 2 // 3], t) for t in truths[:20]]
+    short += [judge("", t) for t in truths[20:]]
+
+    def as_scores(outcomes: list) -> list[Scored]:
+        return [
+            Scored(o.retained, o.exact, o.suggested, o.reaction == "empty", 1.0, True, None)
+            for o in outcomes
+        ]
+
+    lift = paired_lift(as_scores(full), as_scores(short))
+    assert lift["survival_weighted_acceptance"][0] > 0
+    assert lift["chars_saved_per_completion"][0] < 0
+    assert lift["chars_saved_per_completion"][2] < 0, "the fall is outside the noise"
+    assert lift["chars_saved_relative"][0] < 0
+
+
+def test_the_lift_is_paired_by_position():
+    """The same small gain at every position is certain even when positions vary widely."""
+    before = [scored(float(i % 7) * 5, 40) for i in range(60)]
+    after = [scored(s.chars_saved + 1, 40) for s in before]
+    lift = paired_lift(before, after)
+    assert lift["chars_saved_per_completion"] == [1.0, 1.0, 1.0]
+    unpaired_before, unpaired_after = summary(before), summary(after)
+    ranges = (
+        unpaired_before["intervals"]["chars_saved_per_completion"],
+        unpaired_after["intervals"]["chars_saved_per_completion"],
+    )
+    assert ranges[0][2] > ranges[1][1], "unpaired, the two intervals would overlap"
+    with pytest.raises(ValueError, match="same positions"):
+        paired_lift(before, after[:-1])
+
+
+def test_compare_splits_line_starts_from_mid_line():
+    positions = [
+        Position(f"f.py:{i}:0", "f.py", i, 0, "line_start" if i % 2 else "mid_line", "x")
+        for i in range(10)
+    ]
+    before = [scored(0, 5) for _ in positions]
+    after = [scored(5 if p.kind == "line_start" else 0, 5) for p in positions]
+    report = compare(positions, before, after)
+    assert report["by_kind"]["line_start"]["after"]["chars_saved_per_completion"] == 5
+    assert report["by_kind"]["mid_line"]["paired_lift"]["chars_saved_per_completion"][0] == 0
+    assert report["paired_lift"]["chars_saved_per_completion"][0] == pytest.approx(2.5)
+    assert compare(positions, before, None)["after"] is None

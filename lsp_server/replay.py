@@ -49,9 +49,9 @@ from tqdm import tqdm
 
 from feedback import adapters as adapter_rows
 from feedback import replay_report
-from feedback.database import default_database_url, open_engine
+from feedback.database import StoreError, default_database_url, open_engine, upgrade
 from feedback.metrics import EDIT_SIMILARITY, judge
-from feedback.replay_report import Position, Scored
+from feedback.replay_report import Position, Scored, UnsettledError
 from feedback.schema import AdapterVersion, Completion, TrainingRun
 from feedback.store import events_by_completion
 from ghostloop.corpus import sample_positions
@@ -296,10 +296,24 @@ class Replay:
         client = await GhostloopClient.start(env=self.env(user))
         try:
             await client.wait_ready()
+        except RuntimeError as error:  # the model could not be loaded: the server says why
+            await client.stop()
+            raise ReplayError(str(error)) from error
         except BaseException:
             await client.stop()
             raise
         return client
+
+    def open_store(self) -> None:
+        """The replay's store must be usable before anything is replayed into it."""
+        try:
+            engine = open_engine(self.url)
+            try:
+                upgrade(engine)
+            finally:
+                engine.dispose()
+        except StoreError as error:
+            raise ReplayError(f"cannot use the store {self.url}: {error}") from error
 
     async def walk(self, client: GhostloopClient, positions: Sequence[Position], name: str) -> Pass:
         walk = Pass(name)
@@ -386,6 +400,7 @@ class Replay:
         if not train_positions or not held_positions:
             raise ReplayError(f"no cursor positions in the code under {root}")
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.open_store()
         self.say(
             f"replay of {root}: {len(train_files)} files to train on "
             f"({len(train_positions)} positions), {len(held_files)} held out "
@@ -492,7 +507,7 @@ async def run_replay(settings: Settings, options: ReplayOptions, *, as_json: boo
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         report = await Replay(settings, options, out).run()
-    except ReplayError as error:
+    except (ReplayError, UnsettledError) as error:
         print(f"ghostloop replay: {error}", file=sys.stderr)
         return 2
     if as_json:

@@ -181,3 +181,23 @@ def test_a_refused_adapter_is_not_replayed_and_the_report_says_so(tmp_path, tiny
         ).all()
         assert len(held_out) == report["before"]["served"], "the held-out half ran once"
     engine.dispose()
+
+
+def test_replay_refuses_bad_windows_a_dead_store_and_a_missing_model(tmp_path, tiny_model_dir):
+    root = write_repo(tmp_path / "repo", 4)
+    work = tmp_path / "replay"
+    done = replay(tmp_path, tiny_model_dir, str(root), "--work-dir", str(work), "--windows", "2,1")
+    assert done.returncode == 2 and "--windows takes increasing positive seconds" in done.stderr
+    assert not work.exists()
+
+    dead = "postgresql+psycopg://postgres@127.0.0.1:1/test"
+    done = replay(
+        tmp_path, tiny_model_dir, str(root), "--work-dir", str(work), "--database-url", dead
+    )
+    assert done.returncode == 2 and f"cannot use the store {dead}" in done.stderr
+    assert not (work / "report.json").exists()
+
+    done = replay(tmp_path, tmp_path / "no-such-model", str(root), "--work-dir", str(work))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "ghostloop replay: server could not load its model" in done.stderr
+    assert "Traceback" not in done.stderr and not (work / "report.json").exists()

@@ -13,7 +13,7 @@ The headline is characters saved per completion; lifts are PAIRED over the same 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -245,9 +245,6 @@ def chart(passes: Sequence[tuple[str, Mapping[str, Any]]], path: Path) -> Path:
     figure.savefig(path, format="png")
     pyplot.close(figure)
     return path
-
-
-Formatter = Callable[[float], str]
 
 
 def format_table(report: Mapping[str, Any]) -> str:

@@ -37,13 +37,14 @@ import random
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
@@ -90,7 +91,6 @@ class Pass:
     name: str
     served: dict[str, str | None] = field(default_factory=dict)
     reactions: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 def source_files(root: Path) -> list[Path]:
@@ -175,26 +175,20 @@ class Developer:
 
     def __init__(self, client: GhostloopClient, root: Path, edit_threshold: float) -> None:
         self.client = client
-        self.root = root
+        self.base = root if root.is_dir() else root.parent  # a file is a repository of one
         self.edit_threshold = edit_threshold
         self._open: set[str] = set()
 
-    def _uri(self, position: Position) -> str:
-        base = self.root if self.root.is_dir() else self.root.parent
-        return (base / position.path).resolve().as_uri()
-
     async def work(self, positions: Sequence[Position], walk: Pass, bar: tqdm | None) -> None:
-        started = time.perf_counter()
         for position in positions:
             walk.reactions[position.key], walk.served[position.key] = await self.one(position)
             if bar is not None:
                 bar.update(1)
-        walk.seconds = time.perf_counter() - started
 
     async def one(self, position: Position) -> tuple[str, str | None]:
-        base = self.root if self.root.is_dir() else self.root.parent
-        source = (base / position.path).read_text(encoding="utf-8")
-        uri = self._uri(position)
+        path = self.base / position.path
+        source = path.read_text(encoding="utf-8")
+        uri = path.resolve().as_uri()
         if uri not in self._open:
             self.client.open(uri, source)
             self._open.add(uri)
@@ -231,33 +225,29 @@ def _settled(completion: Completion, events: Sequence[Any], last_window: float) 
     return False
 
 
-def wait_settled(url: str, ids: Sequence[str], last_window: float, timeout_s: float) -> None:
+def wait_settled(engine: Engine, ids: Sequence[str], last_window: float, timeout_s: float) -> None:
     """Until every served completion is stored with its final event."""
-    engine = open_engine(url)
     deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            with Session(engine) as session:
-                rows = {
-                    c.id: c
-                    for c in session.query(Completion).filter(Completion.id.in_(list(ids))).all()
-                }
-                events = events_by_completion(session=session, completion_ids=list(rows))
-                waiting = [
-                    cid
-                    for cid in ids
-                    if cid not in rows or not _settled(rows[cid], events[cid], last_window)
-                ]
-            if not waiting:
-                return
-            if time.monotonic() > deadline:
-                raise ReplayError(
-                    f"{len(waiting)} of {len(ids)} completions had no final event after "
-                    f"{timeout_s:.0f} s (first: {waiting[0]}); is the server's store writable?"
-                )
-            time.sleep(0.25)
-    finally:
-        engine.dispose()
+    while True:
+        with Session(engine) as session:
+            rows = {
+                c.id: c
+                for c in session.query(Completion).filter(Completion.id.in_(list(ids))).all()
+            }
+            events = events_by_completion(session=session, completion_ids=list(rows))
+            waiting = [
+                cid
+                for cid in ids
+                if cid not in rows or not _settled(rows[cid], events[cid], last_window)
+            ]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise ReplayError(
+                f"{len(waiting)} of {len(ids)} completions had no final event after "
+                f"{timeout_s:.0f} s (first: {waiting[0]}); is the server's store writable?"
+            )
+        time.sleep(0.25)
 
 
 class Replay:
@@ -269,6 +259,7 @@ class Replay:
         self.work_dir = options.work_dir or settings.data_dir / "replays" / stamp
         self.url = options.database_url or default_database_url(self.work_dir)
         self.windows = tuple(float(part) for part in options.windows_s.split(","))
+        self._engine: Engine | None = None
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -304,16 +295,29 @@ class Replay:
             raise
         return client
 
-    def open_store(self) -> None:
-        """The replay's store must be usable before anything is replayed into it."""
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the replay's store is opened by run()")
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def open_store(self) -> Engine:
+        """The replay's store, usable before anything is replayed into it."""
         try:
             engine = open_engine(self.url)
             try:
                 upgrade(engine)
-            finally:
+            except BaseException:
                 engine.dispose()
+                raise
         except StoreError as error:
             raise ReplayError(f"cannot use the store {self.url}: {error}") from error
+        return engine
 
     async def walk(self, client: GhostloopClient, positions: Sequence[Position], name: str) -> Pass:
         walk = Pass(name)
@@ -331,7 +335,7 @@ class Replay:
             )
         ids = [cid for cid in walk.served.values() if cid]
         await asyncio.to_thread(
-            wait_settled, self.url, ids, self.windows[-1], self.windows[-1] + 60.0
+            wait_settled, self.engine, ids, self.windows[-1], self.windows[-1] + 60.0
         )
         return walk
 
@@ -352,18 +356,14 @@ class Replay:
                 f"ghostloop train failed (exit {done.returncode}): "
                 f"{message or done.stderr.strip()[-2000:]}"
             )
-        engine = open_engine(self.url)
-        try:
-            with Session(engine) as session:
-                run = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc())).first()
-                adapter = None
-                if run is not None and run.decision == "published":
-                    adapter = session.scalars(
-                        select(AdapterVersion.version).where(AdapterVersion.run_id == run.id)
-                    ).first()
-                gate = dict(run.evaluation or {}) if run is not None else {}
-        finally:
-            engine.dispose()
+        with Session(self.engine) as session:
+            run = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc())).first()
+            adapter = None
+            if run is not None and run.decision == "published":
+                adapter = session.scalars(
+                    select(AdapterVersion.version).where(AdapterVersion.run_id == run.id)
+                ).first()
+            gate = dict(run.evaluation or {}) if run is not None else {}
         return {
             "method": method,
             "message": message,
@@ -373,20 +373,12 @@ class Replay:
         }
 
     def serve_adapter(self, version: str) -> None:
-        engine = open_engine(self.url)
-        try:
-            with Session(engine) as session, session.begin():
-                adapter_rows.promote(session, version, by="replay")
-        finally:
-            engine.dispose()
+        with Session(self.engine) as session, session.begin():
+            adapter_rows.promote(session, version, by="replay")
 
     def scores(self, positions: Sequence[Position], walk: Pass) -> list[Scored]:
-        engine = open_engine(self.url)
-        try:
-            with Session(engine) as session:
-                return replay_report.load_scores(session, positions, walk.served)
-        finally:
-            engine.dispose()
+        with Session(self.engine) as session:
+            return replay_report.load_scores(session, positions, walk.served)
 
     async def run(self) -> dict[str, Any]:
         options = self.options
@@ -400,7 +392,7 @@ class Replay:
         if not train_positions or not held_positions:
             raise ReplayError(f"no cursor positions in the code under {root}")
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.open_store()
+        self._engine = self.open_store()
         self.say(
             f"replay of {root}: {len(train_files)} files to train on "
             f"({len(train_positions)} positions), {len(held_files)} held out "
@@ -477,7 +469,7 @@ class Replay:
                 "train_positions": len(train_positions),
                 "held_out_positions": len(held_positions),
             },
-            "reactions": {walk.name: _count(walk.reactions.values()) for walk in walks},
+            "reactions": {walk.name: dict(Counter(walk.reactions.values())) for walk in walks},
             "seconds": round(time.perf_counter() - started, 1),
             "store": self.url,
             "positions": replay_report.position_rows(held_positions),
@@ -494,22 +486,18 @@ class Replay:
         return report
 
 
-def _count(values: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts
-
-
 async def run_replay(settings: Settings, options: ReplayOptions, *, as_json: bool) -> int:
     out = sys.stderr if as_json else sys.stdout
     for noisy in ("pygls", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    replay = Replay(settings, options, out)
     try:
-        report = await Replay(settings, options, out).run()
+        report = await replay.run()
     except (ReplayError, UnsettledError) as error:
         print(f"ghostloop replay: {error}", file=sys.stderr)
         return 2
+    finally:
+        replay.close()
     if as_json:
         print(json.dumps(report))
     else:

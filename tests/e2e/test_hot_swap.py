@@ -236,8 +236,12 @@ async def test_promote_and_rollback_reach_the_running_server_within_a_poll(
     assert "canary v1: waiting for 200 settled completions per arm" in checked.stdout
     ended = await asyncio.to_thread(ghostloop, database, "rollback")
     assert ended.returncode == 0 and "v1 rolled back; v2 serves" in ended.stdout
-    assert await until(lambda: serves("v2"), timeout_s=5)
-    assert (await serving(client))["canary"] is None
+
+    async def canary_ended() -> bool:
+        # v2 served all along beside the canary: wait for the poll that drops the canary
+        return await serving(client) == {"adapter": "v2", "canary": None}
+
+    assert await until(canary_ended, timeout_s=5)
     after = await asyncio.to_thread(ghostloop, database, "check")
     assert after.returncode == 0 and after.stdout.strip() == "no canary is running"
     unknown = await asyncio.to_thread(ghostloop, database, "canary", "v9", "--share", "0.3")

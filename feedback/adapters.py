@@ -28,6 +28,22 @@ def versions(session: Session) -> list[AdapterVersion]:
     return list(session.scalars(select(AdapterVersion).order_by(AdapterVersion.id)))
 
 
+def record(row: AdapterVersion) -> dict[str, Any]:
+    """An adapter row as plain values (``ghostloop adapters list --json``, the dashboard)."""
+    return {
+        "version": row.version,
+        "status": row.status,
+        "base_model": row.base_model,
+        "run": row.run_id,
+        "canary_share": row.canary_share,
+        "created_at": row.created_at.isoformat(),
+        "status_changed_at": row.status_changed_at.isoformat(),
+        "path": row.path,
+        "checksum": row.checksum,
+        "evidence": row.evidence,
+    }
+
+
 def active(session: Session, base_model: str | None = None) -> AdapterVersion | None:
     query = select(AdapterVersion).where(AdapterVersion.status == "active")
     if base_model is not None:

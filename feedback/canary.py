@@ -31,7 +31,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from feedback import adapters
-from feedback.metrics import kept_check
+from feedback.metrics import kept_check, settled_chars_saved
 from feedback.schema import AdapterVersion, Completion, FeedbackEvent
 from feedback.store import events_by_completion
 
@@ -51,15 +51,9 @@ def arm_for(user: str, canary_version: str | None, share: float) -> str:
 
 def chars_saved(completion: Completion, events: Sequence[FeedbackEvent]) -> int | None:
     """Characters the completion saved; None while its fate is not settled."""
-    if completion.outcome in ("rejected", "dismissed"):
-        return 0
-    if completion.outcome not in ("accepted", "partial"):
-        return None
     check = kept_check(events)
-    if check is None or check.survival_ratio is None or not completion.accepted_length:
-        return None
-    ratio = min(1.0, max(0.0, float(check.survival_ratio or 0.0)))
-    return round(completion.accepted_length * ratio)
+    ratio = None if check is None else check.survival_ratio
+    return settled_chars_saved(completion.outcome, completion.accepted_length, ratio)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,24 @@ def kept_check(events: Sequence[Check]) -> Check | None:
     return min(checks, key=lambda e: (abs(float(e.window_s or 0) - KEPT_WINDOW_S), e.id))
 
 
+def settled_chars_saved(
+    outcome: str, accepted_length: int | None, survival_ratio: float | None
+) -> int | None:
+    """Characters a completion saved: 0 for a reject or dismissal, the accepted length times
+    the kept share once a survival check has measured it; None while unsettled."""
+    if outcome in ("rejected", "dismissed"):
+        return 0
+    if outcome not in ("accepted", "partial") or survival_ratio is None or not accepted_length:
+        return None
+    return round(accepted_length * min(1.0, max(0.0, float(survival_ratio))))
+
+
+def nearer_kept_window(window_s: float, than_s: float | None) -> bool:
+    """Whether a survival check at ``window_s`` says more about what was kept than one at
+    ``than_s`` (the rule of ``kept_check``, applied one event at a time)."""
+    return than_s is None or abs(window_s - KEPT_WINDOW_S) < abs(than_s - KEPT_WINDOW_S)
+
+
 def levenshtein(a: str, b: str) -> int:
     """Edits (insert, delete, substitute) that turn ``a`` into ``b``."""
     if len(a) < len(b):

@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from feedback.database import StoreError, upgrade
+from feedback.metrics import nearer_kept_window, settled_chars_saved
 from feedback.schema import Completion, FeedbackEvent
 from feedback.store import add_new
 
@@ -140,21 +141,33 @@ def _apply_batch(session: Session, batch: list[StoreWrite]) -> int:
 
 
 def _update_outcomes(session: Session, events: list[FeedbackEvent]) -> None:
-    ranked = [e for e in events if e.kind in OUTCOME_RANK]
-    if not ranked:
+    """Carry new events onto their completions: the outcome (the strongest signal wins),
+    the survival check nearest two minutes, and what the completion saved."""
+    relevant = [e for e in events if e.kind in OUTCOME_RANK or e.kind == "survival"]
+    if not relevant:
         return
-    ids = {e.completion_id for e in ranked}
+    ids = {e.completion_id for e in relevant}
     completions = {
         c.id: c for c in session.scalars(select(Completion).where(Completion.id.in_(ids)))
     }
-    for event in ranked:
+    for event in relevant:
         completion = completions.get(event.completion_id)
-        if completion is not None and OUTCOME_RANK[event.kind] > OUTCOME_RANK.get(
-            completion.outcome, 0
-        ):
+        if completion is None:
+            continue
+        if event.kind == "survival":
+            if event.window_s is not None and nearer_kept_window(
+                event.window_s, completion.survival_window_s
+            ):
+                completion.survival_window_s = event.window_s
+                completion.survival_ratio = event.survival_ratio
+        elif OUTCOME_RANK[event.kind] > OUTCOME_RANK.get(completion.outcome, 0):
             completion.outcome = event.kind
             if event.kind in ("accepted", "partial"):
                 completion.accepted_length = event.accepted_length
+    for completion in completions.values():
+        completion.chars_saved = settled_chars_saved(
+            completion.outcome, completion.accepted_length, completion.survival_ratio
+        )
 
 
 @dataclass

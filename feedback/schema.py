@@ -61,9 +61,17 @@ class Completion(Base):
     redactions: Mapped[int] = mapped_column(Integer, default=0)
     outcome: Mapped[str] = mapped_column(String(20), default="pending")
     accepted_length: Mapped[int | None] = mapped_column(Integer)
+    # Kept up to date from the events as they are stored (feedback.recorder), so that the
+    # admin views aggregate one table: the survival check nearest two minutes and what the
+    # completion saved by feedback.metrics.settled_chars_saved (None while unsettled).
+    survival_window_s: Mapped[float | None] = mapped_column(Float)
+    survival_ratio: Mapped[float | None] = mapped_column(Float)
+    chars_saved: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         Index("ix_completions_created_at", "created_at"),
+        Index("ix_completions_language_created_at", "language", "created_at"),
+        Index("ix_completions_outcome_created_at", "outcome", "created_at"),
         Index("ix_completions_user_created_at", "user", "created_at"),
         Index("ix_completions_adapter_created_at", "adapter_version", "created_at"),
     )

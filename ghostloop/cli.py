@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -167,6 +168,41 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     return result.exit_code
 
 
+def _inspect(args: argparse.Namespace, settings: Settings) -> int:
+    """logs, stats, pairs and runs: read-only views of the store."""
+    from feedback import admin_cli
+    from feedback.database import StoreError, default_database_url, open_engine, upgrade
+    from feedback.logs import UnknownCompletionError
+
+    show = {
+        "logs": admin_cli.show_logs,
+        "stats": admin_cli.show_stats,
+        "pairs": admin_cli.show_pairs,
+        "runs": admin_cli.show_runs,
+    }[args.command]
+    try:
+        engine = open_engine(settings.database_url or default_database_url(settings.data_dir))
+        upgrade(engine)
+        return show(engine, args)
+    except admin_cli.AdminInputError as error:
+        print(f"ghostloop {args.command}: {error}", file=sys.stderr)
+        return 2
+    except (StoreError, UnknownCompletionError) as error:
+        print(f"ghostloop {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
+def _admin(args: argparse.Namespace, settings: Settings) -> int:
+    from feedback.admin_web.app import serve
+    from feedback.database import StoreError
+
+    try:
+        return serve(settings, host=args.host, port=args.port)
+    except StoreError as error:
+        print(f"ghostloop admin: {error}", file=sys.stderr)
+        return 1
+
+
 def _adapters(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy.orm import Session
 
@@ -182,6 +218,10 @@ def _adapters(args: argparse.Namespace, settings: Settings) -> int:
         with Session(engine) as session, session.begin():
             if args.adapters_command == "list":
                 rows = adapters.versions(session)
+                if args.json:
+                    for row in rows:
+                        print(json.dumps(adapters.record(row), default=str))
+                    return 0
                 if not rows:
                     print("no adapters published yet; the base model serves")
                 for row in rows:
@@ -334,11 +374,49 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_argument(
         "--share", type=float, help="with canary: share of users served the canary (0-1)"
     )
+    adapters.add_argument("--json", action="store_true", help="with list: JSON lines")
     adapters.set_defaults(run=_adapters)
+
+    _add_inspection(commands)
+    admin = commands.add_parser("admin", help="the admin web dashboard")
+    admin.add_argument("admin_command", choices=["serve"], help="serve the dashboard")
+    admin.add_argument("--host", default="127.0.0.1", help="address (default: loopback only)")
+    admin.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
+    admin.set_defaults(run=_admin)
 
     config = commands.add_parser("config", help="print the effective settings")
     config.set_defaults(run=_config)
     return parser
+
+
+def _add_filter_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--user", help="only this user's completions")
+    parser.add_argument("--language", help="only this language (an LSP language id)")
+    parser.add_argument("--adapter", help="only this adapter version ('base': no adapter)")
+    parser.add_argument("--outcome", help="pending, shown, accepted, partial, rejected, dismissed")
+    parser.add_argument("--since", help="from this time: an age (2d, 12h) or a date (2026-11-20)")
+    parser.add_argument("--until", help="before this time: an age or a date")
+
+
+def _add_inspection(commands: Any) -> None:
+    logs = commands.add_parser("logs", help="recent completions and their fate; 'logs show ID'")
+    logs.add_argument("action", nargs="?", choices=["show"], help="show one completion")
+    logs.add_argument("id", nargs="?", help="with show: the completion id")
+    _add_filter_options(logs)
+    logs.add_argument("--limit", type=int, default=30, help="newest N completions (default 30)")
+    stats = commands.add_parser("stats", help="acceptance, characters saved, latency by group")
+    stats.add_argument("--by", default="day", help="day, adapter, language, user; comma list")
+    _add_filter_options(stats)
+    pairs = commands.add_parser("pairs", help="preference pairs the nightly job made")
+    pairs.add_argument("--run", dest="run_id", type=int, help="only this run's pairs")
+    pairs.add_argument("--limit", type=int, default=30, help="newest N pairs (default 30)")
+    runs = commands.add_parser("runs", help="training runs and their gate decisions")
+    runs.add_argument("action", nargs="?", choices=["show"], help="show one run in full")
+    runs.add_argument("id", nargs="?", type=int, help="with show: the run id")
+    runs.add_argument("--limit", type=int, default=30, help="newest N runs (default 30)")
+    for parser in (logs, stats, pairs, runs):
+        parser.add_argument("--json", action="store_true", help="JSON lines for scripts")
+        parser.set_defaults(run=_inspect)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

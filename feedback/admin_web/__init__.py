@@ -1,0 +1,1 @@
+"""``ghostloop admin serve``: the dashboard, server-rendered (Starlette and Jinja2)."""

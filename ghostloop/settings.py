@@ -138,6 +138,13 @@ class Settings:
         metadata=_help("record suggestions and their fate; false = store nothing of your code"),
     )
     log_level: str = field(default="INFO", metadata=_help("DEBUG | INFO | WARNING | ERROR"))
+    metrics_port: int = field(
+        default=0,
+        metadata=_help("serve Prometheus metrics at http://metrics_host:PORT/metrics; 0 = off"),
+    )
+    metrics_host: str = field(
+        default="127.0.0.1", metadata=_help("address of the metrics endpoint (loopback only)")
+    )
     # -- the nightly job (ghostloop train); defaults are what the lab run supports
     train_method: str = field(
         default="sft",
@@ -255,6 +262,7 @@ class Settings:
             ("adapter_poll_s", 0),
             ("canary_min_completions", 1),
             ("canary_check_s", 0),
+            ("metrics_port", 0),
         ):
             if getattr(self, name) < low:
                 raise SettingsError(f"{name}={getattr(self, name)} must be at least {low}")
@@ -285,6 +293,8 @@ class Settings:
             )
         if not self.lora_target_modules:
             raise SettingsError("lora_targets is empty; name modules such as 'q_proj,v_proj'")
+        if self.metrics_port > 65535:
+            raise SettingsError(f"metrics_port={self.metrics_port} must be a port (1-65535) or 0")
         if not 0.0 <= self.suffix_share < 1.0:
             raise SettingsError(f"suffix_share={self.suffix_share} must be in [0, 1)")
 

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from feedback.database import default_database_url, open_engine
+from feedback.prometheus import ServerMetrics
 from feedback.recorder import Recorder, StoreWrite
 from feedback.redaction import redact
 from ghostloop.settings import Settings
@@ -45,9 +46,16 @@ def document_path(uri: str, root_uri: str | None) -> str:
 class FeedbackLog:
     """Turns served completions and client signals into store records."""
 
-    def __init__(self, settings: Settings, recorder: Recorder | None, schedule: Schedule) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        recorder: Recorder | None,
+        schedule: Schedule,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.recorder = recorder
+        self.metrics = metrics
         self.survival = SurvivalTracker(settings.survival_windows, schedule, self._event)
         self._fates: OrderedDict[str, str] = OrderedDict()  # completion id -> latest fate
         self._last_served: dict[str, str] = {}  # document uri -> completion id
@@ -55,18 +63,22 @@ class FeedbackLog:
 
     @classmethod
     def open(
-        cls, settings: Settings, schedule: Schedule, busy: Callable[[], bool] | None = None
+        cls,
+        settings: Settings,
+        schedule: Schedule,
+        busy: Callable[[], bool] | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> FeedbackLog:
         """``schedule(delay_s, call)`` runs survival checks later (the loop's call_later);
         while ``busy()`` (a completion is generating) the recorder holds its writes back."""
         if not settings.telemetry:
             log.info("telemetry off: nothing about this user's code is recorded")
-            return cls(settings, None, schedule)
+            return cls(settings, None, schedule, metrics)
         url = settings.database_url or default_database_url(settings.data_dir)
         journal = settings.data_dir / "journal.jsonl"
         recorder = Recorder(engine=open_engine(url), journal_path=journal, hold=busy)
         recorder.start()
-        return cls(settings, recorder, schedule)
+        return cls(settings, recorder, schedule, metrics)
 
     def close(self) -> None:
         if self.recorder is not None:
@@ -168,6 +180,8 @@ class FeedbackLog:
         survival_ratio: float | None = None,
         text: str | None = None,
     ) -> None:
+        if self.metrics is not None:
+            self.metrics.event(kind, window_s=window_s, survival_ratio=survival_ratio)
         if kind not in ("survival", "typed_instead"):
             with self._lock:
                 if completion_id in self._fates:

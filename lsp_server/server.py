@@ -10,6 +10,7 @@ from pygls.exceptions import JsonRpcException, JsonRpcServerNotInitialized
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 
+from feedback.prometheus import ServerMetrics
 from ghostloop import __version__
 from ghostloop.settings import Settings
 from lsp_server.adapter_watch import AdapterWatcher
@@ -72,6 +73,7 @@ class GhostloopServer(LanguageServer):
         self.adapters_or_none: AdapterWatcher | None = None
         self.client_info: types.ClientInfo | None = None
         self.root_uri: str | None = None
+        self.metrics = ServerMetrics()
 
     @property
     def engine(self) -> CompletionEngine:

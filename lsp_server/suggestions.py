@@ -63,15 +63,26 @@ async def suggest(server: GhostloopServer, cursor: Cursor) -> CompletionResult:
         result = await asyncio.wrap_future(job.future)
     except asyncio.CancelledError:
         job.cancel("cancelled")
+        server.metrics.request("cancelled")
         raise
     except JobCancelled as cancelled:
+        server.metrics.request("cancelled")
         if cancelled.reason == "superseded":
             raise ServerCancelled(
                 "superseded by a newer completion request for this document"
             ) from None
         raise JsonRpcRequestCancelled(f"completion {cancelled.reason}") from None
     except ModelNotFoundError as error:
+        server.metrics.request("error")
         raise ModelUnavailable(str(error)) from None
+    except Exception:
+        server.metrics.request("error")
+        raise
+    server.metrics.request(
+        "served" if result.text else "empty",
+        latency_ms=result.latency_ms,
+        adapter=result.adapter_version,
+    )
     if result.text:
         client = server.client_info
         server.feedback.served(

@@ -94,19 +94,23 @@ class Dashboard:
         bearer = self.guard.by_bearer(request)
         if not bearer and not self.guard.by_cookie(request):
             return self.login_page(request, status=401, next_path=request.url.path)
-        if request.method == "POST" and not bearer:
-            form = await request.form()
-            if not same_origin(request) or not self.guard.csrf_matches(
-                str(form.get(CSRF_FIELD, ""))
-            ):
-                log.warning("refused a cross-site or token-less POST to %s", request.url.path)
-                return Response(
-                    "refused: this form did not come from the dashboard (CSRF check failed); "
-                    "reload the page and try again",
-                    status_code=403,
-                    media_type="text/plain",
-                )
         return await call_next(request)
+
+    async def posted_form(self, request: Request) -> FormData:
+        """The form of a state-changing POST, once it has shown it comes from the dashboard:
+        a browser's must carry the page's CSRF token and no foreign origin (a script with
+        the bearer token is not a browser that another site can steer)."""
+        form = await request.form()
+        if not self.guard.by_bearer(request) and (
+            not same_origin(request) or not self.guard.csrf_matches(str(form.get(CSRF_FIELD, "")))
+        ):
+            log.warning("refused a cross-site or token-less POST to %s", request.url.path)
+            raise PageError(
+                403,
+                "refused: this form did not come from the dashboard (CSRF check failed); "
+                "reload the page and try again",
+            )
+        return form
 
     async def page_error(self, request: Request, error: Exception) -> Response:
         assert isinstance(error, PageError)
@@ -143,6 +147,7 @@ class Dashboard:
         return response
 
     async def logout(self, request: Request) -> Response:
+        await self.posted_form(request)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
         return response
@@ -306,8 +311,10 @@ class Dashboard:
         return self.render(request, "adapters.html", rows=rows, message=message)
 
     async def adapter_action(self, request: Request) -> Response:
-        form: FormData = await request.form()
+        form = await self.posted_form(request)
         action = request.path_params["action"]
+        if action not in ("promote", "rollback"):
+            raise PageError(404, f"no adapter action {action!r}: promote or rollback")
         version = str(form.get("version", "")).strip()
 
         def work(session: Session) -> str:

@@ -52,6 +52,7 @@ def register(server: GhostloopServer) -> None:
             loop = asyncio.get_event_loop()
             ls.feedback_or_none = FeedbackLog.open(
                 ls.settings,
+                metrics=ls.metrics,
                 schedule=loop.call_later,
                 busy=lambda: ls.engine_or_none is not None and ls.engine_or_none.busy(),
             )
@@ -65,6 +66,9 @@ def register(server: GhostloopServer) -> None:
             ls.engine_or_none, ls.adapters_or_none = engine, watcher
             engine.start()
             watcher.start()
+            ls.metrics.follow_serving(lambda: engine.serving.describe())
+            if ls.settings.metrics_port:
+                ls.metrics.serve(ls.settings.metrics_host, ls.settings.metrics_port)
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: GhostloopServer, params: None) -> None:
@@ -74,3 +78,4 @@ def register(server: GhostloopServer) -> None:
             ls.engine_or_none.stop()
         if ls.feedback_or_none is not None:
             ls.feedback_or_none.close()  # everything recorded is in the store or the journal
+        ls.metrics.close()

@@ -18,6 +18,7 @@ def register(server: GhostloopServer) -> None:
             status["recorder"] = ls.feedback_or_none.status()
         if ls.adapters_or_none is not None:
             status["adapters"] = ls.adapters_or_none.status()
+        status["metrics"] = ls.metrics.status()
         return status
 
     @server.feature(RELOAD_ADAPTERS_REQUEST)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -128,6 +129,18 @@ async def test_a_real_session_trains_gates_and_publishes_an_adapter(
         assert all(p.ranking and p.ranking["events"] for p in pairs)
         assert sum(p.split == "eval" for p in pairs) == 6
     engine.dispose()
+
+    # what an admin sees of it
+    [listed] = [json.loads(line) for line in ghostloop(env, "runs", "--json").stdout.splitlines()]
+    assert (listed["id"], listed["decision"], listed["data_counts"]["train"]) == (
+        run.id,
+        "published",
+        24,
+    )
+    shown = ghostloop(env, "pairs", "--run", str(run.id), "--json", "--limit", "100")
+    assert {json.loads(line)["completion_id"] for line in shown.stdout.splitlines()} == set(ids)
+    [published] = ghostloop(env, "adapters", "list", "--json").stdout.splitlines()
+    assert json.loads(published)["run"] == run.id and json.loads(published)["status"] == "active"
 
     again = train({**env, "GHOSTLOOP_MODEL": str(tiny_model_dir)})
     assert again.returncode == 0 and again.stdout.startswith("nothing to train"), again.stdout

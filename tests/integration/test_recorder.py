@@ -67,6 +67,36 @@ def test_records_and_outcomes_reach_the_store(engine: Engine, tmp_path: Path):
         assert second is not None and second.outcome == "rejected"
 
 
+def test_survival_checks_settle_what_each_completion_saved(engine: Engine, tmp_path: Path):
+    recorder = Recorder(engine=engine, journal_path=tmp_path / "journal.jsonl", event_retries=0)
+    recorder.start()
+
+    def survival(completion_id: str, window_s: float, ratio: float) -> StoreWrite:
+        values = {"id": uuid.uuid4().hex, "completion_id": completion_id, "kind": "survival"}
+        return StoreWrite("event", {**values, "window_s": window_s, "survival_ratio": ratio})
+
+    recorder.submit(completion_write("a" * 32))
+    recorder.submit(event_write("a" * 32, "accepted", 12))
+    recorder.submit(survival("a" * 32, 30.0, 1.0))
+    assert recorder.flush()
+    with Session(engine) as session:
+        row = session.get(Completion, "a" * 32)
+        assert row is not None and (row.survival_window_s, row.chars_saved) == (30.0, 12)
+    recorder.submit(survival("a" * 32, 120.0, 0.5))  # nearer two minutes: it decides
+    recorder.submit(survival("a" * 32, 600.0, 0.0))
+    recorder.submit(completion_write("b" * 32))
+    recorder.submit(event_write("b" * 32, "dismissed"))
+    recorder.submit(completion_write("c" * 32))
+    recorder.submit(event_write("c" * 32, "accepted", 5))  # no survival check yet
+    assert recorder.flush()
+    recorder.close()
+    with Session(engine) as session:
+        saved = {
+            c.id[0]: (c.survival_ratio, c.chars_saved) for c in session.scalars(select(Completion))
+        }
+    assert saved == {"a": (0.5, 6), "b": (None, 0), "c": (None, None)}
+
+
 def test_a_dead_database_loses_nothing_and_each_record_lands_once(
     postgres_url: str, tmp_path: Path
 ):

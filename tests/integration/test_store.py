@@ -139,3 +139,62 @@ def test_db_purge_command_checks_its_age_argument(isolated_data_dir: Path):
     assert bad.returncode == 2 and "positive number with d, h, m or s" in bad.stderr
     good = run_cli("db", "purge", "--older-than", "30d", env_data_dir=isolated_data_dir)
     assert good.returncode == 0 and "deleted 0 completions" in good.stdout
+
+
+def test_upgrading_a_store_from_before_0002_works_out_each_completions_figures(engine: Engine):
+    from alembic import command
+
+    from feedback.database import _alembic_config
+
+    config = _alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    now = "2026-11-20 10:00:00"
+    rows = [  # id, outcome, accepted_length
+        ("kept", "accepted", 10),
+        ("half", "partial", 8),
+        ("thrown", "rejected", None),
+        ("unsettled", "accepted", 6),
+        ("pending", "pending", None),
+    ]
+    events = [  # completion, window, ratio: the check nearest two minutes counts
+        ("kept", 30.0, 0.2),
+        ("kept", 120.0, 0.9),
+        ("kept", 600.0, 0.1),
+        ("half", 30.0, 0.5),
+    ]
+    with engine.begin() as connection:
+        for completion_id, outcome, length in rows:
+            connection.execute(
+                text(
+                    'INSERT INTO completions (id, created_at, "user", client_name, '
+                    "client_version, language, path, base_model, template, prompt_prefix, "
+                    "prompt_suffix, suggestion, multiline, latency_ms, prompt_tokens, "
+                    "generated_tokens, stop_reason, redactions, outcome, accepted_length) VALUES "
+                    "(:id, :now, 'a', '', '', 'python', '', 'm', '', '', '', 'x', false, 1.0, "
+                    "0, 0, '', 0, :outcome, :length)"
+                ),
+                {"id": completion_id, "now": now, "outcome": outcome, "length": length},
+            )
+        for index, (completion_id, window, ratio) in enumerate(events):
+            connection.execute(
+                text(
+                    "INSERT INTO events (id, completion_id, created_at, kind, window_s, "
+                    "survival_ratio) VALUES (:id, :c, :now, 'survival', :w, :r)"
+                ),
+                {"id": f"e{index}", "c": completion_id, "now": now, "w": window, "r": ratio},
+            )
+    assert upgrade(engine) == head_revision()
+    with Session(engine) as session:
+        found = {
+            c.id: (c.survival_window_s, c.survival_ratio, c.chars_saved)
+            for c in session.scalars(select(Completion))
+        }
+    assert found == {
+        "kept": (120.0, 0.9, 9),
+        "half": (30.0, 0.5, 4),
+        "thrown": (None, None, 0),
+        "unsettled": (None, None, None),
+        "pending": (None, None, None),
+    }

@@ -188,11 +188,8 @@ class Dashboard:
     def overview(self, request: Request) -> Response:
         where = self.where(request, DEFAULT_WINDOW)
         by_day_adapter, by_day, by_adapter, total = self.query(
-            lambda s: (
-                stats.stats(session=s, by=("day", "adapter"), where=where),
-                stats.stats(session=s, by=("day",), where=where),
-                stats.stats(session=s, by=("adapter",), where=where),
-                stats.stats(session=s, by=(), where=where),
+            lambda s: stats.stats_for(
+                session=s, groupings=[("day", "adapter"), ("day",), ("adapter",), ()], where=where
             )
         )
         saved: dict[str, list[tuple[str, float | None]]] = defaultdict(list)

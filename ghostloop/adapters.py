@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+EXPORT_DIR = "onnx"  # the onnxruntime backend's export, checked by its own side file
 PARTIAL_PREFIX = ".partial-"
 
 
@@ -74,7 +75,7 @@ def write_atomically(
     try:
         save(partial)
         for extra in partial.iterdir():  # peft writes a README; keep only what is served
-            if extra.name not in ADAPTER_FILES:
+            if extra.name not in (*ADAPTER_FILES, EXPORT_DIR):
                 extra.unlink() if extra.is_file() else shutil.rmtree(extra)
         digest = checksum(partial)
         verify(partial, digest)

@@ -165,13 +165,13 @@ def load_model(settings: Settings) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if settings.backend != "torch":
-        raise ModelNotFoundError(
-            f"backend={settings.backend!r} is not available in this version; "
-            "set GHOSTLOOP_BACKEND=torch"
-        )
     torch.set_num_threads(settings.torch_threads)
     name, source = resolve_model(settings)
+    if settings.backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        raise ModelNotFoundError(
+            "backend=onnxruntime needs onnxruntime — pip install 'ghostloop[onnx]' (CPU) "
+            "or 'ghostloop[gpu]' (CUDA), or set GHOSTLOOP_BACKEND=torch"
+        )
     device, dtype = _pick_device(settings)
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(source)

@@ -86,6 +86,10 @@ class Settings:
         ),
     )
     backend: str = field(default="torch", metadata=_help("inference backend: torch | onnxruntime"))
+    onnx_int8: bool = field(
+        default=False,
+        metadata=_help("onnxruntime: serve an int8 (dynamic) quantized copy of each export"),
+    )
     device: str = field(
         default="auto",
         metadata=_help("auto (CUDA in bf16 when present, else CPU fp32) | cpu | cuda"),

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ghostloop.decoding import Generation, TorchForward, generate
+from ghostloop.decoding import Forward, Generation, TorchForward, generate
 from ghostloop.lora import LoraWeights, serving
 from ghostloop.models import LoadedModel
 from ghostloop.postprocess import (
@@ -51,16 +51,20 @@ def suggest(
     *,
     model: Any = None,
     adapter: LoraWeights | None = None,
+    forward: Forward | None = None,
     should_stop: Callable[[], str | None] = lambda: None,
 ) -> Suggestion:
     """Greedy suggestion at ``context``. ``adapter`` is put in force on the served model
-    for this call (the server); ``model`` replaces ``loaded.model`` (the gate's peft model)."""
+    for this call (the server); ``model`` replaces ``loaded.model`` (the gate's peft model);
+    ``forward`` replaces the torch forward pass altogether (the onnxruntime backend)."""
     mode = completion_mode(context, settings.max_lines)
     prompt = prompt_for(loaded, settings, context)
+    if forward is None:
+        forward = TorchForward(loaded.model if model is None else model, loaded.device)
     with serving(loaded.model).applied(adapter):
         generation = generate(
             loaded,
-            TorchForward(loaded.model if model is None else model, loaded.device),
+            forward,
             prompt,
             mode,
             max_new_tokens=settings.max_new_tokens,

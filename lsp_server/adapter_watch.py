@@ -27,9 +27,10 @@ from feedback import canary as canaries
 from feedback.database import StoreError, default_database_url, open_engine
 from feedback.schema import AdapterVersion
 from ghostloop.adapters import AdapterError
-from ghostloop.lora import LoraWeights, read_adapter
+from ghostloop.lora import read_adapter
+from ghostloop.onnx_backend import adapter_export
 from ghostloop.settings import Settings
-from lsp_server.engine import CompletionEngine, ServingState
+from lsp_server.engine import Adapter, CompletionEngine, ServingState
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,7 @@ class AdapterWatcher:
         self._last_canary_check = time.monotonic()
         canaries.check(session, base_model, **self.settings.canary_plan)
 
-    def _weights(
-        self, row: AdapterVersion | None, fallback: LoraWeights | None
-    ) -> LoraWeights | None:
+    def _weights(self, row: AdapterVersion | None, fallback: Adapter | None) -> Adapter | None:
         """The weights for ``row``: held already, read now, or ``fallback`` if refused."""
         if row is None:
             return None
@@ -148,31 +147,34 @@ class AdapterWatcher:
         weights = self._load(row)
         return fallback if weights is None else weights
 
-    def _load(self, row: AdapterVersion) -> LoraWeights | None:
+    def _load(self, row: AdapterVersion) -> Adapter | None:
         key = (row.version, row.checksum)
         if key in self._refused:
             return None
         started = time.perf_counter()
         try:
-            weights = read_adapter(
-                Path(row.path),
-                self.engine.loaded.model,
-                version=row.version,
-                expected_checksum=row.checksum,
-            )
+            weights = self._read(row)
         except AdapterError as error:
             self._refused[key] = str(error)
             log.error("refused adapter %s: %s", row.version, error)
             return None
         self.last_read_ms = (time.perf_counter() - started) * 1000
-        log.info(
-            "read adapter %s (rank %d, %.1f MB) in %.1f ms",
-            row.version,
-            weights.rank,
-            weights.nbytes / 1e6,
-            self.last_read_ms,
-        )
+        log.info("read adapter %s in %.1f ms", row.version, self.last_read_ms)
         return weights
+
+    def _read(self, row: AdapterVersion) -> Adapter:
+        """The adapter checked against the served model: LoRA factors for the torch
+        backend; for onnxruntime, the export published beside them, in a session."""
+        directory, loaded = Path(row.path), self.engine.loaded
+        # the registry's checks (files, checksum, factors that fit) hold for both backends
+        weights = read_adapter(
+            directory, loaded.model, version=row.version, expected_checksum=row.checksum
+        )
+        if self.settings.backend != "onnxruntime":
+            return weights
+        return adapter_export(
+            directory, loaded, self.settings, version=row.version, checksum=row.checksum
+        )
 
     def _apply(self, wanted: Wanted) -> None:
         current = self.engine.serving

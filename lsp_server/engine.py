@@ -20,12 +20,15 @@ from typing import Any
 
 from feedback.canary import arm_for
 from ghostloop.lora import LoraWeights
+from ghostloop.onnx_backend import OnnxForward, OnnxModel, base_export
 from ghostloop.postprocess import CompletionMode, CursorContext
 from ghostloop.prompts import Prompt
 from ghostloop.settings import Settings
 from lsp_server.fair_queue import FairQueue, QueueClosed
 
 log = logging.getLogger(__name__)
+
+Adapter = LoraWeights | OnnxModel  # what serves an adapter: hooks (torch) or a session (onnx)
 
 
 class JobCancelled(Exception):
@@ -83,11 +86,11 @@ class ServingState:
     """The adapters in force: replaced whole (one reference) when the table changes, so a
     job holds the state it started with until it finishes."""
 
-    active: LoraWeights | None = None
-    canary: LoraWeights | None = None
+    active: Adapter | None = None
+    canary: Adapter | None = None
     canary_share: float = 0.0
 
-    def pick(self, user: str) -> tuple[str, LoraWeights | None]:
+    def pick(self, user: str) -> tuple[str, Adapter | None]:
         """(arm, adapter) for ``user``: sticky per user while a canary runs."""
         if self.canary is None:
             return "active", self.active
@@ -166,6 +169,7 @@ class CompletionEngine:
         self._latest: dict[str, CompletionJob] = {}
         self._lock = threading.Lock()
         self._model: Any = None
+        self._onnx_base: OnnxModel | None = None  # the onnxruntime backend's base model
         self._load_error: Exception | None = None
         self._ready = threading.Event()
         self._ready_at = 0.0
@@ -203,6 +207,8 @@ class CompletionEngine:
             "error": str(self._load_error) if self._load_error else None,
             "model": model.name if model else None,
             "device": model.device if model else None,
+            "backend": self.settings.backend
+            + (f" ({self._onnx_base.device})" if self._onnx_base is not None else ""),
             "template": model.template.name if model else None,
             **self.serving.describe(),
             "queued": len(self._queue),
@@ -228,6 +234,8 @@ class CompletionEngine:
 
         try:
             self._model = (self._loader or load_model)(self.settings)
+            if self.settings.backend == "onnxruntime":
+                self._onnx_base = base_export(self._model, self.settings)
         except Exception as error:  # any failure must reach the client, not kill the thread
             log.error("model failed to load: %s", error)
             self._load_error = error
@@ -300,9 +308,19 @@ class CompletionEngine:
                 return "cancelled"
             return "deadline" if time.monotonic() >= deadline else None
 
-        suggestion = suggest(
-            loaded, settings, job.context, adapter=adapter, should_stop=should_stop
-        )
+        if self._onnx_base is not None:  # a session per adapter: nothing to put in force
+            served = adapter if isinstance(adapter, OnnxModel) else self._onnx_base
+            suggestion = suggest(
+                loaded, settings, job.context, forward=OnnxForward(served), should_stop=should_stop
+            )
+        else:
+            suggestion = suggest(
+                loaded,
+                settings,
+                job.context,
+                adapter=adapter if isinstance(adapter, LoraWeights) else None,
+                should_stop=should_stop,
+            )
         generation, prompt, mode = suggestion.generation, suggestion.prompt, suggestion.mode
         stats = self.stats
         stats.tokens_generated += len(generation.token_ids)

@@ -31,6 +31,21 @@ def save_adapter(model_dir: Path, directory: Path, *, seed: int, rank: int = 4) 
     peft_model.save_pretrained(str(directory), safe_serialization=True)
 
 
+def export_onnx(model_dir: Path, directory: Path, version: str) -> None:
+    """The served model with the adapter at ``directory`` merged in, exported beside it."""
+    from ghostloop import onnx_backend
+    from ghostloop.lora import read_adapter
+    from ghostloop.models import load_model
+
+    loaded = load_model(Settings(model=str(model_dir), device="cpu"))
+    adapter = read_adapter(
+        directory, loaded.model, version=version, expected_checksum=registry.checksum(directory)
+    )
+    onnx_backend.export(
+        loaded.model, directory / registry.EXPORT_DIR, model_name=loaded.name, adapter=adapter
+    )
+
+
 def publish_adapter(
     settings: Settings,
     model_dir: Path,
@@ -39,14 +54,18 @@ def publish_adapter(
     seed: int,
     canary_share: float = 0.0,
     trained_for: Path | None = None,
+    onnx: bool = False,
 ) -> Path:
     """Write a version into the registry and publish it for the served model (as the
-    nightly job does); ``trained_for`` makes its weights fit another model."""
-    path, digest = registry.write_atomically(
-        settings.adapters_dir,
-        version,
-        lambda directory: save_adapter(trained_for or model_dir, directory, seed=seed),
-    )
+    nightly job does); ``trained_for`` makes its weights fit another model; ``onnx``
+    exports it for the onnxruntime backend as the nightly job does with that backend."""
+
+    def save(directory: Path) -> None:
+        save_adapter(trained_for or model_dir, directory, seed=seed)
+        if onnx:
+            export_onnx(model_dir, directory, version)
+
+    path, digest = registry.write_atomically(settings.adapters_dir, version, save)
     engine = open_engine(settings.database_url)
     upgrade(engine)
     with Session(engine) as session, session.begin():

@@ -257,6 +257,20 @@ def _run(settings: Settings, method: str, engine: Engine, from_scratch: bool) ->
         raise
 
 
+def _export_onnx(model: Any, directory: Path, model_name: str, version: str) -> None:
+    """The onnxruntime backend serves a model with the adapter folded into its weights:
+    export it now, inside the version's directory before it is published."""
+    import copy
+
+    from ghostloop import onnx_backend
+
+    folded = copy.deepcopy(model).merge_and_unload()  # peft: W + scale * B A, plain Linears
+    identity = (version, registry.checksum(directory))
+    onnx_backend.export(
+        folded, directory / registry.EXPORT_DIR, model_name=model_name, identity=identity
+    )
+
+
 def _ungated(reason: str) -> str:
     return f"published without the gate's approval (gate_enforced=false); the gate said: {reason}"
 
@@ -355,6 +369,8 @@ def _train_gate_publish(
             model.save_pretrained(
                 str(directory), selected_adapters=["default"], safe_serialization=True
             )
+            if settings.backend == "onnxruntime":
+                _export_onnx(model, directory, loaded.name, version)
 
         path, digest = registry.write_atomically(settings.adapters_dir, version, save)
         with Session(engine) as session, session.begin():

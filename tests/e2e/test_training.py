@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from feedback.database import open_engine
 from feedback.schema import AdapterVersion, PreferencePair, TrainingRun
 from ghostloop import adapters as registry
-from ghostloop.models import resolve_model
+from ghostloop.models import load_model, resolve_model
 from ghostloop.settings import Settings
 from tests.e2e.conftest import StartServer
 from tests.training_data import (
@@ -361,3 +361,29 @@ def test_the_whole_job_runs_with_each_preference_method(
                 {c["text"] for c in p.ranking["candidates"]} == {TRUTH, "pass"} for p in pairs
             )
         engine.dispose()
+
+
+def test_on_the_onnxruntime_backend_publishing_exports_the_adapter_merged(
+    isolated_data_dir: Path, tiny_model_dir: Path
+):
+    from ghostloop import onnx_backend
+
+    url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    env = {
+        "GHOSTLOOP_DATABASE_URL": url,
+        "GHOSTLOOP_MODEL": str(tiny_model_dir),
+        "GHOSTLOOP_BACKEND": "onnxruntime",
+    }
+    publish_first(url, env, tiny_model_dir)
+    [adapter] = adapter_rows(url)
+    export = Path(adapter.path) / registry.EXPORT_DIR / "model.onnx"
+    meta = json.loads(export.with_name("model.onnx.json").read_text())
+    assert (meta["adapter"], meta["adapter_checksum"]) == (adapter.version, adapter.checksum)
+    assert registry.verify(Path(adapter.path), adapter.checksum)  # the export left it intact
+    # what the server will do with it: load it as the export of this very adapter
+    loaded = load_model(Settings(model=str(tiny_model_dir), device="cpu"))
+    settings = Settings(model=str(tiny_model_dir), device="cpu", backend="onnxruntime")
+    served = onnx_backend.adapter_export(
+        Path(adapter.path), loaded, settings, version=adapter.version, checksum=adapter.checksum
+    )
+    assert served.version == adapter.version

@@ -36,6 +36,14 @@ def test_tiny_model_loads_on_cpu_in_fp32(tiny_model_dir: Path):
     assert loaded.stop_ids == {0}
 
 
-def test_unimplemented_backend_is_refused_not_silently_replaced(tiny_model_dir: Path):
-    with pytest.raises(ModelNotFoundError, match="GHOSTLOOP_BACKEND=torch"):
+def test_onnxruntime_backend_without_onnxruntime_says_what_to_install(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name)
+    )
+    with pytest.raises(ModelNotFoundError, match=r"pip install 'ghostloop\[onnx\]'"):
         load_model(Settings(model=str(tiny_model_dir), backend="onnxruntime"))

@@ -1,0 +1,385 @@
+"""The onnxruntime backend: the served model (base, or base with an adapter merged in)
+exported to ONNX with its KV cache as inputs and outputs, and the forward step that runs
+it. Prompts, decoding, stop rules and post-processing are the torch backend's
+(ghostloop.decoding.generate); only ``Forward`` differs.
+
+Export: ``torch.onnx.export`` (TorchScript tracing, opset 17) of a wrapper taking
+``input_ids``, ``attention_mask``, ``position_ids`` and the past keys and values as flat
+tensors, returning the last position's logits and the present keys and values. It is
+exported without constant folding, which would store the output layer's transpose of a
+tied embedding as a second copy of the largest weight; onnxruntime folds constants itself
+when it loads the graph. A side file ``model.onnx.json`` records the file's SHA-256, the
+cache geometry and what was exported (model, adapter version and registry checksum); a
+file that does not match it is refused.
+optimum-onnx is not used: it pins transformers < 4.58.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ghostloop.adapters import AdapterError
+from ghostloop.lora import LoraWeights
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+META_SUFFIX = ".json"
+OPSET = 17
+EXPORT_FORMAT = 1  # bump when the graph's inputs or outputs change
+
+
+class OnnxExportError(AdapterError):
+    """An export is missing, corrupt or made for another model; the message says which."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _geometry(model: Any) -> dict[str, int]:
+    config = model.config
+    heads = int(config.num_attention_heads)
+    return {
+        "layers": int(config.num_hidden_layers),
+        "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+        "vocab": int(config.vocab_size),
+    }
+
+
+class _WithCache(nn.Module):
+    """The causal LM as the exported graph sees it: flat tensors in and out."""
+
+    def __init__(self, model: Any, layers: int) -> None:
+        super().__init__()
+        self.model: Any = model
+        self.layers = layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer in range(self.layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state[:, -1, :]  # (batch, hidden): 2-D, so Gemm(transB)
+        logits = nn.functional.linear(hidden, self.model.lm_head.weight)
+        present = out.past_key_values
+        flat: list[torch.Tensor] = []
+        for layer in range(self.layers):
+            keys, values = _layer_kv(present, layer)
+            flat += [keys, values]
+        return (logits, *flat)
+
+
+def _layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):  # transformers >= 4.56: per-layer objects
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def merged(model: Any, adapter: LoraWeights | None) -> Any:
+    """A CPU fp32 copy of ``model`` with ``adapter`` added into its weights (W + s B A);
+    the served model is never touched."""
+    copied = copy.deepcopy(model).float().cpu()
+    if adapter is None:
+        return copied
+    modules = dict(copied.named_modules())
+    with torch.no_grad():
+        for name, (a, b, scale) in adapter.layers.items():
+            linear = modules[name]
+            linear.weight += (b.float().cpu() @ a.float().cpu()) * scale
+    return copied
+
+
+def export(
+    model: Any,
+    directory: Path,
+    *,
+    model_name: str,
+    adapter: LoraWeights | None = None,
+    identity: tuple[str, str] | None = None,
+) -> Path:
+    """Write ``directory/model.onnx`` (and its side file) for ``model`` with ``adapter``
+    merged; written under a temporary name and renamed, so a crash leaves no half file.
+    ``identity`` (version, registry checksum) names the adapter already merged into
+    ``model`` (the trainer's, folded by peft); by default it is ``adapter``'s."""
+    if identity is None and adapter is not None:
+        identity = (adapter.version, adapter.checksum)
+    started = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    source = merged(model, adapter).eval()
+    geometry = _geometry(source)
+    layers, kv_heads, head_dim = geometry["layers"], geometry["kv_heads"], geometry["head_dim"]
+    attention = getattr(source.config, "_attn_implementation", None)
+    source.config._attn_implementation = "eager"  # traceable; sdpa's mask checks are not
+    past_names = [f"past.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present_names = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    sample_ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
+    sample_past = [torch.zeros(1, kv_heads, 2, head_dim) for _ in past_names]
+    inputs = (
+        sample_ids,
+        torch.ones(1, 5, dtype=torch.long),
+        torch.tensor([[2, 3, 4]], dtype=torch.long),
+        *sample_past,
+    )
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch"},
+    }
+    axes.update({name: {0: "batch", 2: "past"} for name in past_names})
+    axes.update({name: {0: "batch", 2: "total"} for name in present_names})
+    partial = directory / f".{ONNX_FILE}.{os.getpid()}.partial"
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                _WithCache(source, layers),
+                inputs,
+                str(partial),
+                input_names=["input_ids", "attention_mask", "position_ids", *past_names],
+                output_names=["logits", *present_names],
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                dynamo=False,
+                # folding would store the output layer's transpose of a tied embedding as a
+                # second copy; onnxruntime folds constants itself when it loads the graph
+                do_constant_folding=False,
+            )
+    finally:
+        source.config._attn_implementation = attention
+    final = directory / ONNX_FILE
+    meta = {
+        "format": EXPORT_FORMAT,
+        "sha256": _sha256(partial),
+        "model": model_name,
+        "adapter": identity[0] if identity else None,
+        "adapter_checksum": identity[1] if identity else None,
+        **geometry,
+    }
+    with partial.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, final)
+    (directory / (ONNX_FILE + META_SUFFIX)).write_text(json.dumps(meta, indent=2))
+    log.info(
+        "exported %s%s to %s in %.1f s (%.0f MB)",
+        model_name,
+        f" + {identity[0]}" if identity else "",
+        final,
+        time.perf_counter() - started,
+        final.stat().st_size / 1e6,
+    )
+    return final
+
+
+def quantized(path: Path) -> Path:
+    """An int8 (dynamic, per-tensor) copy of ``path`` beside it, made once."""
+    target = path.with_name(INT8_FILE)
+    meta = target.with_name(INT8_FILE + META_SUFFIX)
+    if target.is_file() and meta.is_file():
+        return target
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    partial = target.with_name(f".{INT8_FILE}.{os.getpid()}.partial")
+    quantize_dynamic(str(path), str(partial), weight_type=QuantType.QInt8)
+    source_meta = json.loads(path.with_name(path.name + META_SUFFIX).read_text())
+    os.replace(partial, target)
+    meta.write_text(json.dumps({**source_meta, "sha256": _sha256(target), "int8": True}))
+    return target
+
+
+@dataclass(frozen=True, eq=False)
+class OnnxModel:
+    """One exported model ready to run: what ServingState holds for this backend."""
+
+    version: str | None  # the adapter merged in; None: the base model
+    checksum: str  # the adapter's registry checksum ('' for the base model)
+    session: Any
+    layers: int
+    kv_heads: int
+    head_dim: int
+    device: str  # "cpu" | "cuda"
+    path: Path
+
+
+def providers_for(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device != "cpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def load(
+    path: Path,
+    *,
+    model_name: str,
+    version: str | None = None,
+    checksum: str = "",
+    device: str = "cpu",
+    threads: int = 0,
+) -> OnnxModel:
+    """A session over the export at ``path``, checked against its side file: the bytes
+    (SHA-256), the model it was made for, and that onnxruntime can read it."""
+    import onnxruntime as ort
+
+    meta_path = path.with_name(path.name + META_SUFFIX)
+    if not path.is_file() or not meta_path.is_file():
+        raise OnnxExportError(
+            f"no ONNX export at {path}: publish adapters with GHOSTLOOP_BACKEND=onnxruntime "
+            "set for the nightly job too, so it exports them"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected = str(meta["sha256"])
+        geometry = (int(meta["layers"]), int(meta["kv_heads"]), int(meta["head_dim"]))
+    except (ValueError, KeyError, TypeError) as error:
+        raise OnnxExportError(f"the side file {meta_path} is corrupt: {error}") from None
+    if meta.get("format") != EXPORT_FORMAT:
+        raise OnnxExportError(f"{path} was exported in an older format: export it again")
+    if meta.get("model") != model_name:
+        raise OnnxExportError(
+            f"{path} was exported from {meta.get('model')!r}, not the served {model_name!r}"
+        )
+    if _sha256(path) != expected:
+        raise OnnxExportError(f"{path} does not match its recorded SHA-256: the file is corrupt")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+    except Exception as error:  # onnxruntime raises its own types for unreadable graphs
+        raise OnnxExportError(f"onnxruntime cannot load {path}: {error}") from None
+    on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
+    return OnnxModel(version, checksum, session, *geometry, "cuda" if on_gpu else "cpu", path)
+
+
+def base_export(loaded: Any, settings: Any) -> OnnxModel:
+    """The served base model as ONNX: exported once into the model cache, then loaded."""
+    directory = settings.model_cache_dir / "onnx" / _safe(loaded.name)
+    path = directory / ONNX_FILE
+    try:
+        return _session(path, loaded.name, None, "", settings)
+    except OnnxExportError as error:
+        if path.exists():
+            log.warning("%s; exporting again", error)
+    export(loaded.model, directory, model_name=loaded.name)
+    return _session(path, loaded.name, None, "", settings)
+
+
+def adapter_export(
+    directory: Path, loaded: Any, settings: Any, *, version: str, checksum: str
+) -> OnnxModel:
+    """The export published beside the adapter at ``directory``, checked to be the one
+    made from that adapter (its registry checksum) for the served model."""
+    path = directory / "onnx" / ONNX_FILE
+    model = _session(path, loaded.name, version, checksum, settings)
+    meta = json.loads(path.with_name(ONNX_FILE + META_SUFFIX).read_text())
+    if (meta.get("adapter"), meta.get("adapter_checksum")) != (version, checksum):
+        raise OnnxExportError(
+            f"{path} was exported from adapter {meta.get('adapter')!r}, not from {version} "
+            "as published: publish it again"
+        )
+    return model
+
+
+def _session(
+    path: Path, model_name: str, version: str | None, checksum: str, settings: Any
+) -> OnnxModel:
+    if settings.onnx_int8 and path.is_file():
+        path = quantized(path)
+    device = "cpu" if settings.device == "cpu" else "cuda"
+    return load(
+        path,
+        model_name=model_name,
+        version=version,
+        checksum=checksum,
+        device=device,
+        threads=settings.torch_threads,
+    )
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class OnnxForward:
+    """``Forward`` on an exported model: the KV cache stays in onnxruntime's buffers
+    (IO binding), so on a GPU it never leaves the device."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        import onnxruntime as ort
+
+        self._model = model
+        self._ort = ort
+        self._past: list[Any] = []
+        self._length = 0
+        self._names = [f"past.{i}.{kind}" for i in range(model.layers) for kind in ("key", "value")]
+        self._outputs = [o.name for o in model.session.get_outputs()]
+
+    def _run(self, ids: Sequence[int]) -> torch.Tensor:
+        import numpy as np
+
+        model, count = self._model, len(ids)
+        total = self._length + count
+        binding = model.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.array([list(ids)], dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        positions = np.arange(self._length, total, dtype=np.int64)[None, :]
+        binding.bind_cpu_input("position_ids", positions)
+        if not self._past:
+            empty = np.zeros((1, model.kv_heads, 0, model.head_dim), dtype=np.float32)
+            self._past = [
+                self._ort.OrtValue.ortvalue_from_numpy(empty, model.device, 0) for _ in self._names
+            ]
+        for name, value in zip(self._names, self._past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._outputs[1:]:
+            binding.bind_output(name, model.device)
+        model.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self._past = list(outputs[1:])
+        self._length = total
+        return torch.from_numpy(outputs[0].numpy()[0].copy())
+
+    def prefill(self, input_ids: Sequence[int]) -> torch.Tensor:
+        self._past, self._length = [], 0
+        return self._run(input_ids)
+
+    def step(self, token_id: int) -> torch.Tensor:
+        return self._run([token_id])

@@ -1,0 +1,76 @@
+"""The language server on the onnxruntime backend: the same suggestions as the torch
+backend over LSP, adapters hot-swapped by replacing the session, bad exports refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from feedback.database import open_engine
+from ghostloop import adapters as registry
+from tests.adapters import publish_adapter
+from tests.e2e.conftest import StartServer, open_document, sample_source
+from tests.e2e.test_hot_swap import complete, positions, settings_for
+
+ONNX = {"GHOSTLOOP_BACKEND": "onnxruntime", "GHOSTLOOP_ADAPTER_POLL_S": "0"}
+
+
+async def texts(client, uri: str, spots: list[tuple[int, int]]) -> list[str]:
+    return [await complete(client, uri, *spot) for spot in spots]
+
+
+async def status(client):
+    return await client.protocol.send_request_async("ghostloop/status", None)
+
+
+async def test_onnx_server_serves_what_torch_serves_and_swaps_adapters(
+    start_server: StartServer, tiny_model_dir: Path, tmp_path: Path
+):
+    database = f"sqlite:///{tmp_path / 'team.db'}"
+    open_engine(database).dispose()
+    torch_client = await start_server(env={"GHOSTLOOP_DATABASE_URL": database})
+    onnx_client = await start_server(env={**ONNX, "GHOSTLOOP_DATABASE_URL": database})
+    assert (await status(onnx_client)).backend == "onnxruntime (cpu)"
+    spots = positions(6)
+    uris = [open_document(c, sample_source(), "shlex.py") for c in (torch_client, onnx_client)]
+    base = await texts(torch_client, uris[0], spots)
+    assert any(base) and await texts(onnx_client, uris[1], spots) == base
+
+    publish_adapter(settings_for(database), tiny_model_dir, "v1", seed=1, onnx=True)
+    for client in (torch_client, onnx_client):
+        reloaded = await client.protocol.send_request_async("ghostloop/reloadAdapters", None)
+        assert reloaded.adapter == "v1", reloaded
+    adapted = await texts(torch_client, uris[0], spots)
+    assert adapted != base
+    assert await texts(onnx_client, uris[1], spots) == adapted
+
+    # an export that does not match its side file: refused, v1 keeps serving
+    path = publish_adapter(settings_for(database), tiny_model_dir, "v2", seed=2, onnx=True)
+    export = path / registry.EXPORT_DIR / "model.onnx"
+    export.write_bytes(export.read_bytes()[: export.stat().st_size // 2])
+    reloaded = await onnx_client.protocol.send_request_async("ghostloop/reloadAdapters", None)
+    assert reloaded.adapter == "v1"
+    [refused] = reloaded.refused
+    assert refused.version == "v2" and "does not match its recorded SHA-256" in refused.reason
+    assert await texts(onnx_client, uris[1], spots) == adapted
+
+    # an adapter published without an export (the nightly job ran on the torch backend)
+    publish_adapter(settings_for(database), tiny_model_dir, "v3", seed=3)
+    reloaded = await onnx_client.protocol.send_request_async("ghostloop/reloadAdapters", None)
+    assert reloaded.adapter == "v1"
+    assert any(r.version == "v3" and "no ONNX export" in r.reason for r in reloaded.refused)
+
+
+async def test_onnx_server_exports_the_base_model_once(
+    start_server: StartServer, isolated_data_dir: Path
+):
+    first = await start_server(env=ONNX)
+    uri = open_document(first, sample_source(), "shlex.py")
+    spot = positions(1)[0]
+    text = await complete(first, uri, *spot)
+    await first.shutdown_session()
+    [export] = (isolated_data_dir / "models" / "onnx").glob("*/model.onnx")
+    written = export.stat().st_mtime_ns
+    again = await start_server(env=ONNX)
+    uri = open_document(again, sample_source(), "shlex.py")
+    assert await complete(again, uri, *spot) == text
+    assert export.stat().st_mtime_ns == written  # loaded, not exported again

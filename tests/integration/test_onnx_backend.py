@@ -1,0 +1,119 @@
+"""The onnxruntime backend against the torch backend: the same greedy suggestions on
+real prompts, with and without an adapter; broken exports refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ghostloop import onnx_backend
+from ghostloop.corpus import sample_positions, stdlib_dir
+from ghostloop.lora import read_adapter
+from ghostloop.models import LoadedModel, load_model
+from ghostloop.postprocess import CursorContext
+from ghostloop.settings import Settings
+from ghostloop.suggest import suggest
+from tests.adapters import save_adapter
+
+FILES = ("textwrap.py", "shlex.py", "fnmatch.py", "json/decoder.py")
+
+
+def contexts(count_per_file: int) -> list[CursorContext]:
+    found = []
+    for name in FILES:
+        path = stdlib_dir() / name
+        source = path.read_text(encoding="utf-8")
+        for sample in sample_positions(path, count_per_file, seed=11):
+            rest = source[sample.offset + len(sample.true_line_rest) :]
+            found.append(CursorContext(source[: sample.offset], rest))
+    return found
+
+
+def suggestions(loaded: LoadedModel, settings: Settings, model=None, adapter=None) -> list:
+    out = []
+    for context in contexts(4):
+        if model is None:
+            found = suggest(loaded, settings, context, adapter=adapter)
+        else:
+            found = suggest(loaded, settings, context, forward=onnx_backend.OnnxForward(model))
+        out.append(found.generation.token_ids)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path) -> tuple[LoadedModel, Settings]:
+    settings = Settings(model=str(tiny_model_dir), device="cpu", max_new_tokens=16)
+    return load_model(settings), settings
+
+
+def test_greedy_tokens_equal_torch_on_real_prompts(tiny, tmp_path: Path):
+    loaded, settings = tiny
+    path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
+    model = onnx_backend.load(path, model_name=loaded.name)
+    expected = suggestions(loaded, settings)
+    assert sum(len(ids) for ids in expected) > 100  # the tiny model does write
+    assert suggestions(loaded, settings, model=model) == expected
+
+
+def test_an_adapter_merged_into_the_export_equals_torch_serving_it(
+    tiny, tiny_model_dir: Path, tmp_path: Path
+):
+    loaded, settings = tiny
+    save_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
+    adapter = read_adapter(tmp_path / "adapter", loaded.model, version="v1")
+    path = onnx_backend.export(
+        loaded.model, tmp_path / "onnx", model_name=loaded.name, adapter=adapter
+    )
+    model = onnx_backend.load(path, model_name=loaded.name, version="v1")
+    with_adapter = suggestions(loaded, settings, adapter=adapter)
+    assert with_adapter != suggestions(loaded, settings)  # the adapter changes suggestions
+    assert suggestions(loaded, settings, model=model) == with_adapter
+    meta = json.loads((tmp_path / "onnx" / "model.onnx.json").read_text())
+    assert meta["adapter"] == "v1" and meta["model"] == loaded.name
+
+
+def test_tied_embeddings_are_stored_once(tiny, tmp_path: Path):
+    import onnx
+
+    loaded, _ = tiny
+    assert loaded.model.config.tie_word_embeddings
+    path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
+    graph = onnx.load(str(path)).graph
+    vocab, hidden = loaded.model.lm_head.weight.shape
+    big = [i for i in graph.initializer if sorted(i.dims) == sorted([vocab, hidden])]
+    assert len(big) == 1
+
+
+def test_a_corrupt_or_foreign_export_is_refused_with_the_reason(tiny, tmp_path: Path):
+    loaded, _ = tiny
+    path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
+    with pytest.raises(onnx_backend.OnnxExportError, match="exported from 'tiny-model"):
+        onnx_backend.load(path, model_name="another-model")
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "onnx", broken)
+    (broken / "model.onnx").write_bytes(b"not a protobuf at all")
+    with pytest.raises(onnx_backend.OnnxExportError, match="does not match its recorded SHA"):
+        onnx_backend.load(broken / "model.onnx", model_name=loaded.name)
+    meta_path = broken / "model.onnx.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = onnx_backend._sha256(broken / "model.onnx")  # a consistent lie
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(onnx_backend.OnnxExportError, match="onnxruntime cannot load"):
+        onnx_backend.load(broken / "model.onnx", model_name=loaded.name)
+    with pytest.raises(onnx_backend.OnnxExportError, match="no ONNX export"):
+        onnx_backend.load(tmp_path / "nowhere" / "model.onnx", model_name=loaded.name)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_equal_torch(tmp_path: Path):
+    settings = Settings(device="cpu", max_new_tokens=16, data_dir=tmp_path)
+    loaded = load_model(settings)
+    path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
+    model = onnx_backend.load(path, model_name=loaded.name, threads=settings.torch_threads)
+    for context in contexts(2):
+        expected = suggest(loaded, settings, context).generation.token_ids
+        forward = onnx_backend.OnnxForward(model)
+        assert suggest(loaded, settings, context, forward=forward).generation.token_ids == expected

@@ -204,19 +204,56 @@ def export(
 
 
 def quantized(path: Path) -> Path:
-    """An int8 (dynamic, per-tensor) copy of ``path`` beside it, made once."""
+    """An int8 (dynamic) copy of ``path`` beside it, made once. The export keeps each
+    weight as Transpose(stored weight), which the quantizer cannot see through: those are
+    folded into stored transposed weights first (the tied output layer then becomes a
+    weight of its own, quantized as well; this copy stores it a second time in int8)."""
     target = path.with_name(INT8_FILE)
     meta = target.with_name(INT8_FILE + META_SUFFIX)
     if target.is_file() and meta.is_file():
         return target
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    folded = target.with_name(f".folded.{os.getpid()}.onnx")
     partial = target.with_name(f".{INT8_FILE}.{os.getpid()}.partial")
-    quantize_dynamic(str(path), str(partial), weight_type=QuantType.QInt8)
+    try:
+        graph_model = onnx.load(str(path))
+        _fold_weight_transposes(graph_model.graph)
+        onnx.save(graph_model, str(folded))
+        del graph_model
+        quantize_dynamic(str(folded), str(partial), weight_type=QuantType.QInt8)
+    finally:
+        folded.unlink(missing_ok=True)
     source_meta = json.loads(path.with_name(path.name + META_SUFFIX).read_text())
     os.replace(partial, target)
     meta.write_text(json.dumps({**source_meta, "sha256": _sha256(target), "int8": True}))
     return target
+
+
+def _fold_weight_transposes(graph: Any) -> None:
+    """Replace Transpose(stored weight) by the stored transposed weight."""
+    from collections import Counter
+
+    import numpy as np
+    from onnx import numpy_helper
+
+    stored = {init.name: init for init in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    for node in list(graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in stored:
+            continue
+        array = numpy_helper.to_array(stored[node.input[0]])
+        if array.ndim != 2:
+            continue
+        graph.initializer.append(
+            numpy_helper.from_array(np.ascontiguousarray(array.T), node.output[0])
+        )
+        graph.node.remove(node)
+        uses[node.input[0]] -= 1
+    for name, init in stored.items():
+        if uses[name] == 0:
+            graph.initializer.remove(init)
 
 
 @dataclass(frozen=True, eq=False)

@@ -87,6 +87,23 @@ def test_tied_embeddings_are_stored_once(tiny, tmp_path: Path):
     assert len(big) == 1
 
 
+def test_the_int8_copy_quantizes_every_weight_and_runs(tiny, tmp_path: Path):
+    import onnx
+
+    loaded, settings = tiny
+    path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
+    int8_path = onnx_backend.quantized(path)
+    assert onnx_backend.quantized(path) == int8_path  # made once
+    graph = onnx.load(str(int8_path)).graph
+    kinds = [node.op_type for node in graph.node]
+    linears = 7 * loaded.model.config.num_hidden_layers + 1  # q k v o gate up down, output
+    stored = {init.name for init in graph.initializer}
+    assert kinds.count("MatMulInteger") == linears
+    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in stored]
+    model = onnx_backend.load(int8_path, model_name=loaded.name)
+    assert len(suggestions(loaded, settings, model=model)) == 16
+
+
 def test_a_corrupt_or_foreign_export_is_refused_with_the_reason(tiny, tmp_path: Path):
     loaded, _ = tiny
     path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
@@ -107,13 +124,59 @@ def test_a_corrupt_or_foreign_export_is_refused_with_the_reason(tiny, tmp_path: 
         onnx_backend.load(tmp_path / "nowhere" / "model.onnx", model_name=loaded.name)
 
 
-@pytest.mark.slow
-def test_smollm2_greedy_tokens_equal_torch(tmp_path: Path):
-    settings = Settings(device="cpu", max_new_tokens=16, data_dir=tmp_path)
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory):
+    directory = tmp_path_factory.mktemp("smollm2")
+    settings = Settings(device="cpu", max_new_tokens=16, max_lines=1, data_dir=directory)
     loaded = load_model(settings)
-    path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
+    path = onnx_backend.export(loaded.model, directory / "onnx", model_name=loaded.name)
+    return loaded, settings, path
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_equal_torch(smollm2):
+    loaded, settings, path = smollm2
     model = onnx_backend.load(path, model_name=loaded.name, threads=settings.torch_threads)
     for context in contexts(2):
         expected = suggest(loaded, settings, context).generation.token_ids
         forward = onnx_backend.OnnxForward(model)
         assert suggest(loaded, settings, context, forward=forward).generation.token_ids == expected
+
+
+INT8_TOLERANCE = 0.25  # relative, on characters saved per completion over 40 positions
+
+
+@pytest.mark.slow
+def test_smollm2_int8_saves_about_as_much_typing_as_fp32(smollm2):
+    """int8 changes tokens (ORT's dynamic quantization drifts within a few tokens), so it
+    is held to what users get: characters saved per completion and exact lines against the
+    code that really follows, within INT8_TOLERANCE of the fp32 model's."""
+    from feedback.metrics import judge
+
+    loaded, settings, path = smollm2
+    int8 = onnx_backend.load(
+        onnx_backend.quantized(path), model_name=loaded.name, threads=settings.torch_threads
+    )
+    saved = {"fp32": 0, "int8": 0}
+    exact = {"fp32": 0, "int8": 0}
+    count = 0
+    for name in FILES:
+        source = (stdlib_dir() / name).read_text(encoding="utf-8")
+        for sample in sample_positions(stdlib_dir() / name, 10, seed=5):
+            rest = source[sample.offset + len(sample.true_line_rest) :]
+            context = CursorContext(source[: sample.offset], rest)
+            texts = {
+                "fp32": suggest(loaded, settings, context).text,
+                "int8": suggest(
+                    loaded, settings, context, forward=onnx_backend.OnnxForward(int8)
+                ).text,
+            }
+            for kind, text in texts.items():
+                outcome = judge(text, sample.true_line_rest)
+                saved[kind] += outcome.retained
+                exact[kind] += outcome.exact
+            count += 1
+    print(f"over {count} positions: chars saved {saved}, exact lines {exact}")
+    assert saved["fp32"] > 0
+    assert abs(saved["int8"] - saved["fp32"]) <= INT8_TOLERANCE * saved["fp32"]
+    assert abs(exact["int8"] - exact["fp32"]) <= max(2, INT8_TOLERANCE * exact["fp32"])

@@ -31,8 +31,13 @@ browser:
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# The language server's end-to-end tests run twice: on torch (with everything else) and on
+# the onnxruntime backend.
+ONNX_E2E := tests/e2e/test_server.py tests/e2e/test_raw_protocol.py tests/e2e/test_recording.py
+
 test: $(STAMP) browser
 	$(PY) -m pytest
+	GHOSTLOOP_TEST_BACKEND=onnxruntime $(PY) -m pytest -p no:cacheprovider $(ONNX_E2E)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

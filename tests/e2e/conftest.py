@@ -30,6 +30,8 @@ def server_env(model: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["GHOSTLOOP_MODEL"] = str(model)
     env["GHOSTLOOP_LOG_LEVEL"] = "INFO"
+    # `make test` runs the server's own end-to-end tests a second time on onnxruntime
+    env["GHOSTLOOP_BACKEND"] = os.environ.get("GHOSTLOOP_TEST_BACKEND", "torch")
     env.update(extra)
     return env
 

@@ -59,6 +59,18 @@ async def test_onnx_server_serves_what_torch_serves_and_swaps_adapters(
     assert reloaded.adapter == "v1"
     assert any(r.version == "v3" and "no ONNX export" in r.reason for r in reloaded.refused)
 
+    # a canary beside the active adapter: two sessions resident, this user on the canary
+    publish_adapter(
+        settings_for(database), tiny_model_dir, "v4", seed=4, onnx=True, canary_share=0.999
+    )
+    # (v3 is active in the table: the torch server serves it, the onnx server keeps v1)
+    for client, active in ((torch_client, "v3"), (onnx_client, "v1")):
+        reloaded = await client.protocol.send_request_async("ghostloop/reloadAdapters", None)
+        assert (reloaded.adapter, reloaded.canary.version) == (active, "v4"), reloaded
+    on_canary = await texts(torch_client, uris[0], spots)
+    assert on_canary != adapted
+    assert await texts(onnx_client, uris[1], spots) == on_canary
+
 
 async def test_onnx_server_exports_the_base_model_once(
     start_server: StartServer, isolated_data_dir: Path

@@ -126,8 +126,26 @@ def run_raw_generate(settings: Settings, measured: list[Measured]) -> list[float
     return times
 
 
-def sixteen_tokens(settings: Settings, measured: list[Measured], int8: bool) -> dict[str, float]:
-    """p50 ms of prefill plus 15 decode steps (16 new tokens) per backend, same prompts."""
+def read_bandwidth_gbs(device: str, threads: int) -> float:
+    """Bytes per second a reduction over 1 GiB reads: what bounds a decode step, which
+    reads every weight once."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(256 * 1024 * 1024, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        float(data.sum())
+        times.append(time.perf_counter() - started)
+    return data.numel() * 4 / statistics.median(times) / 1e9
+
+
+def sixteen_tokens(
+    settings: Settings, measured: list[Measured], int8: bool
+) -> dict[str, tuple[float, float, float, int]]:
+    """Per backend, on the same prompts: p50 ms of 16 new tokens (prefill plus 15 decode
+    steps), p50 prefill ms, p50 ms per decode step, and the weight bytes a step reads."""
     from ghostloop import onnx_backend
     from ghostloop.decoding import TorchForward
     from ghostloop.models import load_model
@@ -135,27 +153,42 @@ def sixteen_tokens(settings: Settings, measured: list[Measured], int8: bool) -> 
     from ghostloop.suggest import prompt_for
 
     loaded = load_model(settings)
-    forwards: dict[str, object] = {"torch": lambda: TorchForward(loaded.model, loaded.device)}
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    forwards: dict[str, tuple[object, int]] = {
+        "torch": (lambda: TorchForward(loaded.model, loaded.device), parameters * 4)
+    }
     for name, quantized in (("onnxruntime", False), ("onnxruntime int8", True)):
         if quantized and not int8:
             continue
         model = onnx_backend.base_export(loaded, replace(settings, onnx_int8=quantized))
-        forwards[name] = lambda model=model: onnx_backend.OnnxForward(model)
+        forwards[name] = (
+            lambda model=model: onnx_backend.OnnxForward(model),
+            parameters * (1 if quantized else 4),
+        )
     prompts = [
         prompt_for(loaded, settings, CursorContext(m.document[: m.sample.offset], "")).input_ids
         for m in measured
     ]
     result = {}
-    for name, make in forwards.items():
-        times = []
+    for name, (make, weight_bytes) in forwards.items():
+        totals, prefills, steps = [], [], []
         for ids in prompts:
             forward = make()  # type: ignore[operator]
             started = time.perf_counter()
             logits = forward.prefill(ids)
+            prefilled = time.perf_counter()
             for _ in range(15):
                 logits = forward.step(int(logits.argmax()))
-            times.append((time.perf_counter() - started) * 1000)
-        result[name] = statistics.median(times)
+            done = time.perf_counter()
+            totals.append((done - started) * 1000)
+            prefills.append((prefilled - started) * 1000)
+            steps.append((done - prefilled) * 1000 / 15)
+        result[name] = (
+            statistics.median(totals),
+            statistics.median(prefills),
+            statistics.median(steps),
+            weight_bytes,
+        )
     return result
 
 
@@ -210,9 +243,19 @@ def main() -> int:
     )
     lsp = [m.latency_ms for m in measured]
     print(f"LSP / raw generate, p50: {statistics.median(lsp) / statistics.median(raw):.2f}")
-    print("16 new tokens (prefill + 15 steps), same prompts, p50 ms and speed-up over torch:")
-    for name, value in fixed.items():
-        print(f"  {name:30}{value:10.1f} ms   x{fixed['torch'] / value:.2f}")
+    bandwidth = read_bandwidth_gbs(status["device"] or "cpu", settings.torch_threads)
+    print(
+        f"16 new tokens on the same prompts (p50), speed-up over torch, and the decode step "
+        f"against the memory-bandwidth bound (weights read once per step at the "
+        f"{bandwidth:.1f} GB/s a {settings.torch_threads}-thread reduction reads here):"
+    )
+    torch_total = fixed["torch"][0]
+    for name, (total, prefill, step, weight_bytes) in fixed.items():
+        bound_ms = weight_bytes / (bandwidth * 1e9) * 1000
+        print(
+            f"  {name:20}{total:8.1f} ms  x{torch_total / total:.2f}   prefill {prefill:6.1f} ms"
+            f"   decode {step:5.1f} ms/token, bound {bound_ms:5.1f} ms ({bound_ms / step:.0%})"
+        )
     return 0
 
 

@@ -194,10 +194,12 @@ class Dashboard:
         )
         saved: dict[str, list[tuple[str, float | None]]] = defaultdict(list)
         accepted: dict[str, list[tuple[str, float | None]]] = defaultdict(list)
+        kept: dict[str, list[tuple[str, float | None]]] = defaultdict(list)
         for row in by_day_adapter:
             day, adapter = row.key
             saved[adapter].append((day, row.chars_saved_per_completion))
             accepted[adapter].append((day, row.acceptance))
+            kept[adapter].append((day, row.survival_weighted_acceptance))
         days = [row.key[0] for row in by_day]
         charts = {
             "chars saved per completion, by adapter": line_chart(
@@ -205,6 +207,9 @@ class Dashboard:
             ),
             "acceptance, by adapter": line_chart(
                 accepted, title="acceptance", y_format="{:.0%}".format
+            ),
+            "survival: kept / suggested characters, by adapter (beside the headline)": line_chart(
+                kept, title="kept / suggested", y_format="{:.0%}".format
             ),
             "latency (ms)": line_chart(
                 {

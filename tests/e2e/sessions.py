@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from lsprotocol import types
 
-from tests.e2e.conftest import StartServer, inline_params, open_document
-from tests.e2e.test_recording import insert
+from tests.e2e.conftest import StartServer
+from tests.e2e.test_recording import ask, insert
 from tests.e2e.test_server import MID_LINE, lines_of
 
 WINDOWS_S = "0.2,0.6"  # shortened survival windows; 0.6 s is the one nearest two minutes
@@ -26,15 +26,6 @@ class Session:
 TYPED_INSTEAD = "s_list = [] <b>&</b>"  # markup on purpose: the dashboard must escape it
 
 
-async def _ask(client, name: str) -> types.InlineCompletionItem:
-    uri = open_document(client, MID_LINE, name)
-    result = await client.text_document_inline_completion_async(
-        inline_params(uri, *lines_of(MID_LINE))
-    )
-    assert result.items, "the tiny model writes something at this position"
-    return result.items[0]
-
-
 async def record_session(start_server: StartServer, *, user: str, database_url: str) -> Session:
     """Accept one suggestion and keep it, reject one and type something else, dismiss one;
     returns once the server has stored everything (shutdown flushes its recorder)."""
@@ -46,15 +37,15 @@ async def record_session(start_server: StartServer, *, user: str, database_url: 
         }
     )
     line, character = lines_of(MID_LINE)
-    kept = await _ask(client, "kept.py")
+    kept = await ask(client, "kept.py")
     insert(client, "file:///workspace/kept.py", 2, line, character, kept.insert_text)
     await client.workspace_execute_command_async(
         types.ExecuteCommandParams(command="ghostloop.accept", arguments=kept.command.arguments)
     )
-    thrown = (await _ask(client, "thrown.py")).command.arguments[0]
+    thrown = (await ask(client, "thrown.py")).command.arguments[0]
     client.protocol.notify("ghostloop/feedback", {"completionId": thrown, "kind": "rejected"})
     insert(client, "file:///workspace/thrown.py", 2, line, character, TYPED_INSTEAD)
-    dismissed = (await _ask(client, "dismissed.py")).command.arguments[0]
+    dismissed = (await ask(client, "dismissed.py")).command.arguments[0]
     client.protocol.notify("ghostloop/feedback", {"completionId": dismissed, "kind": "shown"})
     client.protocol.notify("ghostloop/feedback", {"completionId": dismissed, "kind": "dismissed"})
     await asyncio.sleep(1.0)  # past the last survival window

@@ -236,7 +236,10 @@ def show_pairs(engine: Engine, args: argparse.Namespace) -> int:
         _json_lines(rows)
         return 0
     if not rows:
-        print("no preference pairs yet: 'ghostloop train' makes them from the log")
+        if args.run_id is not None:
+            print(f"no preference pairs from run {args.run_id}: 'ghostloop runs' lists the runs")
+        else:
+            print("no preference pairs yet: 'ghostloop train' makes them from the log")
         return 0
     table = Table(title=f"{len(rows)} newest preference pairs", title_justify="left")
     for name in ("id", "run", "split", "user", "chosen", "saved", "rejected", "saved "):

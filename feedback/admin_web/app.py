@@ -93,7 +93,8 @@ class Dashboard:
             return await call_next(request)
         bearer = self.guard.by_bearer(request)
         if not bearer and not self.guard.by_cookie(request):
-            return self.login_page(request, status=401, next_path=request.url.path)
+            wanted = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return self.login_page(request, status=401, next_path=wanted)
         return await call_next(request)
 
     async def posted_form(self, request: Request) -> FormData:

@@ -107,5 +107,6 @@ async def test_inspection_commands_refuse_bad_input_and_change_nothing(
 def test_runs_pairs_and_adapters_on_an_empty_store(database_url: str):
     assert "no training runs yet" in ghostloop(database_url, "runs").stdout
     assert "no preference pairs yet" in ghostloop(database_url, "pairs").stdout
+    assert "no preference pairs from run 7" in ghostloop(database_url, "pairs", "--run", "7").stdout
     assert json_lines(ghostloop(database_url, "runs", "--json")) == []
     assert json_lines(ghostloop(database_url, "adapters", "list", "--json")) == []

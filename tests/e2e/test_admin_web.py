@@ -245,6 +245,9 @@ def test_the_token_is_made_once_and_a_restart_keeps_it(isolated_data_dir: Path, 
     second = dashboard_for(url)
     assert not any(token in line for line in second.printed)
     assert httpx.get(second.url + "/runs", headers=bearer(token)).status_code == 200
+    # a browser without the cookie gets the login form, which returns it where it was going
+    refused = httpx.get(second.url + "/completions?user=ana")
+    assert refused.status_code == 401 and 'value="/completions?user=ana"' in refused.text
     missing = httpx.get(second.url + "/completions/" + "0" * 32, headers=bearer(token))
     assert missing.status_code == 404 and "no completion has id" in missing.text
     bad = httpx.get(second.url + "/completions?since=soon", headers=bearer(token))

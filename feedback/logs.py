@@ -133,8 +133,10 @@ def log_record(completion: Completion, events: Sequence[FeedbackEvent]) -> dict[
     }
 
 
-def records(*, session: Session, where: LogFilter, limit: int = 50) -> list[dict[str, Any]]:
-    rows = recent(session=session, where=where, limit=limit)
+def records(
+    *, session: Session, where: LogFilter, limit: int = 50, offset: int = 0
+) -> list[dict[str, Any]]:
+    rows = recent(session=session, where=where, limit=limit, offset=offset)
     events = events_by_completion(session=session, completion_ids=[row.id for row in rows])
     return [log_record(row, events.get(row.id, [])) for row in rows]
 

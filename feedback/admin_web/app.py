@@ -246,9 +246,9 @@ class Dashboard:
             raise PageError(400, "bad filter: page must be a whole number") from None
         rows, total = self.query(
             lambda s: (
-                logs.records(session=s, where=where, limit=PAGE_SIZE * page)[
-                    PAGE_SIZE * (page - 1) :
-                ],
+                logs.records(
+                    session=s, where=where, limit=PAGE_SIZE, offset=PAGE_SIZE * (page - 1)
+                ),
                 logs.count(session=s, where=where),
             )
         )

@@ -109,3 +109,36 @@ def test_percentiles_exact_and_from_the_histogram_agree_within_two_percent():
         assert exact.percentile(share) == pytest.approx(truth, rel=1e-9)
         assert histogram.percentile(share) == pytest.approx(truth, rel=0.02)
     assert _Cell().percentile(0.5) is None
+
+
+def test_completions_pages_hold_fifty_rows_each_newest_first(tmp_path: Path):
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy.orm import Session
+    from starlette.testclient import TestClient
+
+    from feedback.admin_web.app import create_app
+    from feedback.database import open_engine, upgrade
+    from feedback.schema import Completion
+
+    engine = open_engine(f"sqlite:///{tmp_path / 'log.db'}")
+    upgrade(engine)
+    start = datetime(2026, 11, 20, tzinfo=UTC)
+    with Session(engine) as session, session.begin():
+        for index in range(55):
+            session.add(
+                Completion(
+                    id=f"{index:032d}",
+                    created_at=start + timedelta(minutes=index),
+                    user="ana",
+                    base_model="m",
+                    suggestion="x",
+                    latency_ms=1.0,
+                )
+            )
+    client = TestClient(create_app(engine, "t" * 32, tmp_path))
+    client.headers["Authorization"] = "Bearer " + "t" * 32
+    first, second = (client.get(f"/completions?page={n}").text for n in (1, 2))
+    assert first.count('class="completion"') == 50 and f"/completions/{54:032d}" in first
+    assert second.count('class="completion"') == 5 and f"/completions/{0:032d}" in second
+    assert f"/completions/{4:032d}" in second and f"/completions/{5:032d}" not in second

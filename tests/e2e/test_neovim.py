@@ -1,10 +1,13 @@
-"""A real editor: headless Neovim 0.12 with vim.lsp.inline_completion against the server."""
+"""A real editor: headless Neovim 0.12 with the Ghostloop plugin (editor-plugins/neovim)
+against the real server: type, see the suggestion, accept a word, accept a line, dismiss;
+the database then holds exactly those events."""
 
 from __future__ import annotations
 
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +20,16 @@ from feedback.schema import Completion, FeedbackEvent
 
 pynvim = pytest.importorskip("pynvim")
 
+PLUGIN = Path(__file__).resolve().parents[2] / "editor-plugins" / "neovim"
+
 INIT_LUA = """
-vim.lsp.config('ghostloop', {
+vim.opt.runtimepath:prepend(%(plugin)r)
+require('ghostloop').setup({
   cmd = { %(python)r, '-m', 'ghostloop', 'serve' },
   cmd_env = { GHOSTLOOP_MODEL = %(model)r, GHOSTLOOP_DATA_DIR = %(data)r },
-  filetypes = { 'python' },
-  root_dir = %(root)r,
+  root_markers = { 'example.py' },
+  %(extra)s
 })
-vim.lsp.enable('ghostloop')
-vim.lsp.inline_completion.enable(true)
 """
 
 
@@ -50,68 +54,230 @@ def wait_for(nvim: Any, lua: str, timeout_s: float = 60) -> Any:
     raise AssertionError(f"timed out waiting for: {lua}")
 
 
-def test_neovim_shows_and_accepts_an_inline_completion(
+STATUS_LUA = "local s = require('ghostloop').status(0) return s and s.state == 'ready' and s"
+SUGGESTION_LUA = "local s = require('ghostloop').suggestion(0) return s and s.id ~= %r and s"
+
+
+@pytest.fixture
+def neovim(
     tiny_model_dir: Path, isolated_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+) -> Iterator[Any]:
     for name in ("XDG_STATE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
         monkeypatch.setenv(name, str(tmp_path / "xdg" / name.lower()))
-    source = tmp_path / "example.py"
-    source.write_text("def split(self, text):\n    return self.wor")
-    init = tmp_path / "init.lua"
-    init.write_text(
-        INIT_LUA
-        % {
-            "python": sys.executable,
-            "model": str(tiny_model_dir),
-            "data": str(isolated_data_dir),
-            "root": str(tmp_path),
-        }
+
+    def start(source_text: str, extra: str = "") -> Any:
+        source = tmp_path / "example.py"
+        source.write_text(source_text)
+        init = tmp_path / "init.lua"
+        init.write_text(
+            INIT_LUA
+            % {
+                "plugin": str(PLUGIN),
+                "python": sys.executable,
+                "model": str(tiny_model_dir),
+                "data": str(isolated_data_dir),
+                "extra": extra,
+            }
+        )
+        nvim = pynvim.attach(
+            "child",
+            argv=[nvim_binary(), "--embed", "--headless", "--clean", "-u", str(init), str(source)],
+        )
+        started.append(nvim)
+        wait_for(nvim, STATUS_LUA)
+        return nvim
+
+    started: list[Any] = []
+    yield start
+    for nvim in started:
+        try:
+            nvim.command("qa!", async_=True)
+        finally:
+            nvim.close()
+
+
+def stop_server(nvim: Any) -> None:
+    nvim.exec_lua("vim.lsp.get_clients()[1]:stop()")  # shutdown flushes the recorder
+    wait_for(nvim, "return #vim.lsp.get_clients() == 0")
+
+
+# What the editor decides; survival and typed_instead events are the server's own.
+DECISIONS = ("shown", "accepted", "partial", "rejected", "dismissed")
+
+
+def stored(data_dir: Path) -> tuple[list[FeedbackEvent], dict[str, Completion]]:
+    engine = open_engine(f"sqlite:///{data_dir / 'ghostloop.db'}")
+    with Session(engine) as session:
+        events = list(
+            session.scalars(
+                select(FeedbackEvent)
+                .where(FeedbackEvent.kind.in_(DECISIONS))
+                .order_by(FeedbackEvent.created_at)
+            )
+        )
+        completions = {c.id: c for c in session.scalars(select(Completion))}
+    engine.dispose()
+    return events, completions
+
+
+def buffer_text(nvim: Any) -> str:
+    return "\n".join(nvim.exec_lua("return vim.api.nvim_buf_get_lines(0, 0, -1, true)"))
+
+
+def wait_until(check: Any, timeout_s: float = 60) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def current_line(nvim: Any) -> str:
+    return nvim.exec_lua("return vim.api.nvim_get_current_line()")
+
+
+def test_plugin_accepts_word_line_and_dismisses(neovim: Any, isolated_data_dir: Path):
+    nvim = neovim("def split(self, text):\n    return self.wor")
+    nvim.command("normal! G$")
+    nvim.input("a")  # insert mode after "self.wor": the built-in asks on InsertEnter
+    first = wait_for(nvim, SUGGESTION_LUA % "")
+    before = current_line(nvim)
+
+    nvim.input("<C-Right>")  # the next word
+    word = wait_for(
+        nvim, f"local l = vim.api.nvim_get_current_line() return #l > {len(before)} and l"
     )
-    nvim = pynvim.attach(
-        "child",
-        argv=[nvim_binary(), "--embed", "--headless", "--clean", "-u", str(init), str(source)],
+    word_piece = word[len(before) :]
+    assert first["text"].startswith(word_piece)
+    expected_word = nvim.exec_lua(
+        "return require('ghostloop').next_piece(...)", first["text"], "word"
     )
+    assert word_piece == expected_word
+
+    second = wait_for(nvim, SUGGESTION_LUA % first["id"])
+    row_before = nvim.exec_lua("return vim.api.nvim_win_get_cursor(0)[1]")
+    text_before = buffer_text(nvim)
+    nvim.input("<C-Down>")  # the next line
+    line_piece = nvim.exec_lua(
+        "return require('ghostloop').next_piece(...)", second["text"], "line"
+    )
+    text_after = wait_until(lambda: buffer_text(nvim) != text_before and buffer_text(nvim))
+    assert text_after == text_before + line_piece, (text_before, line_piece, text_after)
+    assert row_before >= 2
+
+    third = wait_for(nvim, SUGGESTION_LUA % second["id"])
+    nvim.input("<C-e>")  # dismiss; still in insert mode
+    wait_for(nvim, "return require('ghostloop').suggestion(0) == nil")
+    assert nvim.exec_lua("return vim.api.nvim_get_mode().mode") == "i"
+    stop_server(nvim)
+
+    events, completions = stored(isolated_data_dir)
+    ids = [first["id"], second["id"], third["id"]]
+
+    def kind(text: str, piece: str) -> str:
+        return "accepted" if len(piece) == len(text) else "partial"
+
+    assert [(e.completion_id, e.kind, e.accepted_length) for e in events] == [
+        (ids[0], "shown", None),
+        (ids[0], kind(first["text"], word_piece), len(word_piece)),
+        (ids[1], "shown", None),
+        (ids[1], kind(second["text"], line_piece), len(line_piece)),
+        (ids[2], "shown", None),
+        (ids[2], "dismissed", None),
+    ]
+    assert completions[ids[0]].suggestion == first["text"]
+    assert completions[ids[2]].outcome == "dismissed"
+    assert all(c.client_name == "Neovim" for c in completions.values())
+
+
+def test_tab_accepts_all_and_leaving_insert_mode_dismisses(neovim: Any, isolated_data_dir: Path):
+    nvim = neovim("def split(self, text):\n    return self.wor")
+    nvim.command("normal! G$")
+    nvim.input("a")
+    first = wait_for(nvim, SUGGESTION_LUA % "")
+    nvim.input("<Tab>")
+    line = wait_for(
+        nvim,
+        "local l = vim.api.nvim_get_current_line() return #l > #'    return self.wor' and l",
+    )
+    assert line == "    return self.wor" + first["text"].split("\n")[0]
+    second = wait_for(nvim, SUGGESTION_LUA % first["id"])
+    nvim.input("<Esc>")
+    wait_for(nvim, "return vim.api.nvim_get_mode().mode == 'n'")
+    stop_server(nvim)
+    events, _ = stored(isolated_data_dir)
+    assert [(e.completion_id, e.kind) for e in events] == [
+        (first["id"], "shown"),
+        (first["id"], "accepted"),
+        (second["id"], "shown"),
+        (second["id"], "dismissed"),
+    ]
+
+
+def test_telemetry_off_records_nothing(neovim: Any, isolated_data_dir: Path):
+    # Opting out in the plugin is final: server_options cannot turn it back on.
+    nvim = neovim(
+        "def split(self, text):\n    return self.wor",
+        extra="telemetry = false, server_options = { telemetry = true },",
+    )
+    status = nvim.exec_lua("return require('ghostloop').status(0)")
+    assert status["recorder"] == {"telemetry": False}
+    nvim.command("normal! G$")
+    nvim.input("a")
+    wait_for(nvim, SUGGESTION_LUA % "")
+    nvim.input("<Tab>")
+    wait_for(nvim, "return #vim.api.nvim_get_current_line() > #'    return self.wor'")
+    stop_server(nvim)
+    db = isolated_data_dir / "ghostloop.db"
+    if db.exists():
+        events, completions = stored(isolated_data_dir)
+        assert events == [] and completions == {}
+
+
+def test_checkhealth_reports_the_server_and_model(neovim: Any, tiny_model_dir: Path):
+    nvim = neovim("x = 1\n")
+    nvim.command("checkhealth ghostloop")
+    health = buffer_text(nvim)
+    assert "OK Neovim 0.12" in health, health
+    assert "OK server command:" in health, health
+    assert f"OK server ready: model {tiny_model_dir.name} on cpu" in health, health
+    assert "adapter base (no adapter)" in health, health
+
+
+def test_pieces_and_addresses_follow_the_editor_rules(tmp_path: Path):
+    """The plugin's own logic, in a bare Neovim (no server)."""
+    nvim = pynvim.attach("child", argv=[nvim_binary(), "--embed", "--headless", "--clean", "-n"])
     try:
-        wait_for(nvim, "return #vim.lsp.get_clients({ bufnr = 0 }) > 0")
-        status_lua = (
-            "local c = vim.lsp.get_clients({ bufnr = 0 })[1] "
-            "local r = c:request_sync('ghostloop/status', nil, 2000, 0) "
-            "return r and r.result and r.result.state == 'ready' and r.result"
+        nvim.exec_lua("vim.opt.runtimepath:prepend(...)", str(PLUGIN))
+
+        def piece(rest: str, unit: str) -> str:
+            return nvim.exec_lua("return require('ghostloop').next_piece(...)", rest, unit)
+
+        assert piece("return x + 1", "word") == "return"
+        assert piece(" x + 1", "word") == " x"
+        assert piece(" + 1", "word") == " +"
+        assert piece("(a, b)", "word") == "("
+        assert piece("   ", "word") == "   "
+        assert piece("a = 1\nb = 2", "line") == "a = 1"
+        assert piece("\nb = 2\nc", "line") == "\nb = 2"
+        assert nvim.exec_lua("return require('ghostloop').code_points('a\u00e9\U0001f600')") == 3
+        assert nvim.exec_lua("return {require('ghostloop').parse_address('[::1]:2087')}") == [
+            "::1",
+            2087,
+        ]
+        error = nvim.exec_lua(
+            "local ok, e = pcall(require('ghostloop').parse_address, 'box') return e"
         )
-        wait_for(nvim, status_lua)
-        nvim.command("normal! G$")
-        nvim.input("a")  # insert mode after "self.wor": the plugin asks on InsertEnter
-        wait_for(
-            nvim,
-            "local ns = vim.api.nvim_get_namespaces()['nvim.lsp.inline_completion'] "
-            "return ns and #vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, {}) > 0",
+        assert "must be host:port" in error
+        # A bad setup is refused with a message, and configures nothing.
+        nvim.exec_lua("require('ghostloop').setup({ cmd = {} })")
+        messages = nvim.exec_lua("return vim.api.nvim_exec2('messages', { output = true }).output")
+        assert "cmd must be a list like" in messages
+        assert nvim.exec_lua(
+            "return vim.lsp.config.ghostloop == nil or vim.lsp.config.ghostloop.cmd == nil"
         )
-        assert nvim.exec_lua("return vim.lsp.inline_completion.get()") is True
-        line = wait_for(
-            nvim,
-            "local l = vim.api.nvim_buf_get_lines(0, 1, 2, true)[1] "
-            "return #l > #'    return self.wor' and l",
-        )
-        assert line.startswith("    return self.wor") and line.strip() != "return self.wor"
-        stats = wait_for(
-            nvim,
-            status_lua.replace(
-                "r.result.state == 'ready' and r.result",
-                "r.result.stats.accepted == 1 and r.result.stats",
-            ),
-        )
-        assert stats["completed"] >= 1
-        nvim.exec_lua("vim.lsp.get_clients()[1]:stop()")  # shutdown flushes the recorder
-        wait_for(nvim, "return #vim.lsp.get_clients() == 0")
     finally:
         nvim.command("qa!", async_=True)
         nvim.close()
-    engine = open_engine(f"sqlite:///{isolated_data_dir / 'ghostloop.db'}")
-    with Session(engine) as session:
-        events = list(session.scalars(select(FeedbackEvent)))
-        stored = session.scalars(select(Completion)).all()
-    engine.dispose()
-    assert [e.kind for e in events] == ["accepted"]
-    accepted = next(c for c in stored if c.id == events[0].completion_id)
-    assert line == "    return self.wor" + accepted.suggestion
-    assert accepted.outcome == "accepted" and accepted.client_name == "Neovim"

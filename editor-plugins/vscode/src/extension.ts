@@ -1,0 +1,411 @@
+// Ghostloop for VS Code: starts (or connects to) the language server, shows its inline
+// completions as ghost text through vscode-languageclient, and tells the server what the
+// user did with each suggestion (src/feedback.ts says what the stable API can observe).
+
+import * as net from "node:net";
+import * as vscode from "vscode";
+import {
+  ExecuteCommandRequest,
+  LanguageClient,
+  type LanguageClientOptions,
+  type ServerOptions,
+  State as ClientState,
+  type StreamInfo,
+  TransportKind,
+} from "vscode-languageclient/node";
+
+import { codePoints, editBetween, FeedbackTracker, type Signal } from "./feedback";
+import { type GhostloopSettings, readSettings, RESTART_KEYS, SettingsError } from "./settings";
+import { describe, type ServerStatus, type State } from "./status";
+
+const ACCEPT_COMMAND = "ghostloop.accept"; // the server's command (lsp_server/protocol.py)
+const ITEM_ACCEPT_COMMAND = "ghostloop._acceptItem"; // ours: runs when VS Code accepts an item
+const FEEDBACK_NOTIFICATION = "ghostloop/feedback";
+const STATUS_REQUEST = "ghostloop/status";
+
+class Ghostloop implements vscode.Disposable {
+  private client: LanguageClient | undefined;
+  private settings: GhostloopSettings | undefined;
+  private clientState: State = "off";
+  private serverStatus: ServerStatus | undefined;
+  private errorDetail: string | undefined;
+  private poll: NodeJS.Timeout | undefined;
+  private readonly item: vscode.StatusBarItem;
+  private readonly log: vscode.LogOutputChannel;
+  private readonly tracker: FeedbackTracker;
+  private lifecycle: Promise<void> = Promise.resolve();
+
+  constructor() {
+    this.log = vscode.window.createOutputChannel("Ghostloop", { log: true });
+    this.item = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+    this.item.name = "Ghostloop";
+    this.item.command = "ghostloop.toggle";
+    this.item.show();
+    this.tracker = new FeedbackTracker({
+      accept: (id, length) => this.send(() => this.executeAccept(id, length)),
+      signal: (id, kind) => this.send(() => this.notify(id, kind)),
+    });
+    this.render();
+  }
+
+  dispose(): void {
+    this.stopPolling();
+    this.item.dispose();
+    this.log.dispose();
+  }
+
+  // ---- lifecycle -------------------------------------------------------------------------
+
+  /** Runs start/stop steps one after the other, whatever order the user clicks in. */
+  private serialize(step: () => Promise<void>): Promise<void> {
+    this.lifecycle = this.lifecycle.then(step, step);
+    return this.lifecycle;
+  }
+
+  /** Reads the settings and starts or stops the client to match. */
+  apply(restart = false): Promise<void> {
+    return this.serialize(async () => {
+      let settings: GhostloopSettings;
+      try {
+        settings = readSettings(vscode.workspace.getConfiguration("ghostloop"));
+      } catch (error) {
+        await this.stop();
+        this.fail(error instanceof SettingsError ? error.message : String(error));
+        return;
+      }
+      this.settings = settings;
+      if (!settings.enable) {
+        await this.stop();
+        this.setState("off");
+        return;
+      }
+      if (this.client && !restart) {
+        return;
+      }
+      await this.stop();
+      await this.start(settings);
+    });
+  }
+
+  /** The extension goes: the server stops (partial accepts delivered first). */
+  shutdown(): Promise<void> {
+    return this.serialize(() => this.stop());
+  }
+
+  private async start(settings: GhostloopSettings): Promise<void> {
+    this.errorDetail = undefined;
+    this.serverStatus = undefined;
+    this.setState("starting");
+    const client = new LanguageClient(
+      "ghostloop",
+      "Ghostloop",
+      this.serverOptions(settings),
+      this.clientOptions(settings),
+    );
+    client.onDidChangeState((change) => {
+      if (this.client !== client) {
+        return;
+      }
+      if (change.newState === ClientState.Stopped && this.clientState !== "off") {
+        this.fail("the server stopped; see the Ghostloop log");
+      }
+    });
+    this.client = client;
+    try {
+      await client.start();
+    } catch (error) {
+      this.client = undefined;
+      const message = error instanceof Error ? error.message : String(error);
+      const where =
+        settings.launch.kind === "tcp"
+          ? `could not connect to ${settings.launch.host}:${settings.launch.port}`
+          : `could not start \`${settings.launch.command} ${settings.launch.args.join(" ")}\``;
+      this.fail(`${where}: ${message}`);
+      void vscode.window
+        .showErrorMessage(
+          `Ghostloop ${where}. Check ghostloop.server.* in your settings, then restart.`,
+          "Open settings",
+          "Show log",
+        )
+        .then((choice) => {
+          if (choice === "Open settings") {
+            void vscode.commands.executeCommand("workbench.action.openSettings", "ghostloop");
+          } else if (choice === "Show log") {
+            this.log.show();
+          }
+        });
+      return;
+    }
+    this.startPolling();
+  }
+
+  private async stop(): Promise<void> {
+    this.stopPolling();
+    const client = this.client;
+    if (!client) {
+      return;
+    }
+    await this.tracker.settleAll(); // partial accepts reach the server before it goes
+    this.client = undefined;
+    this.setState("off");
+    try {
+      await client.stop(5000);
+    } catch (error) {
+      this.log.warn(`stopping the server: ${String(error)}`);
+    }
+  }
+
+  private serverOptions(settings: GhostloopSettings): ServerOptions {
+    const launch = settings.launch;
+    if (launch.kind === "tcp") {
+      return () =>
+        new Promise<StreamInfo>((resolve, reject) => {
+          const socket = net.connect(launch.port, launch.host);
+          socket.once("connect", () => resolve({ reader: socket, writer: socket }));
+          socket.once("error", reject);
+        });
+    }
+    return {
+      command: launch.command,
+      args: launch.args,
+      transport: TransportKind.stdio,
+      options: { env: { ...process.env, ...launch.env } },
+    };
+  }
+
+  private clientOptions(settings: GhostloopSettings): LanguageClientOptions {
+    return {
+      documentSelector: [{ scheme: "file" }, { scheme: "untitled" }],
+      outputChannel: this.log,
+      initializationOptions: settings.initializationOptions,
+      middleware: {
+        provideInlineCompletionItems: async (document, position, context, token, next) => {
+          const uri = document.uri.toString();
+          // Partial accepts of the previous suggestion reach the server before this request
+          // supersedes it.
+          await this.tracker.settle(uri);
+          const debounce = this.settings?.debounceMs ?? 0;
+          if (context.triggerKind === vscode.InlineCompletionTriggerKind.Automatic && debounce) {
+            await sleep(debounce, token);
+          }
+          if (token.isCancellationRequested) {
+            return null;
+          }
+          const result = await next(document, position, context, token);
+          if (!result || token.isCancellationRequested) {
+            return result;
+          }
+          const items = Array.isArray(result) ? result : result.items;
+          for (const item of items) {
+            const command = item.command;
+            if (command?.command !== ACCEPT_COMMAND) {
+              continue;
+            }
+            const [id, length] = (command.arguments ?? []) as [string, number];
+            item.command = { ...command, command: ITEM_ACCEPT_COMMAND, arguments: [id, length] };
+            const text = typeof item.insertText === "string" ? item.insertText : "";
+            if (text) {
+              await this.tracker.shown(uri, id, text);
+            }
+          }
+          return result;
+        },
+        didClose: async (document, next) => {
+          await this.tracker.settle(document.uri.toString());
+          return next(document);
+        },
+      },
+    };
+  }
+
+  // ---- talking to the server -----------------------------------------------------------
+
+  /** Feedback never interrupts typing: a failure goes to the log. */
+  private async send(action: () => Promise<void>): Promise<void> {
+    try {
+      await action();
+    } catch (error) {
+      this.log.warn(`feedback not delivered: ${String(error)}`);
+    }
+  }
+
+  private async executeAccept(id: string, length: number): Promise<void> {
+    if (!this.client?.isRunning()) {
+      return;
+    }
+    await this.client.sendRequest(ExecuteCommandRequest.type, {
+      command: ACCEPT_COMMAND,
+      arguments: [id, length],
+    });
+  }
+
+  private async notify(id: string, kind: Signal): Promise<void> {
+    if (!this.client?.isRunning()) {
+      return;
+    }
+    await this.client.sendNotification(FEEDBACK_NOTIFICATION, { completionId: id, kind });
+  }
+
+  // ---- status ----------------------------------------------------------------------------
+
+  private startPolling(): void {
+    this.stopPolling();
+    const tick = async (): Promise<void> => {
+      const client = this.client;
+      if (!client?.isRunning()) {
+        return;
+      }
+      try {
+        this.serverStatus = await client.sendRequest<ServerStatus>(STATUS_REQUEST);
+        if (this.clientState !== "error") {
+          this.setState(this.serverStatus.state === "ready" ? "ready" : "starting");
+        }
+      } catch (error) {
+        this.log.warn(`${STATUS_REQUEST} failed: ${String(error)}`);
+      }
+      if (this.client === client) {
+        this.poll = setTimeout(() => void tick(), this.clientState === "ready" ? 10_000 : 1_000);
+      }
+    };
+    void tick();
+  }
+
+  private stopPolling(): void {
+    if (this.poll) {
+      clearTimeout(this.poll);
+      this.poll = undefined;
+    }
+  }
+
+  private fail(detail: string): void {
+    this.errorDetail = detail;
+    this.log.error(detail);
+    this.setState("error");
+  }
+
+  private setState(state: State): void {
+    this.clientState = state;
+    void vscode.commands.executeCommand(
+      "setContext",
+      "ghostloop.running",
+      state === "ready" || state === "starting",
+    );
+    this.render();
+  }
+
+  private render(): void {
+    const view = describe(this.clientState, this.serverStatus, this.errorDetail);
+    this.item.text = view.text;
+    this.item.tooltip = view.tooltip;
+    this.item.backgroundColor =
+      view.state === "error" ? new vscode.ThemeColor("statusBarItem.errorBackground") : undefined;
+  }
+
+  // ---- commands --------------------------------------------------------------------------
+
+  async setEnabled(enable: boolean): Promise<void> {
+    const config = vscode.workspace.getConfiguration("ghostloop");
+    const target =
+      config.inspect("enable")?.workspaceValue !== undefined
+        ? vscode.ConfigurationTarget.Workspace
+        : vscode.ConfigurationTarget.Global;
+    await config.update("enable", enable, target); // onDidChangeConfiguration applies it
+  }
+
+  async toggle(): Promise<void> {
+    await this.setEnabled(!(this.settings?.enable ?? true));
+  }
+
+  /** ctrl+right / ctrl+down: VS Code accepts the next word or line; we measure it. */
+  async acceptPart(kind: "Word" | "Line"): Promise<void> {
+    const editor = vscode.window.activeTextEditor;
+    if (!editor) {
+      return;
+    }
+    const document = editor.document;
+    const before = document.getText();
+    await vscode.commands.executeCommand(`editor.action.inlineSuggest.acceptNext${kind}`);
+    const { inserted, removed } = editBetween(before, document.getText());
+    await this.tracker.partial(
+      document.uri.toString(),
+      codePoints(inserted) - codePoints(removed),
+    );
+  }
+
+  async acceptItem(id: unknown, length: unknown): Promise<void> {
+    if (typeof id !== "string" || typeof length !== "number") {
+      this.log.warn(`${ITEM_ACCEPT_COMMAND}: bad arguments ${JSON.stringify([id, length])}`);
+      return;
+    }
+    await this.tracker.accepted(id, length);
+  }
+
+  async dismiss(): Promise<void> {
+    const editor = vscode.window.activeTextEditor;
+    if (editor) {
+      await this.tracker.dismissed(editor.document.uri.toString());
+    }
+    await vscode.commands.executeCommand("editor.action.inlineSuggest.hide");
+  }
+
+  async openDashboard(): Promise<void> {
+    const url = this.settings?.dashboardUrl ?? "http://127.0.0.1:8765/";
+    await vscode.env.openExternal(vscode.Uri.parse(url));
+  }
+
+  showLog(): void {
+    this.log.show();
+  }
+}
+
+function sleep(ms: number, token: vscode.CancellationToken): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    const listener = token.onCancellationRequested(done);
+    function done(): void {
+      clearTimeout(timer);
+      listener.dispose();
+      resolve();
+    }
+  });
+}
+
+let instance: Ghostloop | undefined;
+
+export async function activate(context: vscode.ExtensionContext): Promise<void> {
+  const ghostloop = new Ghostloop();
+  instance = ghostloop;
+  const register = (name: string, run: (...args: unknown[]) => unknown): void => {
+    context.subscriptions.push(vscode.commands.registerCommand(name, run));
+  };
+  register("ghostloop.enable", () => ghostloop.setEnabled(true));
+  register("ghostloop.disable", () => ghostloop.setEnabled(false));
+  register("ghostloop.toggle", () => ghostloop.toggle());
+  register("ghostloop.restart", () => ghostloop.apply(true));
+  register("ghostloop.trigger", () =>
+    vscode.commands.executeCommand("editor.action.inlineSuggest.trigger"),
+  );
+  register("ghostloop.openDashboard", () => ghostloop.openDashboard());
+  register("ghostloop.showLog", () => ghostloop.showLog());
+  register("ghostloop.acceptWord", () => ghostloop.acceptPart("Word"));
+  register("ghostloop.acceptLine", () => ghostloop.acceptPart("Line"));
+  register("ghostloop.dismiss", () => ghostloop.dismiss());
+  register(ITEM_ACCEPT_COMMAND, (id, length) => ghostloop.acceptItem(id, length));
+  context.subscriptions.push(
+    ghostloop,
+    vscode.workspace.onDidChangeConfiguration((event) => {
+      if (!event.affectsConfiguration("ghostloop")) {
+        return;
+      }
+      const restart = RESTART_KEYS.some((key) => event.affectsConfiguration(key));
+      void ghostloop.apply(restart);
+    }),
+  );
+  await ghostloop.apply();
+}
+
+export async function deactivate(): Promise<void> {
+  if (instance) {
+    await instance.shutdown().catch(() => undefined);
+  }
+}

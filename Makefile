@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ghostloop-installed
 
-.PHONY: install browser demo test lint bench clean
+.PHONY: install browser vscode demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +31,40 @@ browser:
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# The VS Code extension: its own unit tests (npm test) and a .vsix, which the end-to-end
+# test installs into code-server, a real VS Code run from npm in Debian's Chromium.
+# code-server needs the kerberos headers to build, npm's install scripts allowed, and
+# @vscode/ripgrep's download (a host that is not reachable) replaced by Debian's rg.
+VSCODE := editor-plugins/vscode
+CODE_SERVER := $(VSCODE)/e2e/node_modules/.bin/code-server
+RG_CACHE := $(abspath .cache/ripgrep)
+
+$(VSCODE)/node_modules/.installed: $(VSCODE)/package-lock.json
+	cd $(VSCODE) && npm ci --no-audit --no-fund
+	touch $@
+
+$(VSCODE)/ghostloop.vsix: $(VSCODE)/node_modules/.installed $(wildcard $(VSCODE)/src/*.ts) $(VSCODE)/package.json
+	cd $(VSCODE) && npm run package
+
+$(CODE_SERVER): $(VSCODE)/e2e/package-lock.json
+	@{ dpkg -s libkrb5-dev ripgrep >/dev/null 2>&1; } || { \
+		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libkrb5-dev ripgrep >/dev/null; }
+	mkdir -p $(RG_CACHE)/bin $(RG_CACHE)/vscode-ripgrep-cache-1.15.11
+	cp "$$(command -v rg)" $(RG_CACHE)/bin/rg
+	tar czf $(RG_CACHE)/vscode-ripgrep-cache-1.15.11/ripgrep-v13.0.0-10-x86_64-unknown-linux-musl.tar.gz -C $(RG_CACHE)/bin rg
+	cd $(VSCODE)/e2e && TMPDIR=$(RG_CACHE) npm_config_yes=true npm ci --no-audit --no-fund --foreground-scripts >/dev/null
+	touch $@
+
+vscode: $(VSCODE)/ghostloop.vsix $(CODE_SERVER)
+	cd $(VSCODE) && npm test
+
 # The language server's end-to-end tests run twice: on torch (with everything else) and on
 # the onnxruntime backend.
 ONNX_E2E := tests/e2e/test_server.py tests/e2e/test_raw_protocol.py tests/e2e/test_recording.py
 
-test: $(STAMP) browser
+test: $(STAMP) browser vscode
 	$(PY) -m pytest
 	GHOSTLOOP_TEST_BACKEND=onnxruntime $(PY) -m pytest -p no:cacheprovider $(ONNX_E2E)
 
@@ -48,4 +77,5 @@ bench: $(STAMP)
 	$(PY) bench/latency.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .cache
+	rm -rf $(VSCODE)/node_modules $(VSCODE)/out $(VSCODE)/dist $(VSCODE)/ghostloop.vsix $(VSCODE)/e2e/node_modules

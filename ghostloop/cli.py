@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the language server (stdio by default)")
     serve.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio")
+    serve.add_argument(
+        "--stdio", action="store_true", help="stdin/stdout (the default; for clients that pass it)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="TCP address (default: loopback)")
     serve.add_argument("--port", type=int, default=2087, help="TCP port (default: 2087)")
     serve.set_defaults(run=_serve)

@@ -26,7 +26,11 @@ INIT_LUA = """
 vim.opt.runtimepath:prepend(%(plugin)r)
 require('ghostloop').setup({
   cmd = { %(python)r, '-m', 'ghostloop', 'serve' },
-  cmd_env = { GHOSTLOOP_MODEL = %(model)r, GHOSTLOOP_DATA_DIR = %(data)r },
+  cmd_env = {
+    GHOSTLOOP_MODEL = %(model)r,
+    GHOSTLOOP_DATA_DIR = %(data)r,
+    GHOSTLOOP_DEADLINE_MS = '120000',
+  },
   root_markers = { 'example.py' },
   %(extra)s
 })
@@ -65,7 +69,7 @@ def neovim(
     for name in ("XDG_STATE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
         monkeypatch.setenv(name, str(tmp_path / "xdg" / name.lower()))
 
-    def start(source_text: str, extra: str = "") -> Any:
+    def start(source_text: str, extra: str = "", model: str | None = None) -> Any:
         source = tmp_path / "example.py"
         source.write_text(source_text)
         init = tmp_path / "init.lua"
@@ -74,7 +78,7 @@ def neovim(
             % {
                 "plugin": str(PLUGIN),
                 "python": sys.executable,
-                "model": str(tiny_model_dir),
+                "model": str(tiny_model_dir) if model is None else model,
                 "data": str(isolated_data_dir),
                 "extra": extra,
             }
@@ -84,7 +88,7 @@ def neovim(
             argv=[nvim_binary(), "--embed", "--headless", "--clean", "-u", str(init), str(source)],
         )
         started.append(nvim)
-        wait_for(nvim, STATUS_LUA)
+        wait_for(nvim, STATUS_LUA, timeout_s=180)
         return nvim
 
     started: list[Any] = []
@@ -244,6 +248,39 @@ def test_checkhealth_reports_the_server_and_model(neovim: Any, tiny_model_dir: P
     assert "OK server command:" in health, health
     assert f"OK server ready: model {tiny_model_dir.name} on cpu" in health, health
     assert "adapter base (no adapter)" in health, health
+
+
+LISTING = """import os
+
+
+def python_files(root):
+    \"\"\"The Python files under root.\"\"\"
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            if name.endswith(".py"):
+                """
+
+
+@pytest.mark.slow
+def test_word_accept_of_a_real_suggestion_is_partial(neovim: Any, isolated_data_dir: Path):
+    """SmolLM2 (the embedded default) suggests real code: <C-Right> takes one word of it."""
+    nvim = neovim(LISTING, model="")
+    nvim.command("normal! G$")
+    nvim.input("a")
+    first = wait_for(nvim, SUGGESTION_LUA % "", timeout_s=120)
+    before = current_line(nvim)
+    nvim.input("<C-Right>")
+    line = wait_until(lambda: current_line(nvim) != before and current_line(nvim))
+    word = line[len(before) :]
+    assert word == nvim.exec_lua(
+        "return require('ghostloop').next_piece(...)", first["text"], "word"
+    )
+    assert 0 < len(word) < len(first["text"]), (word, first)
+    stop_server(nvim)
+    events, _ = stored(isolated_data_dir)
+    decided = [(e.completion_id, e.kind, e.accepted_length) for e in events if e.kind != "shown"]
+    assert decided[0] == (first["id"], "partial", len(word)), decided
 
 
 def test_pieces_and_addresses_follow_the_editor_rules(tmp_path: Path):

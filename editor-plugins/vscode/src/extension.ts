@@ -11,7 +11,6 @@ import {
   type ServerOptions,
   State as ClientState,
   type StreamInfo,
-  TransportKind,
 } from "vscode-languageclient/node";
 
 import { codePoints, editBetween, FeedbackTracker, type Signal } from "./feedback";
@@ -168,7 +167,6 @@ class Ghostloop implements vscode.Disposable {
     return {
       command: launch.command,
       args: launch.args,
-      transport: TransportKind.stdio,
       options: { env: { ...process.env, ...launch.env } },
     };
   }

@@ -33,7 +33,8 @@ browser:
 
 # The VS Code extension: its own unit tests (npm test) and a .vsix, which the end-to-end
 # test installs into code-server, a real VS Code run from npm in Debian's Chromium.
-# code-server needs the kerberos headers to build, npm's install scripts allowed, and
+# code-server needs the kerberos headers to build, its postinstall told it may run as
+# root (npm_config_unsafe_perm) and not cancelled (npm_config_yes), and
 # @vscode/ripgrep's download (a host that is not reachable) replaced by Debian's rg.
 VSCODE := editor-plugins/vscode
 CODE_SERVER := $(VSCODE)/e2e/node_modules/.bin/code-server
@@ -54,7 +55,7 @@ $(CODE_SERVER): $(VSCODE)/e2e/package-lock.json
 	mkdir -p $(RG_CACHE)/bin $(RG_CACHE)/vscode-ripgrep-cache-1.15.11
 	cp "$$(command -v rg)" $(RG_CACHE)/bin/rg
 	tar czf $(RG_CACHE)/vscode-ripgrep-cache-1.15.11/ripgrep-v13.0.0-10-x86_64-unknown-linux-musl.tar.gz -C $(RG_CACHE)/bin rg
-	cd $(VSCODE)/e2e && TMPDIR=$(RG_CACHE) npm_config_yes=true npm ci --no-audit --no-fund --foreground-scripts >/dev/null
+	cd $(VSCODE)/e2e && TMPDIR=$(RG_CACHE) npm_config_yes=true npm_config_unsafe_perm=true npm ci --no-audit --no-fund --foreground-scripts >/dev/null
 	touch $@
 
 vscode: $(VSCODE)/ghostloop.vsix $(CODE_SERVER)

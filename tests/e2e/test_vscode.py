@@ -105,9 +105,15 @@ def served_model(request: pytest.FixtureRequest, tiny_model_dir: Path) -> str:
     return "" if getattr(request, "param", "tiny") == "embedded" else str(tiny_model_dir)
 
 
+@pytest.fixture
+def user_settings(request: pytest.FixtureRequest) -> dict[str, object]:
+    """Settings over the test's defaults; parametrize indirectly to change them."""
+    return dict(getattr(request, "param", {}))
+
+
 @pytest_asyncio.fixture
 async def vscode(
-    served_model: str, isolated_data_dir: Path, tmp_path: Path
+    served_model: str, user_settings: dict[str, object], isolated_data_dir: Path, tmp_path: Path
 ) -> AsyncIterator[Editor]:
     require(CODE_SERVER, "'make vscode' installs code-server and packages the extension")
     require(VSIX, "'make vscode' packages the extension")
@@ -147,6 +153,7 @@ async def vscode(
                 "ghostloop.debounceMs": 0,
                 "ghostloop.serverOptions": {"maxNewTokens": 12},
                 "ghostloop.trace.server": "messages",
+                **user_settings,
             }
         )
     )
@@ -324,3 +331,16 @@ async def test_vscode_word_accept_of_a_real_suggestion_is_partial(vscode: Editor
     suggestion = completions[taken[0].completion_id].suggestion
     assert suggestion.startswith(word) and len(word) < len(suggestion), (word, suggestion)
     assert (taken[0].kind, taken[0].accepted_length) == ("partial", len(word))
+
+
+@pytest.mark.parametrize(
+    "user_settings", [{"ghostloop.server.command": "/nonexistent/ghostloop"}], indirect=True
+)
+async def test_vscode_says_when_the_server_cannot_start(vscode: Editor):
+    page = vscode.page
+    error = page.locator(".statusbar-item", has_text="Ghostloop")
+    await page.locator(".notifications-toasts", has_text="could not start").wait_for(timeout=60_000)
+    assert "/nonexistent/ghostloop" in await page.locator(".notifications-toasts").inner_text()
+    label = await error.first.get_attribute("aria-label") or ""
+    hover = await error.first.inner_html()
+    assert "error" in (label + hover).lower(), (label, hover)

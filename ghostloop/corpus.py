@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import sysconfig
 import tokenize
 from dataclasses import dataclass
@@ -89,3 +90,30 @@ def sample_positions(
 def document_at(sample: CursorSample, source: str) -> str:
     """The file as it stands while the developer is about to type the rest of the line."""
     return source[: sample.offset] + source[sample.offset + len(sample.true_line_rest) :]
+
+
+_WORD_END = re.compile(r"\w+")
+
+
+def typing_pauses(path: Path, first_line: int, lines: int) -> list[tuple[str, str]]:
+    """A developer typing ``lines`` code lines of ``path`` from ``first_line`` (0-based) on,
+    word by word: (text before the cursor, text after it) at each pause, i.e. at the line
+    start after the indentation and after each word. The rest of the file follows the
+    cursor, as when code is written into an existing file. Blank and comment lines are
+    typed without a pause."""
+    source = path.read_text(encoding="utf-8")
+    all_lines = source.splitlines(keepends=True)
+    head = "".join(all_lines[:first_line])
+    tail = "".join(all_lines[first_line + lines :])
+    pauses: list[tuple[str, str]] = []
+    typed = ""
+    for line in all_lines[first_line : first_line + lines]:
+        body = line.rstrip("\n")
+        stripped = body.lstrip()
+        if stripped and not stripped.startswith("#"):
+            indent = len(body) - len(stripped)
+            stops = [indent] + [m.end() for m in _WORD_END.finditer(body, indent)]
+            for stop in dict.fromkeys(stops):
+                pauses.append((head + typed + body[:stop], "\n" + tail))
+        typed += line
+    return pauses

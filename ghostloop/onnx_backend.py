@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ghostloop.adapters import AdapterError
+from ghostloop.decoding import CachedPrefix, reusable
 from ghostloop.lora import LoraWeights
 
 log = logging.getLogger(__name__)
@@ -378,13 +379,16 @@ class OnnxForward:
     """``Forward`` on an exported model: the KV cache stays in onnxruntime's buffers
     (IO binding), so on a GPU it never leaves the device."""
 
-    def __init__(self, model: OnnxModel) -> None:
+    def __init__(self, model: OnnxModel, reuse: CachedPrefix | None = None) -> None:
         import onnxruntime as ort
 
         self._model = model
         self._ort = ort
         self._past: list[Any] = []
         self._length = 0
+        self._reuse = reuse
+        self._fed: list[int] = []
+        self.reused = 0
         self._names = [f"past.{i}.{kind}" for i in range(model.layers) for kind in ("key", "value")]
         self._outputs = [o.name for o in model.session.get_outputs()]
 
@@ -412,11 +416,39 @@ class OnnxForward:
         outputs = binding.get_outputs()
         self._past = list(outputs[1:])
         self._length = total
+        self._fed.extend(ids)
         return torch.from_numpy(outputs[0].numpy()[0].copy())
 
+    def _crop(self, value: Any, length: int) -> Any:
+        """The first ``length`` positions of a (1, heads, positions, dim) past tensor."""
+        if value.shape()[2] == length:
+            return value
+        import numpy as np
+
+        kept = np.ascontiguousarray(value.numpy()[:, :, :length, :])
+        return self._ort.OrtValue.ortvalue_from_numpy(kept, self._model.device, 0)
+
     def prefill(self, input_ids: Sequence[int]) -> torch.Tensor:
-        self._past, self._length = [], 0
+        reuse, self._reuse = self._reuse, None
+        common = reusable(reuse, input_ids)
+        if reuse is not None and common > 0:
+            self._past = [self._crop(value, common) for value in reuse.cache]
+            self._length, self._fed, self.reused = common, list(input_ids[:common]), common
+            return self._run(input_ids[common:])
+        self._past, self._length, self._fed, self.reused = [], 0, [], 0
         return self._run(input_ids)
+
+    def keep(self) -> CachedPrefix | None:
+        """The past key/values as they stand, to reuse for the next prompt."""
+        if not self._past or not self._fed:
+            return None
+        nbytes = 0
+        for value in self._past:
+            count = 1
+            for size in value.shape():
+                count *= size
+            nbytes += count * (2 if "float16" in value.data_type() else 4)
+        return CachedPrefix(self._fed, self._past, nbytes)
 
     def step(self, token_id: int) -> torch.Tensor:
         return self._run([token_id])

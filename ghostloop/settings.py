@@ -110,6 +110,12 @@ class Settings:
     context_tokens: int = field(
         default=512, metadata=_help("prompt budget in tokens (prefix plus suffix)")
     )
+    kv_cache_mb: int = field(
+        default=256,
+        metadata=_help(
+            "memory for KV caches kept per document between keystrokes (LRU); 0 = no reuse"
+        ),
+    )
     suffix_share: float = field(
         default=0.25, metadata=_help("share of the budget given to the suffix (FIM models)")
     )
@@ -249,6 +255,7 @@ class Settings:
         for name, low in (
             ("threads", 0),
             ("context_tokens", 16),
+            ("kv_cache_mb", 0),
             ("max_new_tokens", 1),
             ("max_lines", 1),
             ("deadline_ms", 1),

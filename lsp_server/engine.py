@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from feedback.canary import arm_for
+from ghostloop.decoding import PrefixCaches, TorchForward
 from ghostloop.lora import LoraWeights
 from ghostloop.onnx_backend import OnnxForward, OnnxModel, base_export
 from ghostloop.postprocess import CompletionMode, CursorContext
@@ -174,6 +175,8 @@ class CompletionEngine:
         self._ready = threading.Event()
         self._ready_at = 0.0
         self._busy = False
+        # per document and weights: the KV cache of its last prompt (settings.kv_cache_mb)
+        self.prefix_caches = PrefixCaches(settings.kv_cache_mb * 2**20)
         self._thread = threading.Thread(target=self._work, name="ghostloop-inference", daemon=True)
 
     def start(self) -> None:
@@ -211,6 +214,7 @@ class CompletionEngine:
             + (f" ({self._onnx_base.device})" if self._onnx_base is not None else ""),
             "template": model.template.name if model else None,
             **self.serving.describe(),
+            "kv_cache": self.prefix_caches.describe(),
             "queued": len(self._queue),
             "stats": dict(vars(self.stats)),
         }
@@ -228,6 +232,12 @@ class CompletionEngine:
             older.cancel("superseded")
         self._queue.put(key, job)
         return job
+
+    def forget(self, key: str) -> None:
+        """The document closed: its KV caches go."""
+        self.prefix_caches.drop(
+            lambda cache_key: isinstance(cache_key, tuple) and cache_key[0] == key
+        )
 
     def _load(self) -> bool:
         from ghostloop.models import load_model
@@ -308,20 +318,32 @@ class CompletionEngine:
                 return "cancelled"
             return "deadline" if time.monotonic() >= deadline else None
 
+        # The document's previous KV cache, made by the same weights, if it is still kept.
+        cache_key = (job.key, adapter.version if adapter else None)
+        reuse = self.prefix_caches.take(cache_key) if settings.kv_cache_mb else None
+        forward: OnnxForward | TorchForward
         if self._onnx_base is not None:  # a session per adapter: nothing to put in force
             served = adapter if isinstance(adapter, OnnxModel) else self._onnx_base
+            forward = OnnxForward(served, reuse=reuse)
             suggestion = suggest(
-                loaded, settings, job.context, forward=OnnxForward(served), should_stop=should_stop
+                loaded, settings, job.context, forward=forward, should_stop=should_stop
             )
         else:
+            forward = TorchForward(loaded.model, loaded.device, reuse=reuse)
             suggestion = suggest(
                 loaded,
                 settings,
                 job.context,
                 adapter=adapter if isinstance(adapter, LoraWeights) else None,
+                forward=forward,
                 should_stop=should_stop,
             )
         generation, prompt, mode = suggestion.generation, suggestion.prompt, suggestion.mode
+        if settings.kv_cache_mb:
+            self.prefix_caches.put(cache_key, forward.keep())
+            self.prefix_caches.record(
+                generation.reused_tokens, generation.prompt_tokens - generation.reused_tokens
+            )
         stats = self.stats
         stats.tokens_generated += len(generation.token_ids)
         stats.last_generated_tokens = len(generation.token_ids)
@@ -352,13 +374,14 @@ class CompletionEngine:
             self.recent.add(result)
         log.info(
             "completion_id=%s key=%s chars=%d tokens=%d prompt_tokens=%d stop=%s "
-            "queue_ms=%.1f prefill_ms=%.1f latency_ms=%.1f adapter=%s arm=%s",
+            "reused_tokens=%d queue_ms=%.1f prefill_ms=%.1f latency_ms=%.1f adapter=%s arm=%s",
             result.completion_id,
             job.key,
             len(text),
             result.generated_tokens,
             result.prompt_tokens,
             result.stop_reason,
+            generation.reused_tokens,
             result.queue_ms,
             result.prefill_ms,
             result.latency_ms,

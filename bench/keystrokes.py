@@ -70,8 +70,9 @@ class LlamaCppForward:
     def _logits(self) -> torch.Tensor:
         import numpy as np
 
-        llm = self._llm
-        return torch.from_numpy(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
+        llm = self._llm  # the last evaluated token's logits (the only row it computes)
+        row = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        return torch.from_numpy(np.array(row, dtype=np.float32))
 
     def prefill(self, input_ids: Sequence[int]) -> torch.Tensor:
         llm = self._llm

@@ -3,9 +3,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,38 @@ def inline_params(uri: str, line: int, character: int) -> types.InlineCompletion
 
 def sample_source() -> str:
     return (stdlib_dir() / "shlex.py").read_text(encoding="utf-8")
+
+
+def listening(port: int) -> bool:
+    """Whether a socket listens on ``port`` (Linux: /proc/net/tcp, state 0A)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+@pytest.fixture
+def tcp_server(tiny_model_dir: Path, isolated_data_dir: Path) -> Iterator[int]:
+    """A shared `ghostloop serve --tcp` on loopback, as a team would run it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    env = dict(os.environ, GHOSTLOOP_MODEL=str(tiny_model_dir), GHOSTLOOP_DEADLINE_MS="120000")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ghostloop", "serve", "--tcp", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # Watch for the listening socket instead of connecting: pygls's TCP server serves the
+    # first connection only and exits when it closes.
+    deadline = time.monotonic() + 60
+    while not listening(port):
+        assert process.poll() is None and time.monotonic() < deadline, "no TCP server"
+        time.sleep(0.1)
+    yield port
+    process.terminate()
+    process.wait(10)

@@ -240,6 +240,23 @@ def test_telemetry_off_records_nothing(neovim: Any, isolated_data_dir: Path):
         assert events == [] and completions == {}
 
 
+def test_plugin_connects_to_a_shared_server_over_tcp(
+    neovim: Any, tcp_server: int, isolated_data_dir: Path
+):
+    nvim = neovim(
+        "def split(self, text):\n    return self.wor",
+        extra=f"address = '127.0.0.1:{tcp_server}',",
+    )
+    nvim.command("normal! G$")
+    nvim.input("a")
+    first = wait_for(nvim, SUGGESTION_LUA % "")
+    nvim.input("<Tab>")
+    wait_for(nvim, "return #vim.api.nvim_get_current_line() > #'    return self.wor'")
+    status = nvim.exec_lua("return require('ghostloop').status(0)")
+    assert status["stats"]["accepted"] == 1
+    assert first["id"]
+
+
 def test_checkhealth_reports_the_server_and_model(neovim: Any, tiny_model_dir: Path):
     nvim = neovim("x = 1\n")
     nvim.command("checkhealth ghostloop")

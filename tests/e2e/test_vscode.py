@@ -7,6 +7,7 @@ one after; the database then holds exactly those decisions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -115,6 +116,15 @@ def user_settings(request: pytest.FixtureRequest) -> dict[str, object]:
 async def vscode(
     served_model: str, user_settings: dict[str, object], isolated_data_dir: Path, tmp_path: Path
 ) -> AsyncIterator[Editor]:
+    async with editor_session(served_model, user_settings, isolated_data_dir, tmp_path) as editor:
+        yield editor
+
+
+@contextlib.asynccontextmanager
+async def editor_session(
+    served_model: str, user_settings: dict[str, object], isolated_data_dir: Path, tmp_path: Path
+) -> AsyncIterator[Editor]:
+    """code-server with the packaged extension installed, a browser on it, a workspace."""
     require(CODE_SERVER, "'make vscode' installs code-server and packages the extension")
     require(VSIX, "'make vscode' packages the extension")
     require(Path(CHROMIUM), "'make browser' installs Debian's chromium")
@@ -344,3 +354,31 @@ async def test_vscode_says_when_the_server_cannot_start(vscode: Editor):
     label = await error.first.get_attribute("aria-label") or ""
     hover = await error.first.inner_html()
     assert "error" in (label + hover).lower(), (label, hover)
+
+
+async def test_vscode_connects_to_a_shared_server_over_tcp(
+    tcp_server: int, tmp_path: Path, isolated_data_dir: Path, served_model: str
+):
+    # The extension starts nothing: it connects to the address in its settings.
+    settings = {"ghostloop.server.address": f"127.0.0.1:{tcp_server}"}
+    async with editor_session(served_model, settings, isolated_data_dir, tmp_path) as vscode:
+        page = vscode.page
+        await ready(vscode)
+        await open_file(vscode, "example.py")
+        await page.locator(".monaco-editor textarea").first.focus()
+        await page.keyboard.press("Control+End")
+        await page.keyboard.press("Alt+Backslash")
+        await vscode.ghost()
+        before = await vscode.text()
+        await page.keyboard.press("Tab")
+        await vscode.changed(before)
+        await disable(vscode)
+    deadline = time.monotonic() + 30
+    while True:
+        events, completions = decisions(isolated_data_dir)
+        accepted = [e for e in events if e.kind == "accepted"]
+        if accepted or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert len(accepted) == 1
+    assert completions[accepted[0].completion_id].client_name == "code-server"

@@ -193,7 +193,7 @@ def main() -> None:
         except ImportError:
             print("llama-cpp-python is not installed: pip install llama-cpp-python")
         else:
-            sample = documents[0][0][0][-400:]
+            sample = next(pause for pauses in documents for pause in pauses)[0][-400:]
             ours = loaded.tokenizer.encode_text(sample)
             theirs = llm.tokenize(sample.encode(), add_bos=False, special=False)
             print(f"  tokenizers agree on a sample: {ours == list(theirs)}")

@@ -110,6 +110,20 @@ def inline_params(uri: str, line: int, character: int) -> types.InlineCompletion
     )
 
 
+# The start of a real function, cursor on an empty line of its body: SmolLM2 suggests
+# code of several words here, which the editors' word-accept tests need.
+LISTING = """import os
+
+
+def python_files(root):
+    \"\"\"The Python files under root.\"\"\"
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            if name.endswith(".py"):
+                """
+
+
 def sample_source() -> str:
     return (stdlib_dir() / "shlex.py").read_text(encoding="utf-8")
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from feedback.database import open_engine
 from feedback.schema import Completion, FeedbackEvent
+from tests.e2e.conftest import LISTING
 
 pynvim = pytest.importorskip("pynvim")
 
@@ -265,18 +266,6 @@ def test_checkhealth_reports_the_server_and_model(neovim: Any, tiny_model_dir: P
     assert "OK server command:" in health, health
     assert f"OK server ready: model {tiny_model_dir.name} on cpu" in health, health
     assert "adapter base (no adapter)" in health, health
-
-
-LISTING = """import os
-
-
-def python_files(root):
-    \"\"\"The Python files under root.\"\"\"
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames:
-            if name.endswith(".py"):
-                """
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from feedback.database import open_engine
 from feedback.schema import Completion, FeedbackEvent
+from tests.e2e.conftest import LISTING
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTENSION = ROOT / "editor-plugins" / "vscode"
@@ -222,6 +223,20 @@ async def editor_session(
         log.close()
 
 
+async def at_the_end_of(editor: Editor, name: str) -> None:
+    """Once the server is ready: open ``name`` and put the cursor at its end."""
+    await ready(editor)
+    await open_file(editor, name)
+    await editor.page.locator(".monaco-editor textarea").first.focus()
+    await editor.page.keyboard.press("Control+End")
+
+
+async def ask(editor: Editor) -> str:
+    """Ghostloop: Trigger a completion (alt+\\); the ghost text that comes."""
+    await editor.page.keyboard.press("Alt+Backslash")
+    return await editor.ghost()
+
+
 async def open_file(editor: Editor, name: str) -> None:
     page = editor.page
     await page.keyboard.press("Control+P")
@@ -257,29 +272,22 @@ def decisions(data_dir: Path) -> tuple[list[FeedbackEvent], dict[str, Completion
 
 async def test_vscode_ghost_text_word_accept_full_accept_and_dismiss(vscode: Editor):
     page = vscode.page
-    await ready(vscode)
-    await open_file(vscode, "example.py")
-    await page.locator(".monaco-editor textarea").first.focus()
-    await page.keyboard.press("Control+End")
-
-    await page.keyboard.press("Alt+Backslash")  # Ghostloop: Trigger a completion
-    first = await vscode.ghost()
+    await at_the_end_of(vscode, "example.py")
+    first = await ask(vscode)
     before = await vscode.text()
     await page.keyboard.press("Control+ArrowRight")  # the next word
     after_word = await vscode.changed(before)
     word = after_word[len(before) :] if after_word.startswith(before) else None
     assert word and (first.startswith(word) or word.startswith(first)), (after_word, first)
 
-    await page.keyboard.press("Alt+Backslash")
-    second = await vscode.ghost()
+    second = await ask(vscode)
     before = await vscode.text()
     await page.keyboard.press("Tab")  # all of it
     after_tab = await vscode.changed(before)
     taken = after_tab[len(before) :]
     assert after_tab.startswith(before) and (taken.startswith(second) or second.startswith(taken))
 
-    await page.keyboard.press("Alt+Backslash")
-    await vscode.ghost()
+    await ask(vscode)
     await page.keyboard.press("Escape")  # dismiss
     await page.locator(".ghost-text-decoration").first.wait_for(state="hidden")
 
@@ -305,30 +313,14 @@ async def test_vscode_ghost_text_word_accept_full_accept_and_dismiss(vscode: Edi
     assert {c.client_name for c in completions.values()} == {"code-server"}
 
 
-LISTING = """import os
-
-
-def python_files(root):
-    \"\"\"The Python files under root.\"\"\"
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames:
-            if name.endswith(".py"):
-                """
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("served_model", ["embedded"], indirect=True)
 async def test_vscode_word_accept_of_a_real_suggestion_is_partial(vscode: Editor):
     """SmolLM2 suggests real code with several words: ctrl+right takes one of them."""
     page = vscode.page
     (vscode.workspace / "listing.py").write_text(LISTING)
-    await ready(vscode)
-    await open_file(vscode, "listing.py")
-    await page.locator(".monaco-editor textarea").first.focus()
-    await page.keyboard.press("Control+End")
-    await page.keyboard.press("Alt+Backslash")
-    await vscode.ghost()
+    await at_the_end_of(vscode, "listing.py")
+    await ask(vscode)
     before = await vscode.text()
     await page.keyboard.press("Control+ArrowRight")
     after = await vscode.changed(before)
@@ -363,12 +355,8 @@ async def test_vscode_connects_to_a_shared_server_over_tcp(
     settings = {"ghostloop.server.address": f"127.0.0.1:{tcp_server}"}
     async with editor_session(served_model, settings, isolated_data_dir, tmp_path) as vscode:
         page = vscode.page
-        await ready(vscode)
-        await open_file(vscode, "example.py")
-        await page.locator(".monaco-editor textarea").first.focus()
-        await page.keyboard.press("Control+End")
-        await page.keyboard.press("Alt+Backslash")
-        await vscode.ghost()
+        await at_the_end_of(vscode, "example.py")
+        await ask(vscode)
         before = await vscode.text()
         await page.keyboard.press("Tab")
         await vscode.changed(before)

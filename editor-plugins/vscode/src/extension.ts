@@ -107,6 +107,11 @@ class Ghostloop implements vscode.Disposable {
       }
       if (change.newState === ClientState.Stopped && this.clientState !== "off") {
         this.fail("the server stopped; see the Ghostloop log");
+      } else if (change.newState === ClientState.Running && this.clientState === "error") {
+        // vscode-languageclient restarted a crashed server: follow it again
+        this.errorDetail = undefined;
+        this.setState("starting");
+        this.startPolling();
       }
     });
     this.client = client;
@@ -248,9 +253,13 @@ class Ghostloop implements vscode.Disposable {
 
   private startPolling(): void {
     this.stopPolling();
+    const client = this.client;
     const tick = async (): Promise<void> => {
-      const client = this.client;
-      if (!client?.isRunning()) {
+      if (this.client !== client || !client) {
+        return; // stopped or replaced: its own polling runs
+      }
+      if (!client.isRunning()) {
+        this.poll = setTimeout(() => void tick(), 1_000);
         return;
       }
       try {

@@ -117,37 +117,37 @@ export class FeedbackTracker {
   }
 
   /** The user dismissed the suggestion for `uri` (Escape). */
-  async dismissed(uri: string): Promise<void> {
-    const entry = this.current.get(uri);
-    if (!entry) {
-      return;
-    }
-    if (entry.accepted > 0) {
-      await this.finish(uri, entry, entry.accepted);
-    } else {
-      this.current.delete(uri);
-      this.reported.add(entry.id);
-      await this.sink.signal(entry.id, "dismissed");
-    }
+  dismissed(uri: string): Promise<void> {
+    return this.end(uri, true);
   }
 
   /** The suggestion for `uri` ended without a decision here (a newer request, a close). */
-  async settle(uri: string): Promise<void> {
-    const entry = this.current.get(uri);
-    if (!entry) {
-      return;
-    }
-    if (entry.accepted > 0) {
-      await this.finish(uri, entry, entry.accepted);
-    } else {
-      this.current.delete(uri); // the server counts it rejected when a newer request comes
-    }
+  settle(uri: string): Promise<void> {
+    return this.end(uri, false);
   }
 
   /** Every open suggestion ends (the client stops). */
   async settleAll(): Promise<void> {
     for (const uri of [...this.current.keys()]) {
       await this.settle(uri);
+    }
+  }
+
+  /** What was taken of it is accepted; nothing taken: dismissed, or left to the server,
+   * which counts a suggestion superseded by a newer request as rejected. */
+  private async end(uri: string, dismissed: boolean): Promise<void> {
+    const entry = this.current.get(uri);
+    if (!entry) {
+      return;
+    }
+    if (entry.accepted > 0) {
+      await this.finish(uri, entry, entry.accepted);
+      return;
+    }
+    this.current.delete(uri);
+    if (dismissed) {
+      this.reported.add(entry.id);
+      await this.sink.signal(entry.id, "dismissed");
     }
   }
 

@@ -76,11 +76,6 @@ class PrefixCaches:
     _entries: OrderedDict[Hashable, CachedPrefix] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(entry.nbytes for entry in self._entries.values())
-
     def take(self, key: Hashable) -> CachedPrefix | None:
         with self._lock:
             return self._entries.pop(key, None)

@@ -56,7 +56,7 @@ class ServerMetrics:
         )
         self.requests = Counter(
             "ghostloop_completion_requests",
-            "Completion requests by result: served, empty, cancelled, error",
+            "Completion requests by result: served, empty, cancelled, error, rate_limited",
             ["result"],
             registry=self.registry,
         )

@@ -157,3 +157,19 @@ class AdapterVersion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     status_changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class AccessToken(Base):
+    """A team member's key to a shared ``ghostloop serve --tcp``. Only the SHA-256 digest
+    of the token is stored; the token itself is shown once, when it is made."""
+
+    __tablename__ = "access_tokens"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # shown in lists
+    user: Mapped[str] = mapped_column(String(200))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    note: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (Index("ix_access_tokens_user", "user"),)

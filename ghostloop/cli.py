@@ -30,11 +30,17 @@ def _setup_logging(settings: Settings) -> None:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from lsp_server.server import create_server
 
-    server = create_server(settings)
+    if args.tcp and args.stdio:
+        print("ghostloop serve: choose --tcp or --stdio, not both", file=sys.stderr)
+        return 2
     if args.tcp:
-        server.start_tcp(args.host, args.port)
-    else:
-        server.start_io()
+        from lsp_server.team import serve_team
+
+        return serve_team(settings, args.host, args.port)
+    if args.host != "127.0.0.1" or args.port != 2087:
+        print("ghostloop serve: --host and --port go with --tcp", file=sys.stderr)
+        return 2
+    create_server(settings).start_io()
     return 0
 
 
@@ -113,6 +119,60 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
             print(f"database at revision {current or 'none'}, head {head_revision()}: {state}")
     except StoreError as error:
         print(f"ghostloop db: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _users(args: argparse.Namespace, settings: Settings) -> int:
+    """Access tokens for the team server: add prints the token once, list never does."""
+    from feedback.database import StoreError, default_database_url, open_engine, upgrade
+    from feedback.tokens import TokenError, add_token, list_tokens, revoke
+
+    url = settings.database_url or default_database_url(settings.data_dir)
+    try:
+        engine = open_engine(url)
+        upgrade(engine)
+        if args.users_command == "add":
+            info, token = add_token(engine, args.name, note=args.note or "")
+            if args.json:
+                print(json.dumps({"id": info.id, "user": info.user, "token": token}))
+            else:
+                print(token)
+                print(
+                    f"token {info.id} for {info.user}: give it to them; it is not shown "
+                    "again (the database keeps only its digest)",
+                    file=sys.stderr,
+                )
+        elif args.users_command == "list":
+            tokens = list_tokens(engine, include_revoked=args.all)
+            rows: list[dict[str, Any]] = [
+                {
+                    "id": t.id,
+                    "user": t.user,
+                    "created_at": t.created_at.isoformat(),
+                    "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+                    "note": t.note,
+                }
+                for t in tokens
+            ]
+            if args.json:
+                for row in rows:
+                    print(json.dumps(row))
+            elif not rows:
+                print("no access tokens; make one with `ghostloop users add NAME`")
+            else:
+                for row in rows:
+                    revoked = row["revoked_at"]
+                    state = f"revoked {revoked[:19]}" if isinstance(revoked, str) else "active"
+                    print(
+                        f"{row['id']}  {row['user']:24} created {row['created_at'][:19]}  "
+                        f"{state}  {row['note']}".rstrip()
+                    )
+        else:
+            for t in revoke(engine, args.name):
+                print(f"revoked token {t.id} of {t.user}")
+    except (StoreError, TokenError) as error:
+        print(f"ghostloop users: {error}", file=sys.stderr)
         return 1
     return 0
 
@@ -346,6 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db.add_argument("--older-than", help="with purge: an age such as 30d, 12h")
     db.set_defaults(run=_db)
+
+    users = commands.add_parser(
+        "users", help="access tokens for the team server (serve --tcp): add, list, revoke"
+    )
+    user_commands = users.add_subparsers(dest="users_command", required=True)
+    add = user_commands.add_parser("add", help="a new token for a user; printed once")
+    add.add_argument("name", help="the user every completion over this token is stored as")
+    add.add_argument("--note", help="what the token is for, e.g. a laptop's name")
+    add.add_argument("--json", action="store_true", help="print {id, user, token} as JSON")
+    listing = user_commands.add_parser("list", help="the tokens (never the tokens themselves)")
+    listing.add_argument("--all", action="store_true", help="revoked ones too")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    revoke = user_commands.add_parser("revoke", help="revoke a token by id, or a user's all")
+    revoke.add_argument("name", help="a token id (from list) or a user name")
+    users.set_defaults(run=_users)
 
     train = commands.add_parser(
         "train", help="the nightly job: train on recorded feedback, gate, publish an adapter"

@@ -22,6 +22,7 @@ import platformdirs
 APP_NAME = "ghostloop"
 ENV_PREFIX = "GHOSTLOOP_"
 BACKENDS = ("torch", "onnxruntime")
+TCP_AUTH = ("auto", "required", "off")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TRAIN_METHODS = ("sft", "dpo", "rrhf")
@@ -148,6 +149,38 @@ class Settings:
         metadata=_help("record suggestions and their fate; false = store nothing of your code"),
     )
     log_level: str = field(default="INFO", metadata=_help("DEBUG | INFO | WARNING | ERROR"))
+    tcp_auth: str = field(
+        default="auto",
+        metadata=_help(
+            "serve --tcp: auto (clients off loopback need a token from `ghostloop users add`) "
+            "| required (every client does) | off (nobody does: a trusted network only)"
+        ),
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata=_help("serve --tcp: PEM certificate chain; with tls_key, TLS")
+    )
+    tls_key: Path | None = field(
+        default=None, metadata=_help("serve --tcp: PEM private key of tls_cert")
+    )
+    rate_limit_per_minute: int = field(
+        default=600,
+        metadata=_help("serve --tcp: completions a user may ask for per minute; 0 = no limit"),
+    )
+    max_message_bytes: int = field(
+        default=16 * 2**20,
+        metadata=_help("serve --tcp: a longer LSP message closes its connection"),
+    )
+    max_open_documents: int = field(
+        default=500, metadata=_help("documents one connection may hold open at once")
+    )
+    message_timeout_s: float = field(
+        default=30.0,
+        metadata=_help("serve --tcp: a message must arrive whole within this many seconds"),
+    )
+    idle_timeout_s: float = field(
+        default=3600.0,
+        metadata=_help("serve --tcp: a connection silent this long is closed; 0 = never"),
+    )
     metrics_port: int = field(
         default=0,
         metadata=_help("serve Prometheus metrics at http://metrics_host:PORT/metrics; 0 = off"),
@@ -274,6 +307,10 @@ class Settings:
             ("canary_min_completions", 1),
             ("canary_check_s", 0),
             ("metrics_port", 0),
+            ("rate_limit_per_minute", 0),
+            ("max_message_bytes", 1024),
+            ("max_open_documents", 1),
+            ("idle_timeout_s", 0),
         ):
             if getattr(self, name) < low:
                 raise SettingsError(f"{name}={getattr(self, name)} must be at least {low}")
@@ -306,6 +343,14 @@ class Settings:
             raise SettingsError("lora_targets is empty; name modules such as 'q_proj,v_proj'")
         if self.metrics_port > 65535:
             raise SettingsError(f"metrics_port={self.metrics_port} must be a port (1-65535) or 0")
+        if self.tcp_auth not in TCP_AUTH:
+            raise SettingsError(f"tcp_auth={self.tcp_auth!r} is not one of {', '.join(TCP_AUTH)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError(
+                "TLS needs both tls_cert and tls_key (PEM files); set both or neither"
+            )
+        if self.message_timeout_s <= 0:
+            raise SettingsError(f"message_timeout_s={self.message_timeout_s} must be positive")
         if not 0.0 <= self.suffix_share < 1.0:
             raise SettingsError(f"suffix_share={self.suffix_share} must be in [0, 1)")
 

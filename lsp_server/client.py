@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import sys
 import time
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lsprotocol import types
+from pygls.io_ import run_async
 from pygls.lsp.client import LanguageClient
 
 from lsp_server.protocol import (
@@ -52,10 +54,58 @@ class GhostloopClient:
         client = LanguageClient("ghostloop-client", "0.1")
         server_env = dict(os.environ if env is None else env)
         await client.start_io(sys.executable, "-m", "ghostloop", "serve", env=server_env)
+        return await cls._initialize(client, initialization_options, root)
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        initialization_options: Mapping[str, Any] | None = None,
+        root: Path | None = None,
+        name: str = "ghostloop-client",
+    ) -> GhostloopClient:
+        """A client of a running team server (``ghostloop serve --tcp``), over TLS with
+        ``tls``; raises the server's error when it refuses the token."""
+        client = LanguageClient(name, "0.1")
+        # pygls's start_tcp, with TLS: LanguageClient.start_tcp takes no SSL context
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls)
+        client.protocol.set_writer(writer)  # type: ignore[arg-type]
+        client._async_tasks.append(
+            asyncio.create_task(
+                run_async(
+                    stop_event=client._stop_event,
+                    reader=reader,
+                    protocol=client.protocol,
+                    error_handler=client.report_server_error,
+                )
+            )
+        )
+        options = dict(initialization_options or {})
+        if token is not None:
+            options["token"] = token
+        try:
+            return await cls._initialize(client, options, root, name=name)
+        except BaseException:
+            writer.close()
+            await client.stop()
+            raise
+
+    @classmethod
+    async def _initialize(
+        cls,
+        client: LanguageClient,
+        initialization_options: Mapping[str, Any] | None,
+        root: Path | None,
+        name: str = "ghostloop-client",
+    ) -> GhostloopClient:
         await client.initialize_async(
             types.InitializeParams(
                 capabilities=types.ClientCapabilities(),
-                client_info=types.ClientInfo(name="ghostloop-client", version="0.1"),
+                client_info=types.ClientInfo(name=name, version="0.1"),
                 root_uri=root.resolve().as_uri() if root else None,
                 initialization_options=dict(initialization_options or {}),
             )

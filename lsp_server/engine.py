@@ -47,6 +47,7 @@ class CompletionJob:
     key: str
     context: CursorContext
     user: str = ""
+    queue: str = ""  # whose turn it takes in the fair queue: a document, or a connection
     arrival: float = field(default_factory=time.monotonic)
     future: Future[CompletionResult] = field(default_factory=Future)
     cancel_reason: str | None = None
@@ -80,6 +81,7 @@ class CompletionResult:
     latency_ms: float
     adapter_version: str | None = None  # None: the base model
     arm: str = "active"  # "canary" for a user in a running canary's share
+    user: str = ""  # who asked: only they may send feedback on it
 
 
 @dataclass(frozen=True)
@@ -222,16 +224,29 @@ class CompletionEngine:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
-    def submit(self, key: str, context: CursorContext, user: str = "") -> CompletionJob:
-        """Queue a job; an unfinished older job for the same document is superseded."""
-        job = CompletionJob(key=key, context=context, user=user)
+    def submit(
+        self, key: str, context: CursorContext, user: str = "", queue: str | None = None
+    ) -> CompletionJob:
+        """Queue a job; an unfinished older job for the same document is superseded.
+
+        ``queue`` names whose turn the job takes: the document by default (documents
+        are served in turn), a connection on a team server (connections are)."""
+        job = CompletionJob(key=key, context=context, user=user, queue=queue or key)
         with self._lock:
             older = self._latest.get(key)
             self._latest[key] = job
         if older is not None and not older.future.done():
             older.cancel("superseded")
-        self._queue.put(key, job)
+        self._queue.put(job.queue, job)
         return job
+
+    def cancel_queue(self, queue: str, reason: str = "disconnected") -> int:
+        """Cancel every unfinished job of ``queue`` (a client went away); how many."""
+        with self._lock:
+            jobs = [job for job in self._latest.values() if job.queue == queue]
+        for job in jobs:
+            job.cancel(reason)
+        return len(jobs)
 
     def forget(self, key: str) -> None:
         """The document closed: its KV caches go."""
@@ -369,6 +384,7 @@ class CompletionEngine:
             latency_ms=(time.monotonic() - job.arrival) * 1000,
             adapter_version=adapter.version if adapter else None,
             arm=arm,
+            user=job.user,
         )
         if text:
             self.recent.add(result)

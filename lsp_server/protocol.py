@@ -29,6 +29,11 @@ Error codes a client can meet
   splits a character, the document is binary or too large, a command's arguments are bad.
 - ``-32001`` ModelUnavailable: the configured model could not be loaded; the message says
   how to fix it.
+- ``-32003`` Unauthorized (team server, ``serve --tcp``): ``initialize`` without a valid
+  access token where one is needed, or a revoked token; the connection is closed after
+  the response. Anything sent before a successful ``initialize`` gets ``-32002``.
+- ``-32803`` RequestFailed: the user's rate limit (``rate_limit_per_minute``) is spent;
+  the message says when to retry.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ FEEDBACK_NOTIFICATION = "ghostloop/feedback"
 
 MODEL_UNAVAILABLE = -32001
 SERVER_CANCELLED = -32802
+UNAUTHORIZED = -32003
+REQUEST_FAILED = -32803
 
 
 class ServerCancelled(JsonRpcException):
@@ -56,3 +63,17 @@ class ModelUnavailable(JsonRpcException):
 
     CODE = MODEL_UNAVAILABLE
     MESSAGE = "Model Unavailable"
+
+
+class Unauthorized(JsonRpcException):
+    """A team server refused the client: no token, a wrong one, or a revoked one."""
+
+    CODE = UNAUTHORIZED
+    MESSAGE = "Unauthorized"
+
+
+class RateLimited(JsonRpcException):
+    """LSP RequestFailed: the user asked for more completions than their rate limit."""
+
+    CODE = REQUEST_FAILED
+    MESSAGE = "Rate limited"

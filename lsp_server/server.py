@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
 
 import cattrs
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcServerNotInitialized
 from pygls.lsp.server import LanguageServer
-from pygls.protocol import LanguageServerProtocol
+from pygls.protocol import LanguageServerProtocol, lsp_method
 
 from feedback.prometheus import ServerMetrics
 from ghostloop import __version__
@@ -17,6 +19,10 @@ from lsp_server.adapter_watch import AdapterWatcher
 from lsp_server.engine import CompletionEngine
 from lsp_server.recording import FeedbackLog
 
+if TYPE_CHECKING:
+    from lsp_server.team import Connection, Team
+
+log = logging.getLogger(__name__)
 _ANSWERED = object()
 
 
@@ -55,6 +61,29 @@ class GhostloopProtocol(LanguageServerProtocol):
         if message is not _ANSWERED:
             super().handle_message(message)
 
+    @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
+    def lsp_text_document__did_open(
+        self, params: types.DidOpenTextDocumentParams
+    ) -> Generator[Any, Any, None]:
+        """Open the document unless the connection holds max_open_documents already."""
+        server = self._server
+        assert isinstance(server, GhostloopServer)
+        documents = self.workspace.text_documents
+        cap = server.settings.max_open_documents
+        uri = params.text_document.uri
+        if uri not in documents and len(documents) >= cap:
+            message = (
+                f"{len(documents)} documents are open on this connection, the most "
+                f"max_open_documents={cap} allows: {uri} gets no completions until "
+                "another document is closed"
+            )
+            log.warning("%s", message)
+            server.window_show_message(
+                types.ShowMessageParams(type=types.MessageType.Warning, message=message)
+            )
+            return
+        yield from super().lsp_text_document__did_open(params)
+
 
 class GhostloopServer(LanguageServer):
     """Holds the settings of this session and the completion engine made at initialize."""
@@ -74,6 +103,18 @@ class GhostloopServer(LanguageServer):
         self.client_info: types.ClientInfo | None = None
         self.root_uri: str | None = None
         self.metrics = ServerMetrics()
+        # On a team server (lsp_server.team) each connection has its own server object;
+        # these say which connection and what the connections share.
+        self.team: Team | None = None
+        self.connection: Connection | None = None
+
+    def job_key(self, uri: str) -> str:
+        """The engine's key for a document: URIs of different connections may coincide."""
+        return uri if self.connection is None else f"{self.connection.id} {uri}"
+
+    def queue_key(self, uri: str) -> str:
+        """Whose turn a job takes: the document's alone, or its connection's on a team."""
+        return uri if self.connection is None else self.connection.id
 
     @property
     def engine(self) -> CompletionEngine:

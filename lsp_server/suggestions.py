@@ -57,8 +57,15 @@ def cursor_at(server: GhostloopServer, uri: str, position: types.Position) -> Cu
 
 async def suggest(server: GhostloopServer, cursor: Cursor) -> CompletionResult:
     """Run one completion job; cancellation of this request stops its generation."""
+    if server.team is not None:
+        await server.team.check(server)  # the rate limit; a revoked token ends here
     server.feedback.superseded(cursor.uri)
-    job = server.engine.submit(cursor.uri, cursor.context, server.settings.stored_user)
+    job = server.engine.submit(
+        server.job_key(cursor.uri),
+        cursor.context,
+        server.settings.stored_user,
+        queue=server.queue_key(cursor.uri),
+    )
     try:
         result = await asyncio.wrap_future(job.future)
     except asyncio.CancelledError:
@@ -95,6 +102,15 @@ async def suggest(server: GhostloopServer, cursor: Cursor) -> CompletionResult:
             client_version=(client.version or "") if client else "",
             base_model=server.engine.model_name,
         )
+    return result
+
+
+def served_to(server: GhostloopServer, completion_id: str) -> CompletionResult | None:
+    """The completion ``completion_id`` if this client's user was served it, else None:
+    nobody sends feedback on another user's suggestions."""
+    result = server.engine.recent.get(completion_id)
+    if result is None or result.user != server.settings.stored_user:
+        return None
     return result
 
 

@@ -9,6 +9,7 @@ from pygls.exceptions import JsonRpcInvalidParams
 
 from lsp_server.protocol import ACCEPT_COMMAND
 from lsp_server.server import GhostloopServer
+from lsp_server.suggestions import served_to
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,10 @@ def register(server: GhostloopServer) -> None:
     @server.command(ACCEPT_COMMAND)
     def accept(ls: GhostloopServer, *arguments: Any) -> None:
         completion_id, length = _parse_accept(arguments)
-        result = ls.engine.recent.get(completion_id)
+        result = served_to(ls, completion_id)
         if result is None:
             raise JsonRpcInvalidParams(
-                f"unknown completion id {completion_id!r}: it was never served by this server"
+                f"unknown completion id {completion_id!r}: this server never served it to you"
             )
         full = len(result.text)
         length = full if length is None else length

@@ -20,4 +20,4 @@ def register(server: GhostloopServer) -> None:
         if ls.feedback_or_none is not None:
             ls.feedback_or_none.closed(params.text_document.uri)
         if ls.engine_or_none is not None:
-            ls.engine_or_none.forget(params.text_document.uri)
+            ls.engine_or_none.forget(ls.job_key(params.text_document.uri))

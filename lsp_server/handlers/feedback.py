@@ -14,6 +14,7 @@ from lsprotocol import types
 from lsp_server.protocol import FEEDBACK_NOTIFICATION
 from lsp_server.recording import FEEDBACK_KINDS
 from lsp_server.server import GhostloopServer
+from lsp_server.suggestions import served_to
 
 log = logging.getLogger(__name__)
 OPEN_FATES = (None, "pending", "shown")
@@ -35,7 +36,7 @@ def register(server: GhostloopServer) -> None:
                 f"{FEEDBACK_NOTIFICATION} needs completionId (string) and kind "
                 f"({' | '.join(FEEDBACK_KINDS)}), got {completion_id!r}, {kind!r}"
             )
-        elif ls.engine.recent.get(completion_id) is None:
+        elif served_to(ls, completion_id) is None:
             problem = f"{FEEDBACK_NOTIFICATION}: unknown completion id {completion_id!r}"
         elif (fate := ls.feedback.fate(completion_id)) not in OPEN_FATES:
             problem = f"{FEEDBACK_NOTIFICATION}: completion {completion_id} was already {fate}"

@@ -26,12 +26,19 @@ def _options(params: types.InitializeParams) -> dict[str, Any]:
         raise JsonRpcInvalidParams(
             f"initializationOptions must be an object of Ghostloop settings, got {options!r}"
         )
-    return options
+    # a team server's access token, not a setting (stdio servers need none and ignore it)
+    return {name: value for name, value in options.items() if name != "token"}
 
 
 def register(server: GhostloopServer) -> None:
     @server.feature(types.INITIALIZE)
     def initialize(ls: GhostloopServer, params: types.InitializeParams) -> None:
+        if ls.team is not None and ls.connection is not None:
+            # a connection to a team server: the token decides who it is, the admin the rest
+            ls.team.admit(ls, params)
+            ls.client_info = params.client_info
+            ls.root_uri = params.root_uri
+            return
         try:
             ls.settings = ls.base_settings.with_overrides(
                 _options(params), source="initializationOptions"
@@ -72,6 +79,9 @@ def register(server: GhostloopServer) -> None:
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: GhostloopServer, params: None) -> None:
+        if ls.team is not None and ls.connection is not None:
+            ls.team.release(ls)  # this connection's work only; the engine serves the others
+            return
         if ls.adapters_or_none is not None:
             ls.adapters_or_none.stop()
         if ls.engine_or_none is not None:

@@ -152,8 +152,8 @@ def tcp_server(tiny_model_dir: Path, isolated_data_dir: Path) -> Iterator[int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    # Watch for the listening socket instead of connecting: pygls's TCP server serves the
-    # first connection only and exits when it closes.
+    # Watch for the listening socket rather than connect: a probe connection would be a
+    # client of its own in the server's log.
     deadline = time.monotonic() + 60
     while not listening(port):
         assert process.poll() is None and time.monotonic() < deadline, "no TCP server"

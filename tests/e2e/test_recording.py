@@ -186,7 +186,7 @@ async def test_another_users_completion_cannot_be_accepted_or_rejected(
     bob = await start_server(env={"GHOSTLOOP_DATABASE_URL": url, "GHOSTLOOP_USER": "bob"})
     hers = (await ask(alice, "hers.py")).command.arguments[0]
     await alice.shutdown_session()  # her completion is in the store
-    with pytest.raises(Exception, match="never served by this server"):
+    with pytest.raises(Exception, match="this server never served it"):
         await bob.workspace_execute_command_async(
             types.ExecuteCommandParams(command="ghostloop.accept", arguments=[hers])
         )

@@ -119,6 +119,30 @@ class Connection:
     opened_at: float = field(default_factory=time.monotonic)
 
 
+class _GuardedWriter:
+    """The connection's writer for pygls: a client that stops reading its responses
+    (their bytes pile up unsent past ``limit``) is disconnected rather than buffered for."""
+
+    def __init__(self, writer: asyncio.StreamWriter, connection: Connection, limit: int) -> None:
+        self._writer = writer
+        self._connection = connection
+        self._limit = limit
+
+    def write(self, data: bytes) -> None:
+        if self._writer.is_closing():
+            return
+        self._writer.write(data)
+        if self._writer.transport.get_write_buffer_size() > self._limit:
+            self._connection.refused = (
+                f"over {self._limit} bytes of responses unread: the client stopped reading"
+            )
+            log.warning("connection %s: %s", self._connection.id, self._connection.refused)
+            self._writer.transport.abort()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class _Dropped:
     """Where a closed connection's late responses go: nowhere."""
 
@@ -223,7 +247,8 @@ class Team:
         server.team, server.connection = self, connection
         server.engine_or_none, server.adapters_or_none = self.engine, self.watcher
         server.metrics = self.metrics
-        server.protocol.set_writer(writer)  # type: ignore[arg-type]
+        guarded = _GuardedWriter(writer, connection, 2 * self.settings.max_message_bytes)
+        server.protocol.set_writer(guarded)  # type: ignore[arg-type]
         self.connections[connection.id] = connection
         log.info("connection %s from %s", connection.id, connection.peer)
         return connection, server
@@ -479,6 +504,7 @@ async def _serve_connection(
             if connection.refused:
                 await asyncio.sleep(0.05)  # let the error response go out first
                 break
+            await asyncio.sleep(0)  # one message, then the other connections' turn
     except ProtocolViolation as violation:
         connection.refused = str(violation)
         log.warning("connection %s from %s: %s", connection.id, connection.peer, violation)

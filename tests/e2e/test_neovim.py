@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from feedback.database import open_engine
 from feedback.schema import Completion, FeedbackEvent
 from tests.e2e.conftest import LISTING
+from tests.e2e.team_servers import TeamServer, tls_files, tokens
 
 pynvim = pytest.importorskip("pynvim")
 
@@ -324,3 +325,43 @@ def test_pieces_and_addresses_follow_the_editor_rules(tmp_path: Path):
     finally:
         nvim.command("qa!", async_=True)
         nvim.close()
+
+
+def test_plugin_reaches_a_team_server_with_its_token_over_tls(
+    neovim: Any, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The token from $GHOSTLOOP_TOKEN; TLS through `openssl s_client` as the command (the
+    README's recipe: Neovim's own TCP client has no TLS)."""
+    cert, key, ca = tls_files(tmp_path)
+    team_data = tmp_path / "team-data"
+    made = tokens(f"sqlite:///{team_data / 'ghostloop.db'}", "frank")
+    server = TeamServer(
+        tiny_model_dir,
+        team_data,
+        GHOSTLOOP_TLS_CERT=str(cert),
+        GHOSTLOOP_TLS_KEY=str(key),
+        GHOSTLOOP_TCP_AUTH="required",
+    )
+    monkeypatch.setenv("GHOSTLOOP_TOKEN", made["frank"])
+    bridge = [
+        *("openssl", "s_client", "-quiet", "-verify_return_error", "-verify_ip", "127.0.0.1"),
+        *("-CAfile", str(ca), "-connect", f"127.0.0.1:{server.port}"),
+    ]
+    try:
+        nvim = neovim(
+            "def split(self, text):\n    return self.wor",
+            extra=f"cmd = {{ {', '.join(repr(part) for part in bridge)} }},",
+        )
+        nvim.command("normal! G$")
+        nvim.input("a")
+        wait_for(nvim, SUGGESTION_LUA % "")
+        nvim.input("<Tab>")
+        wait_for(nvim, "return #vim.api.nvim_get_current_line() > #'    return self.wor'")
+        status = nvim.exec_lua("return require('ghostloop').status(0)")
+        assert status["team"]["user"] == "frank"
+        stop_server(nvim)
+    finally:
+        server.stop()
+    events, completions = stored(team_data)
+    assert {c.user for c in completions.values()} == {"frank"}
+    assert "accepted" in [e.kind for e in events]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import ssl
@@ -18,67 +19,15 @@ import pytest
 from pygls.exceptions import JsonRpcException
 from sqlalchemy import create_engine, text
 
-from feedback.database import open_engine, upgrade
-from feedback.tokens import add_token, digest
+from feedback.tokens import digest
 from ghostloop.settings import Settings
 from lsp_server.client import GhostloopClient
 from tests.adapters import publish_adapter
 from tests.e2e.conftest import listening
+from tests.e2e.team_servers import TeamServer, free_port, tokens
 
 SOURCE = "import os\n\n\ndef read(path):\n    with open(path) as handle:\n        return "
 CURSOR = (5, 15)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class TeamServer:
-    """One `ghostloop serve --tcp` process."""
-
-    def __init__(self, model: Path, data_dir: Path, **env: str) -> None:
-        self.port = free_port()
-        self.log = data_dir.parent / f"server-{self.port}.log"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("GHOSTLOOP_")},
-            "GHOSTLOOP_MODEL": str(model),
-            "GHOSTLOOP_DATA_DIR": str(data_dir),
-            "GHOSTLOOP_DEADLINE_MS": "120000",
-            "GHOSTLOOP_SURVIVAL_WINDOWS_S": "0.2",
-            "GHOSTLOOP_ADAPTER_POLL_S": "0",
-            **env,
-        }
-        with self.log.open("w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "ghostloop", "serve", "--tcp", "--port", str(self.port)],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 120
-        while not listening(self.port):
-            assert self.process.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "the team server did not listen"
-            time.sleep(0.1)
-
-    async def connect(
-        self, token: str | None = None, tls: ssl.SSLContext | None = None, **options: object
-    ) -> GhostloopClient:
-        client = await GhostloopClient.connect(
-            "127.0.0.1", self.port, token=token, initialization_options=options, tls=tls
-        )
-        await client.wait_ready(120)
-        return client
-
-    def stop(self) -> str:
-        """Stop it as an admin would (SIGTERM: the recorder flushes); returns its log."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(60)
-        return self.log.read_text()
 
 
 @pytest.fixture
@@ -91,14 +40,6 @@ def team_servers(tiny_model_dir: Path, tmp_path: Path) -> Iterator[list[TeamServ
 
 def count(url: str, query: str) -> int:
     return int(scalar(url, query))  # type: ignore[call-overload]
-
-
-def tokens(url: str, *users: str) -> dict[str, str]:
-    engine = open_engine(url)
-    upgrade(engine)
-    made = {user: add_token(engine, user)[1] for user in users}
-    engine.dispose()
-    return made
 
 
 async def suggest(client: GhostloopClient, uri: str) -> str:
@@ -199,6 +140,11 @@ async def send_raw(port: int, data: bytes) -> socket.socket:
     return sock
 
 
+def rpc(message_id: int, method: str, params: object) -> bytes:
+    body = json.dumps({"jsonrpc": "2.0", "id": message_id, "method": method, "params": params})
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body.encode()
+
+
 def closed_by_server(sock: socket.socket, within_s: float) -> bool:
     """True once the server has closed ``sock`` (reads reach the end)."""
     sock.settimeout(within_s)
@@ -232,6 +178,13 @@ async def test_bad_clients_are_cut_off_and_others_keep_being_served(
     never_ending = await send_raw(server.port, b'Content-Length: 100\r\n\r\n{"jsonrpc"')
     garbage = await send_raw(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     binary = await send_raw(server.port, os.urandom(20000))
+    # asks and asks, and never reads an answer
+    flood = [rpc(1, "initialize", {"capabilities": {}, "processId": None, "rootUri": None})]
+    flood += [rpc(2 + i, "ghostloop/status", None) for i in range(20000)]
+    deaf = socket.create_connection(("127.0.0.1", server.port))
+    deaf.settimeout(60)
+    with contextlib.suppress(OSError):  # the server may cut it off while it still sends
+        deaf.sendall(b"".join(flood))
 
     # served while the bad ones hang on
     await suggest(good, "file:///w/second.py")
@@ -247,6 +200,11 @@ async def test_bad_clients_are_cut_off_and_others_keep_being_served(
     assert "over max_message_bytes=65536" in log
     assert "did not arrive whole within message_timeout_s=2" in log
     assert "not an LSP header line" in log or "bad Content-Length" in log
+    deadline = time.monotonic() + 60
+    while "the client stopped reading" not in server.log.read_text():
+        assert time.monotonic() < deadline, "a client that never reads was not cut off"
+        await asyncio.sleep(0.2)
+    deaf.close()
 
     # a third open document is over max_open_documents=2: not held, not completed
     good.open("file:///w/third.py", SOURCE)

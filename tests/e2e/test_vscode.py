@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from feedback.database import open_engine
 from feedback.schema import Completion, FeedbackEvent
 from tests.e2e.conftest import LISTING
+from tests.e2e.team_servers import TeamServer, tls_files, tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTENSION = ROOT / "editor-plugins" / "vscode"
@@ -370,3 +371,50 @@ async def test_vscode_connects_to_a_shared_server_over_tcp(
         await asyncio.sleep(0.2)
     assert len(accepted) == 1
     assert completions[accepted[0].completion_id].client_name == "code-server"
+
+
+async def test_vscode_reaches_a_team_server_with_its_token_over_tls(
+    tiny_model_dir: Path, tmp_path: Path, isolated_data_dir: Path, served_model: str
+):
+    """The token goes into VS Code's secret storage through 'Ghostloop: Set Server Token';
+    the team server (TLS, tokens required) then serves and stores the work as its user."""
+    cert, key, ca = tls_files(tmp_path)
+    team_data = tmp_path / "team-data"
+    made = tokens(f"sqlite:///{team_data / 'ghostloop.db'}", "erin")
+    server = TeamServer(
+        tiny_model_dir,
+        team_data,
+        GHOSTLOOP_TLS_CERT=str(cert),
+        GHOSTLOOP_TLS_KEY=str(key),
+        GHOSTLOOP_TCP_AUTH="required",
+    )
+    settings = {
+        "ghostloop.server.address": f"127.0.0.1:{server.port}",
+        "ghostloop.server.tls": True,
+        "ghostloop.server.caFile": str(ca),
+    }
+    try:
+        async with editor_session(served_model, settings, isolated_data_dir, tmp_path) as vscode:
+            page = vscode.page
+            refusal = page.locator(".notifications-toasts", has_text="needs an access token")
+            await refusal.first.wait_for(timeout=60_000)
+            await vscode.run_command("Ghostloop: Set Server Token")
+            box = page.locator(".quick-input-widget input")
+            await box.wait_for(state="visible")
+            await box.fill(made["erin"])
+            await page.keyboard.press("Enter")
+            await at_the_end_of(vscode, "example.py")
+            await ask(vscode)
+            before = await vscode.text()
+            await page.keyboard.press("Tab")
+            await vscode.changed(before)
+            await disable(vscode)
+    finally:
+        server.stop()
+    events, completions = decisions(team_data)
+    assert {c.user for c in completions.values()} == {"erin"}
+    assert [e.kind for e in events if e.kind in DECISIONS] == ["accepted"]
+    user_files = "".join(
+        path.read_text(errors="replace") for path in (tmp_path / "vscode" / "user").rglob("*.json")
+    )
+    assert made["erin"] not in user_files  # in secret storage, not in settings

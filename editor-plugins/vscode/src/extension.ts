@@ -2,7 +2,9 @@
 // completions as ghost text through vscode-languageclient, and tells the server what the
 // user did with each suggestion (src/feedback.ts says what the stable API can observe).
 
+import { readFileSync } from "node:fs";
 import * as net from "node:net";
+import * as tls from "node:tls";
 import * as vscode from "vscode";
 import {
   ExecuteCommandRequest,
@@ -14,13 +16,22 @@ import {
 } from "vscode-languageclient/node";
 
 import { codePoints, editBetween, FeedbackTracker, type Signal } from "./feedback";
-import { type GhostloopSettings, readSettings, RESTART_KEYS, SettingsError } from "./settings";
+import {
+  type GhostloopSettings,
+  initializationOptionsFor,
+  readSettings,
+  RESTART_KEYS,
+  SettingsError,
+  type TcpLaunch,
+} from "./settings";
 import { describe, type ServerStatus, type State } from "./status";
 
 const ACCEPT_COMMAND = "ghostloop.accept"; // the server's command (lsp_server/protocol.py)
 const ITEM_ACCEPT_COMMAND = "ghostloop._acceptItem"; // ours: runs when VS Code accepts an item
 const FEEDBACK_NOTIFICATION = "ghostloop/feedback";
 const STATUS_REQUEST = "ghostloop/status";
+const TOKEN_SECRET = "ghostloop.server.token"; // SecretStorage key of the team server token
+const UNAUTHORIZED = -32003; // the team server refused the token (lsp_server/protocol.py)
 
 class Ghostloop implements vscode.Disposable {
   private client: LanguageClient | undefined;
@@ -34,7 +45,7 @@ class Ghostloop implements vscode.Disposable {
   private readonly tracker: FeedbackTracker;
   private lifecycle: Promise<void> = Promise.resolve();
 
-  constructor() {
+  constructor(private readonly secrets: vscode.SecretStorage) {
     this.log = vscode.window.createOutputChannel("Ghostloop", { log: true });
     this.item = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
     this.item.name = "Ghostloop";
@@ -95,11 +106,12 @@ class Ghostloop implements vscode.Disposable {
     this.errorDetail = undefined;
     this.serverStatus = undefined;
     this.setState("starting");
+    const token = await this.secrets.get(TOKEN_SECRET);
     const client = new LanguageClient(
       "ghostloop",
       "Ghostloop",
       this.serverOptions(settings),
-      this.clientOptions(settings),
+      this.clientOptions(settings, token),
     );
     client.onDidChangeState((change) => {
       if (this.client !== client) {
@@ -125,6 +137,20 @@ class Ghostloop implements vscode.Disposable {
           ? `could not connect to ${settings.launch.host}:${settings.launch.port}`
           : `could not start \`${settings.launch.command} ${settings.launch.args.join(" ")}\``;
       this.fail(`${where}: ${message}`);
+      const refused = (error as { code?: unknown } | undefined)?.code === UNAUTHORIZED;
+      if (refused) {
+        void vscode.window
+          .showErrorMessage(
+            `Ghostloop: the team server refused the connection: ${message}`,
+            "Set Server Token",
+          )
+          .then((choice) => {
+            if (choice) {
+              void vscode.commands.executeCommand("ghostloop.setToken");
+            }
+          });
+        return;
+      }
       void vscode.window
         .showErrorMessage(
           `Ghostloop ${where}. Check ghostloop.server.* in your settings, then restart.`,
@@ -162,12 +188,7 @@ class Ghostloop implements vscode.Disposable {
   private serverOptions(settings: GhostloopSettings): ServerOptions {
     const launch = settings.launch;
     if (launch.kind === "tcp") {
-      return () =>
-        new Promise<StreamInfo>((resolve, reject) => {
-          const socket = net.connect(launch.port, launch.host);
-          socket.once("connect", () => resolve({ reader: socket, writer: socket }));
-          socket.once("error", reject);
-        });
+      return () => connectTo(launch);
     }
     return {
       command: launch.command,
@@ -176,11 +197,14 @@ class Ghostloop implements vscode.Disposable {
     };
   }
 
-  private clientOptions(settings: GhostloopSettings): LanguageClientOptions {
+  private clientOptions(
+    settings: GhostloopSettings,
+    token: string | undefined,
+  ): LanguageClientOptions {
     return {
       documentSelector: [{ scheme: "file" }, { scheme: "untitled" }],
       outputChannel: this.log,
-      initializationOptions: settings.initializationOptions,
+      initializationOptions: initializationOptionsFor(settings, token),
       middleware: {
         provideInlineCompletionItems: async (document, position, context, token, next) => {
           const uri = document.uri.toString();
@@ -377,10 +401,38 @@ function sleep(ms: number, token: vscode.CancellationToken): Promise<void> {
   });
 }
 
+/** A socket to a team server: plain TCP, or TLS checked against the system's CAs (or
+ * ghostloop.server.caFile's). */
+function connectTo(launch: TcpLaunch): Promise<StreamInfo> {
+  return new Promise<StreamInfo>((resolve, reject) => {
+    if (!launch.tls) {
+      const socket = net.connect(launch.port, launch.host);
+      socket.once("connect", () => resolve({ reader: socket, writer: socket }));
+      socket.once("error", reject);
+      return;
+    }
+    let ca: Buffer | undefined;
+    try {
+      ca = launch.caFile ? readFileSync(launch.caFile) : undefined;
+    } catch (error) {
+      reject(new Error(`cannot read ghostloop.server.caFile ${launch.caFile}: ${String(error)}`));
+      return;
+    }
+    const socket = tls.connect({
+      host: launch.host,
+      port: launch.port,
+      ca,
+      servername: net.isIP(launch.host) ? undefined : launch.host,
+    });
+    socket.once("secureConnect", () => resolve({ reader: socket, writer: socket }));
+    socket.once("error", reject);
+  });
+}
+
 let instance: Ghostloop | undefined;
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
-  const ghostloop = new Ghostloop();
+  const ghostloop = new Ghostloop(context.secrets);
   instance = ghostloop;
   const register = (name: string, run: (...args: unknown[]) => unknown): void => {
     context.subscriptions.push(vscode.commands.registerCommand(name, run));
@@ -397,6 +449,27 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   register("ghostloop.acceptWord", () => ghostloop.acceptPart("Word"));
   register("ghostloop.acceptLine", () => ghostloop.acceptPart("Line"));
   register("ghostloop.dismiss", () => ghostloop.dismiss());
+  register("ghostloop.setToken", async () => {
+    const token = await vscode.window.showInputBox({
+      title: "Ghostloop: team server token",
+      prompt: "The token your Ghostloop admin made with `ghostloop users add` (kept in VS Code's secret storage)",
+      password: true,
+      ignoreFocusOut: true,
+    });
+    if (token === undefined) {
+      return; // cancelled: keep what is stored
+    }
+    if (token.trim()) {
+      await context.secrets.store(TOKEN_SECRET, token.trim());
+    } else {
+      await context.secrets.delete(TOKEN_SECRET);
+    }
+    await ghostloop.apply(true);
+  });
+  register("ghostloop.clearToken", async () => {
+    await context.secrets.delete(TOKEN_SECRET);
+    await ghostloop.apply(true);
+  });
   register(ITEM_ACCEPT_COMMAND, (id, length) => ghostloop.acceptItem(id, length));
   context.subscriptions.push(
     ghostloop,

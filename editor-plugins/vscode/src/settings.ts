@@ -11,6 +11,10 @@ export interface TcpLaunch {
   kind: "tcp";
   host: string;
   port: number;
+  /** Connect with TLS (the server has tls_cert/tls_key, or sits behind a TLS proxy). */
+  tls?: boolean;
+  /** PEM file of the CA that signed the server's certificate, when not a public one. */
+  caFile?: string;
 }
 
 export type Launch = StdioLaunch | TcpLaunch;
@@ -67,7 +71,14 @@ export function readSettings(config: ConfigSource): GhostloopSettings {
   const address = (config.get<string>("server.address") ?? "").trim();
   let launch: Launch;
   if (address) {
-    launch = parseAddress(address);
+    const tls = config.get<boolean>("server.tls") ?? false;
+    const caFile = (config.get<string>("server.caFile") ?? "").trim();
+    if (caFile && !tls) {
+      throw new SettingsError(
+        "ghostloop.server.caFile is set but ghostloop.server.tls is off: turn TLS on or clear the CA file",
+      );
+    }
+    launch = { ...parseAddress(address), tls, ...(caFile ? { caFile } : {}) };
   } else {
     const command = (config.get<string>("server.command") ?? "ghostloop").trim();
     if (!command) {
@@ -110,12 +121,28 @@ export function readSettings(config: ConfigSource): GhostloopSettings {
   };
 }
 
+/** The options sent at initialize: a team server's token rides along over TCP only (a
+ * server the extension starts itself needs none, and the token stays on this machine). */
+export function initializationOptionsFor(
+  settings: GhostloopSettings,
+  token: string | undefined,
+): Record<string, unknown> {
+  const options = { ...settings.initializationOptions };
+  delete options.token; // never from settings.json: the token lives in SecretStorage
+  if (settings.launch.kind === "tcp" && token) {
+    options.token = token;
+  }
+  return options;
+}
+
 /** Settings whose change needs a new server (the rest apply at once). */
 export const RESTART_KEYS = [
   "ghostloop.server.command",
   "ghostloop.server.args",
   "ghostloop.server.env",
   "ghostloop.server.address",
+  "ghostloop.server.tls",
+  "ghostloop.server.caFile",
   "ghostloop.telemetry",
   "ghostloop.serverOptions",
 ];

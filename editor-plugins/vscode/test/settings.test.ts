@@ -1,7 +1,13 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { type ConfigSource, parseAddress, readSettings, SettingsError } from "../src/settings";
+import {
+  type ConfigSource,
+  initializationOptionsFor,
+  parseAddress,
+  readSettings,
+  SettingsError,
+} from "../src/settings";
 
 function config(values: Record<string, unknown>): ConfigSource {
   return { get: <T>(key: string) => values[key] as T | undefined };
@@ -20,6 +26,7 @@ test("an address connects over TCP instead of starting a server", () => {
     kind: "tcp",
     host: "gpu-box",
     port: 2087,
+    tls: false,
   });
   assert.deepEqual(parseAddress("[::1]:9"), { kind: "tcp", host: "::1", port: 9 });
   assert.deepEqual(parseAddress("2087"), { kind: "tcp", host: "127.0.0.1", port: 2087 });
@@ -44,4 +51,24 @@ test("wrong types are refused with the setting's name", () => {
   assert.throws(() => readSettings(config({ "server.command": "  " })), /ghostloop.server.command is empty/);
   assert.throws(() => readSettings(config({ debounceMs: -1 })), /ghostloop.debounceMs/);
   assert.throws(() => readSettings(config({ serverOptions: [1] })), /ghostloop.serverOptions/);
+});
+
+test("TLS to a team server, with a private CA when set", () => {
+  const launch = readSettings(
+    config({ "server.address": "gpu-box:2087", "server.tls": true, "server.caFile": " /etc/team-ca.pem " }),
+  ).launch;
+  assert.deepEqual(launch, { kind: "tcp", host: "gpu-box", port: 2087, tls: true, caFile: "/etc/team-ca.pem" });
+  assert.throws(
+    () => readSettings(config({ "server.address": "gpu-box:2087", "server.caFile": "/ca.pem" })),
+    /ghostloop.server.caFile is set but ghostloop.server.tls is off/,
+  );
+});
+
+test("the token from secret storage goes to a team server only, never from settings.json", () => {
+  const team = readSettings(config({ "server.address": "gpu-box:2087", serverOptions: { token: "leaked" } }));
+  assert.deepEqual(initializationOptionsFor(team, "glt_secret"), { telemetry: true, token: "glt_secret" });
+  assert.deepEqual(initializationOptionsFor(team, undefined), { telemetry: true });
+  const local = readSettings(config({}));
+  assert.deepEqual(initializationOptionsFor(local, "glt_secret"), { telemetry: true });
+  assert.equal(team.initializationOptions.token, "leaked"); // untouched: the copy drops it
 });

@@ -29,6 +29,9 @@ local INLINE = 'textDocument/inlineCompletion'
 ---@field cmd? string[] the server command (default: { 'ghostloop', 'serve' })
 ---@field cmd_env? table<string, string> extra environment for the server
 ---@field address? string host:port of a shared `ghostloop serve --tcp` instead of cmd
+---@field token? string|fun():string a team server's access token, or a function that
+---  returns it (e.g. from a password manager); default: $GHOSTLOOP_TOKEN. Keep it out of
+---  your dotfiles.
 ---@field filetypes? string[] only these filetypes (default: every buffer with a file)
 ---@field root_markers? string[] (default: { '.git' })
 ---@field telemetry? boolean record what happens to suggestions (default: true)
@@ -41,6 +44,7 @@ M.defaults = {
   cmd = { 'ghostloop', 'serve' },
   cmd_env = {},
   address = nil,
+  token = nil,
   filetypes = nil,
   root_markers = { '.git' },
   telemetry = true,
@@ -292,6 +296,26 @@ local function map_keys(keymaps)
   end
 end
 
+--- The access token sent at initialize (a server started over stdio ignores it).
+---@param options ghostloop.Options
+---@return string?
+function M.token(options)
+  local token = options.token
+  if type(token) == 'function' then
+    token = token()
+  end
+  if token == nil then
+    token = vim.env.GHOSTLOOP_TOKEN
+  end
+  if token == nil or token == '' then
+    return nil
+  end
+  if type(token) ~= 'string' then
+    error(('token must be a string or a function returning one, got %s'):format(type(token)), 0)
+  end
+  return vim.trim(token)
+end
+
 ---@return table config for vim.lsp.config
 local function lsp_config(options)
   local cmd = options.cmd
@@ -304,6 +328,7 @@ local function lsp_config(options)
   local init_options = vim.deepcopy(options.server_options or {})
   -- Opting out is final: a telemetry key in server_options cannot turn it back on.
   init_options.telemetry = options.telemetry ~= false and init_options.telemetry ~= false
+  init_options.token = M.token(options)
   return {
     cmd = cmd,
     cmd_env = options.cmd_env,

@@ -91,3 +91,19 @@ def tls_files(directory: Path) -> tuple[Path, Path, Path]:
 
 def trusting(ca: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca))
+
+
+def tls_team_server(model: Path, directory: Path, user: str) -> tuple[TeamServer, str, Path]:
+    """A team server that speaks TLS only and wants tokens: (server, ``user``'s token, the
+    CA's PEM to trust). Its database is ``directory / "team-data" / "ghostloop.db"``."""
+    cert, key, ca = tls_files(directory)
+    data = directory / "team-data"
+    token = tokens(f"sqlite:///{data / 'ghostloop.db'}", user)[user]
+    server = TeamServer(
+        model,
+        data,
+        GHOSTLOOP_TLS_CERT=str(cert),
+        GHOSTLOOP_TLS_KEY=str(key),
+        GHOSTLOOP_TCP_AUTH="required",
+    )
+    return server, token, ca

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from feedback.database import open_engine
 from feedback.schema import Completion, FeedbackEvent
 from tests.e2e.conftest import LISTING
-from tests.e2e.team_servers import TeamServer, tls_files, tokens
+from tests.e2e.team_servers import tls_team_server
 
 pynvim = pytest.importorskip("pynvim")
 
@@ -332,17 +332,9 @@ def test_plugin_reaches_a_team_server_with_its_token_over_tls(
 ):
     """The token from $GHOSTLOOP_TOKEN; TLS through `openssl s_client` as the command (the
     README's recipe: Neovim's own TCP client has no TLS)."""
-    cert, key, ca = tls_files(tmp_path)
+    server, token, ca = tls_team_server(tiny_model_dir, tmp_path, "frank")
     team_data = tmp_path / "team-data"
-    made = tokens(f"sqlite:///{team_data / 'ghostloop.db'}", "frank")
-    server = TeamServer(
-        tiny_model_dir,
-        team_data,
-        GHOSTLOOP_TLS_CERT=str(cert),
-        GHOSTLOOP_TLS_KEY=str(key),
-        GHOSTLOOP_TCP_AUTH="required",
-    )
-    monkeypatch.setenv("GHOSTLOOP_TOKEN", made["frank"])
+    monkeypatch.setenv("GHOSTLOOP_TOKEN", token)
     bridge = [
         *("openssl", "s_client", "-quiet", "-verify_return_error", "-verify_ip", "127.0.0.1"),
         *("-CAfile", str(ca), "-connect", f"127.0.0.1:{server.port}"),

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from feedback.database import open_engine
 from feedback.schema import Completion, FeedbackEvent
 from tests.e2e.conftest import LISTING
-from tests.e2e.team_servers import TeamServer, tls_files, tokens
+from tests.e2e.team_servers import tls_team_server
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTENSION = ROOT / "editor-plugins" / "vscode"
@@ -238,6 +238,15 @@ async def ask(editor: Editor) -> str:
     return await editor.ghost()
 
 
+async def take_a_suggestion(editor: Editor) -> None:
+    """At the end of example.py, ask for a suggestion and take it whole (Tab)."""
+    await at_the_end_of(editor, "example.py")
+    await ask(editor)
+    before = await editor.text()
+    await editor.page.keyboard.press("Tab")
+    await editor.changed(before)
+
+
 async def open_file(editor: Editor, name: str) -> None:
     page = editor.page
     await page.keyboard.press("Control+P")
@@ -355,12 +364,7 @@ async def test_vscode_connects_to_a_shared_server_over_tcp(
     # The extension starts nothing: it connects to the address in its settings.
     settings = {"ghostloop.server.address": f"127.0.0.1:{tcp_server}"}
     async with editor_session(served_model, settings, isolated_data_dir, tmp_path) as vscode:
-        page = vscode.page
-        await at_the_end_of(vscode, "example.py")
-        await ask(vscode)
-        before = await vscode.text()
-        await page.keyboard.press("Tab")
-        await vscode.changed(before)
+        await take_a_suggestion(vscode)
         await disable(vscode)
     deadline = time.monotonic() + 30
     while True:
@@ -378,16 +382,8 @@ async def test_vscode_reaches_a_team_server_with_its_token_over_tls(
 ):
     """The token goes into VS Code's secret storage through 'Ghostloop: Set Server Token';
     the team server (TLS, tokens required) then serves and stores the work as its user."""
-    cert, key, ca = tls_files(tmp_path)
+    server, token, ca = tls_team_server(tiny_model_dir, tmp_path, "erin")
     team_data = tmp_path / "team-data"
-    made = tokens(f"sqlite:///{team_data / 'ghostloop.db'}", "erin")
-    server = TeamServer(
-        tiny_model_dir,
-        team_data,
-        GHOSTLOOP_TLS_CERT=str(cert),
-        GHOSTLOOP_TLS_KEY=str(key),
-        GHOSTLOOP_TCP_AUTH="required",
-    )
     settings = {
         "ghostloop.server.address": f"127.0.0.1:{server.port}",
         "ghostloop.server.tls": True,
@@ -401,13 +397,9 @@ async def test_vscode_reaches_a_team_server_with_its_token_over_tls(
             await vscode.run_command("Ghostloop: Set Server Token")
             box = page.locator(".quick-input-widget input")
             await box.wait_for(state="visible")
-            await box.fill(made["erin"])
+            await box.fill(token)
             await page.keyboard.press("Enter")
-            await at_the_end_of(vscode, "example.py")
-            await ask(vscode)
-            before = await vscode.text()
-            await page.keyboard.press("Tab")
-            await vscode.changed(before)
+            await take_a_suggestion(vscode)
             await disable(vscode)
     finally:
         server.stop()
@@ -417,4 +409,4 @@ async def test_vscode_reaches_a_team_server_with_its_token_over_tls(
     user_files = "".join(
         path.read_text(errors="replace") for path in (tmp_path / "vscode" / "user").rglob("*.json")
     )
-    assert made["erin"] not in user_files  # in secret storage, not in settings
+    assert token not in user_files  # in secret storage, not in settings

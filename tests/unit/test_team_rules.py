@@ -81,7 +81,7 @@ async def test_bad_framing_is_a_violation(data: bytes, reason: str) -> None:
 async def test_a_message_that_never_completes_times_out() -> None:
     reader = asyncio.StreamReader()
     reader.feed_data(b"Content-Length: 10\r\n\r\n{")
-    with pytest.raises(ProtocolViolation, match="within message_timeout_s=0.3"):
+    with pytest.raises(ProtocolViolation, match=r"within message_timeout_s=0\.3"):
         async for _ in read_messages(reader, LIMITS):
             pass
 

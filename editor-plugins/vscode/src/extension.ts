@@ -7,6 +7,8 @@ import * as net from "node:net";
 import * as tls from "node:tls";
 import * as vscode from "vscode";
 import {
+  CloseAction,
+  type ErrorHandler,
   ExecuteCommandRequest,
   LanguageClient,
   type LanguageClientOptions,
@@ -107,12 +109,24 @@ class Ghostloop implements vscode.Disposable {
     this.serverStatus = undefined;
     this.setState("starting");
     const token = await this.secrets.get(TOKEN_SECRET);
-    const client = new LanguageClient(
-      "ghostloop",
-      "Ghostloop",
-      this.serverOptions(settings),
-      this.clientOptions(settings, token),
-    );
+    // A team server that refused the token closes the connection: that is no crash to
+    // restart from (vscode-languageclient would retry five times), but a token to set.
+    let refused = false;
+    let fallback: ErrorHandler | undefined;
+    const errorHandler: ErrorHandler = {
+      error: (error, message, count) => fallback!.error(error, message, count),
+      closed: () =>
+        refused ? { action: CloseAction.DoNotRestart, handled: true } : fallback!.closed(),
+    };
+    const client = new LanguageClient("ghostloop", "Ghostloop", this.serverOptions(settings), {
+      ...this.clientOptions(settings, token),
+      errorHandler,
+      initializationFailedHandler: (error: unknown) => {
+        refused = isRefusal(error);
+        return false; // no retry: the error is shown once, with what to do
+      },
+    });
+    fallback = client.createDefaultErrorHandler();
     client.onDidChangeState((change) => {
       if (this.client !== client) {
         return;
@@ -137,8 +151,7 @@ class Ghostloop implements vscode.Disposable {
           ? `could not connect to ${settings.launch.host}:${settings.launch.port}`
           : `could not start \`${settings.launch.command} ${settings.launch.args.join(" ")}\``;
       this.fail(`${where}: ${message}`);
-      const refused = (error as { code?: unknown } | undefined)?.code === UNAUTHORIZED;
-      if (refused) {
+      if (refused || isRefusal(error)) {
         void vscode.window
           .showErrorMessage(
             `Ghostloop: the team server refused the connection: ${message}`,
@@ -399,6 +412,12 @@ function sleep(ms: number, token: vscode.CancellationToken): Promise<void> {
       resolve();
     }
   });
+}
+
+/** The team server's answer to a missing, wrong or revoked token (-32003). */
+function isRefusal(error: unknown): boolean {
+  const code = (error as { code?: unknown } | undefined)?.code;
+  return code === UNAUTHORIZED || /access token/.test(String(error));
 }
 
 /** A socket to a team server: plain TCP, or TLS checked against the system's CAs (or

@@ -43,6 +43,31 @@ def document_path(uri: str, root_uri: str | None) -> str:
     return str(path)
 
 
+class FateBook:
+    """The latest fate of each recent completion (bounded). A team server's connections
+    share one, so a suggestion is taken once whichever of its user's editors says so."""
+
+    def __init__(self, capacity: int = TRACKED) -> None:
+        self._fates: OrderedDict[str, str] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, completion_id: str) -> str | None:
+        with self._lock:
+            return self._fates.get(completion_id)
+
+    def served(self, completion_id: str) -> None:
+        with self._lock:
+            self._fates[completion_id] = "pending"
+            while len(self._fates) > self._capacity:
+                self._fates.popitem(last=False)
+
+    def update(self, completion_id: str, kind: str) -> None:
+        with self._lock:
+            if completion_id in self._fates:
+                self._fates[completion_id] = kind
+
+
 class FeedbackLog:
     """Turns served completions and client signals into store records."""
 
@@ -52,12 +77,13 @@ class FeedbackLog:
         recorder: Recorder | None,
         schedule: Schedule,
         metrics: ServerMetrics | None = None,
+        fates: FateBook | None = None,
     ) -> None:
         self.settings = settings
         self.recorder = recorder
         self.metrics = metrics
         self.survival = SurvivalTracker(settings.survival_windows, schedule, self._event)
-        self._fates: OrderedDict[str, str] = OrderedDict()  # completion id -> latest fate
+        self.fates = fates or FateBook()
         self._last_served: dict[str, str] = {}  # document uri -> completion id
         self._lock = threading.Lock()
 
@@ -91,8 +117,7 @@ class FeedbackLog:
         return {"telemetry": True, **asdict(self.recorder.stats)}
 
     def fate(self, completion_id: str) -> str | None:
-        with self._lock:
-            return self._fates.get(completion_id)
+        return self.fates.get(completion_id)
 
     def superseded(self, uri: str) -> None:
         """A new request for ``uri``: its last suggestion, never taken, was rejected."""
@@ -134,9 +159,7 @@ class FeedbackLog:
     ) -> None:
         with self._lock:
             self._last_served[uri] = result.completion_id
-            self._fates[result.completion_id] = "pending"
-            while len(self._fates) > TRACKED:
-                self._fates.popitem(last=False)
+        self.fates.served(result.completion_id)
         if self.recorder is None:
             return
         self.survival.served(
@@ -183,9 +206,7 @@ class FeedbackLog:
         if self.metrics is not None:
             self.metrics.event(kind, window_s=window_s, survival_ratio=survival_ratio)
         if kind not in ("survival", "typed_instead"):
-            with self._lock:
-                if completion_id in self._fates:
-                    self._fates[completion_id] = kind
+            self.fates.update(completion_id, kind)
         if self.recorder is None:
             return
         values = {

@@ -46,7 +46,7 @@ from ghostloop.settings import Settings
 from lsp_server.adapter_watch import AdapterWatcher
 from lsp_server.engine import CompletionEngine
 from lsp_server.protocol import RateLimited, Unauthorized
-from lsp_server.recording import FeedbackLog
+from lsp_server.recording import FateBook, FeedbackLog
 from lsp_server.server import GhostloopServer, create_server
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ class Team:
         self.metrics = ServerMetrics()
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self.connections: dict[str, Connection] = {}
+        self.fates = FateBook()  # one suggestion is taken once, whichever connection says so
         self._next_id = 0
         self.store: Engine | None = None
         self.recorder: Recorder | None = None
@@ -295,6 +296,7 @@ class Team:
             self.recorder if server.settings.telemetry else None,
             schedule=loop.call_later,
             metrics=self.metrics,
+            fates=self.fates,
         )
         connection.user = user
         ignored = sorted(set(options) - {"token", "user", *CLIENT_SETTINGS})

@@ -92,6 +92,10 @@ async def test_two_servers_one_database_tokens_decide_the_user(
         await bob_on_first.accept(alices, 1)
     bob_on_first.feedback(alices, "dismissed")
     await bob_on_first.status()  # the notification is handled before this answer
+    # alice's second editor cannot take it a second time either
+    alice_again = await first.connect(made["alice"])
+    with pytest.raises(JsonRpcException, match="already accepted"):
+        await alice_again.accept(alices)
 
     # One adapter published once: both servers serve it.
     settings = Settings(model=str(tiny_model_dir), database_url=url, data_dir=tmp_path / "shared")
@@ -101,7 +105,7 @@ async def test_two_servers_one_database_tokens_decide_the_user(
         assert (await client.status())["adapter"] == "v-team-1"
     after = await suggest(alice, "file:///home/alice/c.py")
 
-    for client in (alice, bob, bob_on_first):
+    for client in (alice, bob, bob_on_first, alice_again):
         await client.stop()
     for server in team_servers:
         server.stop()

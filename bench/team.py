@@ -211,6 +211,8 @@ def main() -> int:
     parser.add_argument(
         "--deadline-ms", type=int, default=3000, help="the server's deadline_ms (its default)"
     )
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    parser.add_argument("--int8", action="store_true", help="onnxruntime: int8 weights")
     parser.add_argument("--database-url", default="", help="default: SQLite in a temp dir")
     args = parser.parse_args()
     sizes = [int(n) for n in args.clients.split(",")]
@@ -239,6 +241,8 @@ def main() -> int:
         "GHOSTLOOP_DATABASE_URL": url,
         "GHOSTLOOP_TCP_AUTH": "required",
         "GHOSTLOOP_DEADLINE_MS": str(args.deadline_ms),
+        "GHOSTLOOP_BACKEND": args.backend,
+        "GHOSTLOOP_ONNX_INT8": "true" if args.int8 else "false",
         "GHOSTLOOP_LOG_LEVEL": "WARNING",
     }
     log = (work / "server.log").open("w")
@@ -260,7 +264,8 @@ def main() -> int:
                     return 1
                 time.sleep(0.2)
         print(
-            f"team server: model {args.model}, {platform.processor() or platform.machine()}, "
+            f"team server: model {args.model} on {args.backend}{' int8' if args.int8 else ''}, "
+            f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs, think {args.think_ms:.0f} ms, clients in this process"
         )
         print(

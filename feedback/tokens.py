@@ -98,7 +98,11 @@ def revoke(engine: Engine, who: str) -> list[TokenInfo]:
 
 def user_for(engine: Engine, token: str) -> str | None:
     """The user an active ``token`` belongs to, None for an unknown or revoked one."""
-    wanted = digest(token)
+    return user_for_digest(engine, digest(token))
+
+
+def user_for_digest(engine: Engine, wanted: str) -> str | None:
+    """``user_for`` by the token's digest (what a server keeps of a connection's token)."""
     with Session(engine) as session:
         row = session.scalars(
             select(AccessToken).where(

@@ -145,29 +145,26 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
                 )
         elif args.users_command == "list":
             tokens = list_tokens(engine, include_revoked=args.all)
-            rows: list[dict[str, Any]] = [
-                {
-                    "id": t.id,
-                    "user": t.user,
-                    "created_at": t.created_at.isoformat(),
-                    "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
-                    "note": t.note,
-                }
-                for t in tokens
-            ]
-            if args.json:
-                for row in rows:
-                    print(json.dumps(row))
-            elif not rows:
+            if not tokens and not args.json:
                 print("no access tokens; make one with `ghostloop users add NAME`")
-            else:
-                for row in rows:
-                    revoked = row["revoked_at"]
-                    state = f"revoked {revoked[:19]}" if isinstance(revoked, str) else "active"
+            for t in tokens:
+                created = t.created_at.isoformat()
+                revoked = t.revoked_at.isoformat() if t.revoked_at else None
+                if args.json:
                     print(
-                        f"{row['id']}  {row['user']:24} created {row['created_at'][:19]}  "
-                        f"{state}  {row['note']}".rstrip()
+                        json.dumps(
+                            {
+                                "id": t.id,
+                                "user": t.user,
+                                "created_at": created,
+                                "revoked_at": revoked,
+                                "note": t.note,
+                            }
+                        )
                     )
+                else:
+                    state = f"revoked {revoked[:19]}" if revoked else "active"
+                    print(f"{t.id}  {t.user:24} created {created[:19]}  {state}  {t.note}".rstrip())
         else:
             for t in revoke(engine, args.name):
                 print(f"revoked token {t.id} of {t.user}")

@@ -43,6 +43,16 @@ def document_path(uri: str, root_uri: str | None) -> str:
     return str(path)
 
 
+def open_recorder(settings: Settings, busy: Callable[[], bool] | None = None) -> Recorder:
+    """The started recorder for the configured store, journaling in the data dir; while
+    ``busy()`` (a completion is generating) it holds its writes back."""
+    url = settings.database_url or default_database_url(settings.data_dir)
+    journal = settings.data_dir / "journal.jsonl"
+    recorder = Recorder(engine=open_engine(url), journal_path=journal, hold=busy)
+    recorder.start()
+    return recorder
+
+
 class FateBook:
     """The latest fate of each recent completion (bounded). A team server's connections
     share one, so a suggestion is taken once whichever of its user's editors says so."""
@@ -100,11 +110,7 @@ class FeedbackLog:
         if not settings.telemetry:
             log.info("telemetry off: nothing about this user's code is recorded")
             return cls(settings, None, schedule, metrics)
-        url = settings.database_url or default_database_url(settings.data_dir)
-        journal = settings.data_dir / "journal.jsonl"
-        recorder = Recorder(engine=open_engine(url), journal_path=journal, hold=busy)
-        recorder.start()
-        return cls(settings, recorder, schedule, metrics)
+        return cls(settings, open_recorder(settings, busy), schedule, metrics)
 
     def close(self) -> None:
         if self.recorder is not None:

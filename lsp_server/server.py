@@ -135,6 +135,25 @@ class GhostloopServer(LanguageServer):
         return self.feedback_or_none
 
 
+def start_serving(
+    settings: Settings, metrics: ServerMetrics
+) -> tuple[CompletionEngine, AdapterWatcher]:
+    """The completion engine (loading its model in the background) and the adapter watcher
+    that puts published adapters in force, both started; ``metrics`` follows them."""
+
+    def read_adapters() -> None:  # once the model is loaded: the adapters in force
+        watcher.check()
+
+    engine = CompletionEngine(settings, prepare=read_adapters)
+    watcher = AdapterWatcher(settings, engine)
+    engine.start()
+    watcher.start()
+    metrics.follow_serving(lambda: engine.serving.describe())
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_host, settings.metrics_port)
+    return engine, watcher
+
+
 def create_server(settings: Settings) -> GhostloopServer:
     """A server with every feature registered; the caller starts it on stdio or TCP."""
     from lsp_server.handlers import (

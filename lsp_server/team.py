@@ -41,13 +41,13 @@ from sqlalchemy import Engine
 from feedback.database import StoreError, default_database_url, open_engine, upgrade
 from feedback.prometheus import ServerMetrics
 from feedback.recorder import Recorder
-from feedback.tokens import digest, user_for
+from feedback.tokens import any_active, digest, user_for, user_for_digest
 from ghostloop.settings import Settings
 from lsp_server.adapter_watch import AdapterWatcher
 from lsp_server.engine import CompletionEngine
 from lsp_server.protocol import RateLimited, Unauthorized
-from lsp_server.recording import FateBook, FeedbackLog
-from lsp_server.server import GhostloopServer, create_server
+from lsp_server.recording import FateBook, FeedbackLog, open_recorder
+from lsp_server.server import GhostloopServer, create_server, start_serving
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,11 @@ class _Dropped:
 
 
 class Team:
-    """What all connections share, and the rules every connection is held to."""
+    """What all connections share, and the rules every connection is held to. ``engine``
+    and ``watcher`` exist once ``open`` has run."""
+
+    engine: CompletionEngine
+    watcher: AdapterWatcher
 
     def __init__(self, settings: Settings, host: str) -> None:
         self.settings = settings
@@ -166,11 +170,6 @@ class Team:
         self._next_id = 0
         self.store: Engine | None = None
         self.recorder: Recorder | None = None
-        self.engine = CompletionEngine(settings, prepare=self._read_adapters)
-        self.watcher = AdapterWatcher(settings, self.engine)
-
-    def _read_adapters(self) -> None:
-        self.watcher.check()
 
     # -- start and stop
 
@@ -203,21 +202,11 @@ class Team:
                 "tls_key, or put a TLS proxy in front (README: team server)",
                 self.host,
             )
+        self.engine, self.watcher = start_serving(settings, self.metrics)
         if settings.telemetry:
-            journal = settings.data_dir / "journal.jsonl"
-            self.recorder = Recorder(
-                engine=open_engine(url), journal_path=journal, hold=self.engine.busy
-            )
-            self.recorder.start()
-        self.engine.start()
-        self.watcher.start()
-        self.metrics.follow_serving(lambda: self.engine.serving.describe())
-        if settings.metrics_port:
-            self.metrics.serve(settings.metrics_host, settings.metrics_port)
+            self.recorder = open_recorder(settings, busy=self.engine.busy)
 
     def _any_tokens(self) -> bool:
-        from feedback.tokens import any_active
-
         return self.store is not None and any_active(self.store)
 
     def close(self) -> None:
@@ -366,21 +355,12 @@ class Team:
             )
 
     def _still_valid(self, wanted: str) -> bool:
-        from sqlalchemy import select
-        from sqlalchemy.orm import Session
-
-        from feedback.schema import AccessToken
-
         assert self.store is not None
         try:
-            with Session(self.store) as session:
-                revoked = session.scalars(
-                    select(AccessToken.revoked_at).where(AccessToken.token_sha256 == wanted)
-                ).first()
+            return user_for_digest(self.store, wanted) is not None
         except Exception:  # cannot tell now: keep serving, ask again next time
             log.warning("could not recheck a token; will try again", exc_info=True)
             return True
-        return revoked is None
 
     def release(self, server: GhostloopServer) -> None:
         """The connection ends (or shut down): its work stops, its documents go."""
@@ -421,17 +401,9 @@ async def read_messages(reader: asyncio.StreamReader, settings: Settings) -> Asy
     buffer = bytearray()
     started = 0.0
     while True:
-        timeout: float | None
-        if buffer:
-            left = settings.message_timeout_s - (time.monotonic() - started)
-            timeout = left
-            if left <= 0:
-                raise ProtocolViolation(
-                    f"a message did not arrive whole within message_timeout_s="
-                    f"{settings.message_timeout_s:g}"
-                )
-        else:
-            timeout = settings.idle_timeout_s or None
+        timeout: float | None = settings.idle_timeout_s or None
+        if buffer:  # a message has begun: what is left of its time (wait_for ends at <= 0)
+            timeout = settings.message_timeout_s - (time.monotonic() - started)
         try:
             chunk = await asyncio.wait_for(reader.read(65536), timeout)
         except TimeoutError:
@@ -489,19 +461,19 @@ async def _serve_connection(
     protocol = server.protocol
     try:
         async for body in read_messages(reader, team.settings):
-            try:
-                raw = json.loads(body)
-            except ValueError:
-                raise ProtocolViolation("a message body that is not JSON") from None
-            method = raw.get("method") if isinstance(raw, dict) else None
-            if method == "exit":
-                break  # this client leaves; the server goes on for the others
-            if connection.user is None and method != "initialize":
+            if connection.user is None:
                 # nothing but initialize (with its token) is read before admission
-                if isinstance(raw, dict) and "id" in raw and method:
-                    _answer_error(writer, raw["id"], "initialize first, with your token")
-                continue
-            message = json.loads(body, object_hook=protocol.structure_message)
+                raw = _json(body)
+                method = raw.get("method") if isinstance(raw, dict) else None
+                if method == "exit":
+                    break
+                if method != "initialize":
+                    if isinstance(raw, dict) and "id" in raw and method:
+                        _answer_error(writer, raw["id"], "initialize first, with your token")
+                    continue
+            message = _json(body, protocol.structure_message)
+            if getattr(message, "method", None) == "exit":
+                break  # this client leaves; the server goes on for the others
             protocol.handle_message(message)
             if connection.refused:
                 await asyncio.sleep(0.05)  # let the error response go out first
@@ -519,6 +491,13 @@ async def _serve_connection(
         with contextlib.suppress(Exception):
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), 2)
+
+
+def _json(body: bytes, hook: Any = None) -> Any:
+    try:
+        return json.loads(body, object_hook=hook)
+    except ValueError:
+        raise ProtocolViolation("a message body that is not JSON") from None
 
 
 def _answer_error(writer: asyncio.StreamWriter, message_id: Any, message: str) -> None:

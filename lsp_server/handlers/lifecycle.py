@@ -10,10 +10,8 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 
 from ghostloop.settings import SettingsError
-from lsp_server.adapter_watch import AdapterWatcher
-from lsp_server.engine import CompletionEngine
 from lsp_server.recording import FeedbackLog
-from lsp_server.server import GhostloopServer
+from lsp_server.server import GhostloopServer, start_serving
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +61,7 @@ def register(server: GhostloopServer) -> None:
                 schedule=loop.call_later,
                 busy=lambda: ls.engine_or_none is not None and ls.engine_or_none.busy(),
             )
-
-            def read_adapters() -> None:
-                if ls.adapters_or_none is not None:
-                    ls.adapters_or_none.check()
-
-            engine = CompletionEngine(ls.settings, prepare=read_adapters)
-            watcher = AdapterWatcher(ls.settings, engine)
-            ls.engine_or_none, ls.adapters_or_none = engine, watcher
-            engine.start()
-            watcher.start()
-            ls.metrics.follow_serving(lambda: engine.serving.describe())
-            if ls.settings.metrics_port:
-                ls.metrics.serve(ls.settings.metrics_host, ls.settings.metrics_port)
+            ls.engine_or_none, ls.adapters_or_none = start_serving(ls.settings, ls.metrics)
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: GhostloopServer, params: None) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 
 import pytest
 
+from feedback.database import open_engine, upgrade
+from feedback.tokens import add_token, digest, revoke
 from ghostloop.postprocess import CursorContext
 from ghostloop.settings import Settings
 from lsp_server.engine import CompletionEngine
 from lsp_server.fair_queue import FairQueue
-from lsp_server.team import ProtocolViolation, RateLimiter, is_loopback, read_messages
+from lsp_server.team import ProtocolViolation, RateLimiter, Team, is_loopback, read_messages
 
 LIMITS = dataclasses.replace(
     Settings(), max_message_bytes=2048, message_timeout_s=0.3, idle_timeout_s=0.0
@@ -114,3 +117,15 @@ def test_cancelling_a_connection_cancels_only_its_jobs() -> None:
     assert engine.cancel_queue("c1") == 3
     assert all(job.cancelled and job.cancel_reason == "disconnected" for job in mine)
     assert not theirs.cancelled
+
+
+def test_an_open_connection_loses_a_revoked_token(tmp_path: Path) -> None:
+    store = open_engine(f"sqlite:///{tmp_path / 'team.db'}")
+    upgrade(store)
+    _, token = add_token(store, "ann")
+    team = Team(Settings(data_dir=tmp_path), "127.0.0.1")  # nothing started: rules only
+    team.store = store
+    assert team._still_valid(digest(token))
+    assert not team._still_valid(digest(token + "x"))
+    revoke(store, "ann")
+    assert not team._still_valid(digest(token))

@@ -61,9 +61,13 @@ class CompletionMode:
 
 
 def completion_mode(context: CursorContext, max_lines: int) -> CompletionMode:
-    """Single line mid-line; a block on an empty line or right after a block opener."""
+    """Single line mid-line; a block on an empty line or right after a block opener.
+
+    With ``max_lines`` 1 every mode is a single line: what the user typed instead of a
+    rejected suggestion is then read to the end of the line, not of the block.
+    """
     line_prefix, line_suffix = context.line_prefix, context.line_suffix
-    if line_suffix.strip():
+    if line_suffix.strip() or max_lines <= 1:
         return CompletionMode(False, 0, 1)
     body_indent = indent_width(line_prefix) + 1
     if not line_prefix.strip():

@@ -120,17 +120,27 @@ _INDENT_AT_END = re.compile(r"\n[ \t]+\Z")
 def trim_prefix(tokenizer: TextTokenizer, prefix: str, budget: int) -> str:
     """The nearest part of ``prefix`` that fits ``budget`` tokens, starting at a line start.
 
-    Cutting at a line start keeps the kept text, and with it the KV-cache prefix, stable
-    while the user types on the last line.
+    The start is the first line start after a multiple of ``budget`` characters, the
+    smallest multiple that fits: while the user types at the end, the start stays where it
+    was (and with it the KV cache the server keeps for the document) until the text no
+    longer fits, then moves on by about a quarter of the window at once, instead of by a
+    line every few keystrokes.
     """
     if budget <= 0:
         return ""
-    window = prefix[-budget * 8 :]
-    while window and len(tokenizer.encode_text(window)) > budget:
-        overshoot = len(window) // 4 or 1
-        cut = window.find("\n", overshoot)
-        window = window[cut + 1 :] if cut >= 0 else window[overshoot:]
-    return window
+    step = max(32, budget)  # characters; a token is about 3-4 characters of code
+    start = max(0, len(prefix) - budget * 8)
+    start -= start % step
+    while True:
+        if start <= 0:
+            cut = 0
+        else:
+            newline = prefix.find("\n", start - 1)
+            cut = newline + 1 if newline >= 0 else start
+        window = prefix[cut:]
+        if not window or len(tokenizer.encode_text(window)) <= budget:
+            return window
+        start += step
 
 
 def trim_suffix(tokenizer: TextTokenizer, suffix: str, budget: int) -> str:

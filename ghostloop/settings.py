@@ -102,6 +102,10 @@ class Settings:
         default_factory=_default_data_dir,
         metadata=_help("where the model cache, database and logs live"),
     )
+    model_cache: Path | None = field(
+        default=None,
+        metadata=_help("where converted models and ONNX exports are kept; none: <data dir>/models"),
+    )
     config: Path | None = field(
         default=None, metadata=_help("path of the TOML settings file (env var only)")
     )
@@ -203,6 +207,13 @@ class Settings:
     rrhf_learning_rate: float = field(
         default=1e-4, metadata=_help("learning rate for rrhf (lower: its ranking loss is sharper)")
     )
+    train_context_tokens: int = field(
+        default=256,
+        metadata=_help(
+            "prompt budget in training, tokens: the nearest part of the served prompt (its "
+            "end, token healing included, is the same); 0 = the served budget"
+        ),
+    )
     epochs: int = field(default=2, metadata=_help("passes over the training data"))
     train_batch_size: int = field(default=4, metadata=_help("examples per optimiser step"))
     train_processes: int = field(
@@ -296,6 +307,7 @@ class Settings:
             ("max_stored_prompt_chars", 0),
             ("lora_rank", 1),
             ("lora_alpha", 1),
+            ("train_context_tokens", 0),
             ("epochs", 1),
             ("train_batch_size", 1),
             ("train_processes", 1),
@@ -390,7 +402,7 @@ class Settings:
 
     @property
     def model_cache_dir(self) -> Path:
-        return self.data_dir / "models"
+        return self.model_cache or self.data_dir / "models"
 
     def with_overrides(self, values: Mapping[str, Any], *, source: str) -> Settings:
         """A copy with ``values`` applied; unknown names and bad values raise SettingsError."""

@@ -269,6 +269,8 @@ class Replay:
         env.update(
             {
                 "GHOSTLOOP_DATA_DIR": str(self.work_dir),
+                # the converted model is the user's, not the replay's: not made again each run
+                "GHOSTLOOP_MODEL_CACHE": str(self.settings.model_cache_dir),
                 "GHOSTLOOP_DATABASE_URL": self.url,
                 "GHOSTLOOP_MODEL": self.settings.model,
                 "GHOSTLOOP_USER": user,
@@ -346,16 +348,21 @@ class Replay:
             env["GHOSTLOOP_GATE_ENFORCED"] = "false"
         command = [sys.executable, "-m", "ghostloop", "train", "--method", method]
         started = time.perf_counter()
+        # with progress bars on, the night's own bars (training, gate) show on our stderr
+        errors = None if self.options.progress else subprocess.PIPE
         done = subprocess.run(
-            [*command, "--from-scratch"], env=env, capture_output=True, text=True, check=False
+            [*command, "--from-scratch"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            check=False,
         )
         seconds = time.perf_counter() - started
         message = (done.stdout.strip().splitlines() or [""])[-1]
         if done.returncode != 0:
-            raise ReplayError(
-                f"ghostloop train failed (exit {done.returncode}): "
-                f"{message or done.stderr.strip()[-2000:]}"
-            )
+            detail = message or (done.stderr or "").strip()[-2000:] or "its output is above"
+            raise ReplayError(f"ghostloop train failed (exit {done.returncode}): {detail}")
         with Session(self.engine) as session:
             run = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc())).first()
             adapter = None

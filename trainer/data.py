@@ -1,21 +1,22 @@
 """Examples as token ids, built exactly as the server builds its prompts.
 
-The prompt is the server's (trimmed to the budget, token-healed at its end); the target
-is the healed text plus what the developer kept, tokenized on its own from that token
-boundary, so training sees the split the model sees when it serves (FIELD-NOTES: a
-prompt cut after indentation broke every fine-tune when done wrong). No end token is
-appended: a line completion ends with the newline that follows it in the code.
+The prompt is the server's (trimmed to ``train_context_tokens``, token-healed at its end
+exactly as served); the target is the healed text plus what the developer kept, tokenized
+on its own from that token boundary, so training sees the split the model sees when it
+serves (FIELD-NOTES: a prompt cut after indentation broke every fine-tune when done wrong).
+No end token is appended: a line completion ends with the newline that follows it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ghostloop.models import LoadedModel
 from ghostloop.postprocess import CursorContext
+from ghostloop.prompts import Prompt
 from ghostloop.settings import Settings
 from ghostloop.suggest import prompt_for
 from trainer.labels import Example
@@ -41,8 +42,21 @@ def encode_completion(loaded: LoadedModel, healed: str, text: str) -> list[int]:
     return loaded.tokenizer.encode_text(healed + text)
 
 
+def training_prompt(loaded: LoadedModel, settings: Settings, context: CursorContext) -> Prompt:
+    """The served prompt cut to ``train_context_tokens`` at a line start: the same end (and
+    healing) as served, on less context. Training costs grow with the prompt's length and
+    the lab run's lift came from 256-token prompts (FIELD-NOTES)."""
+    served = prompt_for(loaded, settings, context)
+    budget = settings.train_context_tokens
+    if not budget or budget >= settings.context_tokens:
+        return served
+    # cut from the served prompt's own text, so that it is a part of it whatever the window
+    within = CursorContext(served.prefix, served.suffix)
+    return prompt_for(loaded, replace(settings, context_tokens=budget), within)
+
+
 def encode(loaded: LoadedModel, settings: Settings, example: Example) -> Encoded:
-    prompt = prompt_for(loaded, settings, CursorContext(example.prefix, example.suffix))
+    prompt = training_prompt(loaded, settings, CursorContext(example.prefix, example.suffix))
     chosen = encode_completion(loaded, prompt.healed, target_text(example, example.kept))
     rejected: list[int] = []
     if example.rejected is not None:

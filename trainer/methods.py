@@ -29,7 +29,6 @@ from feedback.metrics import judge
 from ghostloop.models import LoadedModel
 from ghostloop.postprocess import CursorContext, completion_mode, finish_suggestion
 from ghostloop.settings import Settings
-from ghostloop.suggest import prompt_for
 from trainer.data import (
     Encoded,
     encode,
@@ -37,6 +36,7 @@ from trainer.data import (
     pad_id,
     sequence_logprobs,
     target_text,
+    training_prompt,
 )
 from trainer.labels import Example
 
@@ -311,7 +311,7 @@ def sample_candidates(
     if count <= 0:
         return []
     context = CursorContext(example.prefix, example.suffix)
-    prompt = prompt_for(loaded, settings, context)
+    prompt = training_prompt(loaded, settings, context)
     mode = completion_mode(context, settings.max_lines)
     torch.manual_seed(seed)
     device = next(model.parameters()).device

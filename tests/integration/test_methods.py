@@ -10,8 +10,10 @@ import pytest
 
 from ghostloop.corpus import sample_positions, stdlib_dir
 from ghostloop.models import load_model
+from ghostloop.postprocess import CursorContext
 from ghostloop.settings import Settings
-from trainer.data import encode
+from ghostloop.suggest import prompt_for
+from trainer.data import encode, training_prompt
 from trainer.labels import Example
 from trainer.methods import METHODS, TooLittleData, peft_model
 
@@ -91,3 +93,26 @@ def test_dpo_without_pairs_says_so(settings: Settings, tmp_path: Path):
     same = [dataclasses.replace(e, suggestion=e.kept) for e in stdlib_examples(4)]
     with pytest.raises(TooLittleData, match="0 of 4 examples"):
         METHODS["dpo"](loaded, settings, peft_model(loaded, settings, None), same, tmp_path)
+
+
+def test_training_prompts_are_the_served_prompts_nearest_part_with_the_same_end(
+    settings: Settings,
+):
+    loaded = load_model(settings)
+    long = dataclasses.replace(
+        stdlib_examples(1)[0], prefix=(stdlib_dir() / "shlex.py").read_text()[:6000]
+    )
+    context = CursorContext(long.prefix, long.suffix)
+    served = prompt_for(loaded, dataclasses.replace(settings, context_tokens=512), context)
+    cut = dataclasses.replace(settings, context_tokens=512, train_context_tokens=64)
+    trained = training_prompt(loaded, cut, context)
+    assert len(trained.input_ids) <= 64 < len(served.input_ids)
+    # a line start of the same document, ending where the served prompt ends
+    assert served.prefix.endswith(trained.prefix) and long.prefix.endswith(trained.prefix)
+    assert long.prefix[-len(trained.prefix) - 1] == "\n"
+    assert trained.healed == served.healed
+    assert encode(loaded, cut, long).prompt_ids == list(trained.input_ids)
+    # 0, or a budget as large as the served one, trains on the served prompt itself
+    for budget in (0, 512):
+        same = dataclasses.replace(cut, train_context_tokens=budget)
+        assert training_prompt(loaded, same, context) == served

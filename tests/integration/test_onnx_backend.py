@@ -143,14 +143,19 @@ def test_smollm2_greedy_tokens_equal_torch(smollm2):
         assert suggest(loaded, settings, context, forward=forward).generation.token_ids == expected
 
 
-INT8_TOLERANCE = 0.25  # relative, on characters saved per completion over 40 positions
+# int8 may save less typing than fp32 by at most this share (characters saved and exact
+# lines over INT8_POSITIONS real positions). One-sided: saving more is no defect, and over
+# 40 positions the two moved by -29 % and +37 % with nothing but the prompt window changed
+# (a few exact 40-character lines decide it), so the sample is twice that.
+INT8_TOLERANCE = 0.25
+INT8_POSITIONS_PER_FILE = 20
 
 
 @pytest.mark.slow
 def test_smollm2_int8_saves_about_as_much_typing_as_fp32(smollm2):
     """int8 changes tokens (ORT's dynamic quantization drifts within a few tokens), so it
     is held to what users get: characters saved per completion and exact lines against the
-    code that really follows, within INT8_TOLERANCE of the fp32 model's."""
+    code that really follows, no worse than INT8_TOLERANCE below the fp32 model's."""
     from feedback.metrics import judge
 
     loaded, settings, path = smollm2
@@ -162,7 +167,7 @@ def test_smollm2_int8_saves_about_as_much_typing_as_fp32(smollm2):
     count = 0
     for name in FILES:
         source = (stdlib_dir() / name).read_text(encoding="utf-8")
-        for sample in sample_positions(stdlib_dir() / name, 10, seed=5):
+        for sample in sample_positions(stdlib_dir() / name, INT8_POSITIONS_PER_FILE, seed=5):
             rest = source[sample.offset + len(sample.true_line_rest) :]
             context = CursorContext(source[: sample.offset], rest)
             texts = {
@@ -178,5 +183,5 @@ def test_smollm2_int8_saves_about_as_much_typing_as_fp32(smollm2):
             count += 1
     print(f"over {count} positions: chars saved {saved}, exact lines {exact}")
     assert saved["fp32"] > 0
-    assert abs(saved["int8"] - saved["fp32"]) <= INT8_TOLERANCE * saved["fp32"]
-    assert abs(exact["int8"] - exact["fp32"]) <= max(2, INT8_TOLERANCE * exact["fp32"])
+    assert saved["int8"] >= (1 - INT8_TOLERANCE) * saved["fp32"]
+    assert exact["int8"] >= (1 - INT8_TOLERANCE) * exact["fp32"] - 2

@@ -59,3 +59,14 @@ def test_cut_block_reports_when_generation_can_stop():
     mode = completion_mode(context, 8)
     assert cut_block("1 +", mode) == ("1 +", False)
     assert cut_block("1 + 2\n", mode) == ("1 + 2", True)
+
+
+def test_one_line_allowed_is_a_single_line_mode_even_on_an_empty_line():
+    """The survival tracker reads what was typed instead by the mode: a block only when a
+    block could have been suggested (a replay with one-line completions cut its labels)."""
+    for prefix in ("def f(x):\n    ", "    for x in y:"):
+        context = CursorContext(prefix, "\n    return x\n")
+        assert completion_mode(context, 8).multiline
+        single = completion_mode(context, 1)
+        assert not single.multiline and single.max_lines == 1
+        assert finish(prefix, "\n    return x\n", "use(x)\n    more(x)\n", 1) == "use(x)"

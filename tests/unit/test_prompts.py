@@ -60,6 +60,21 @@ def test_prefix_trimmed_to_budget_starts_at_a_line(tokenizer):
     assert prefix.endswith(kept) and prefix[-len(kept) - 1] == "\n"
 
 
+def test_trimmed_start_stays_put_while_typing_at_the_end(tokenizer):
+    """The KV cache of the previous keystroke stays usable: the kept prefix only grows."""
+    prefix = "".join(f"line_{i} = {i}\n" for i in range(400))
+    typed = "value = compute(line_1, line_2) + line_3"
+    starts = []
+    for end in range(len(typed) + 1):
+        text = prefix + typed[:end]
+        kept = trim_prefix(tokenizer, text, budget=120)
+        assert len(tokenizer.encode_text(kept)) <= 120
+        starts.append(len(text) - len(kept))
+    distinct = sorted(set(starts))
+    assert len(distinct) <= 2  # moved at most once over 40 keystrokes, and then by a lot
+    assert distinct[-1] - distinct[0] in (0, *range(60, 10_000))
+
+
 def test_fim_prompt_keeps_nearest_suffix_within_share(tokenizer):
     template = TEMPLATES["starcoder2"]
     markers = {

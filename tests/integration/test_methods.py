@@ -15,7 +15,7 @@ from ghostloop.settings import Settings
 from ghostloop.suggest import prompt_for
 from trainer.data import encode, training_prompt
 from trainer.labels import Example
-from trainer.methods import METHODS, TooLittleData, peft_model
+from trainer.methods import METHODS, TooLittleData, completion_loss, peft_model
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -116,3 +116,33 @@ def test_training_prompts_are_the_served_prompts_nearest_part_with_the_same_end(
     for budget in (0, 512):
         same = dataclasses.replace(cut, train_context_tokens=budget)
         assert training_prompt(loaded, same, context) == served
+
+
+def test_the_completion_loss_equals_the_full_loss_on_a_padded_batch(settings: Settings):
+    """Logits only where a label follows: the same loss and gradients as computing them all."""
+    import torch
+
+    loaded = load_model(settings)
+    model = peft_model(loaded, settings, None)
+    model.eval()  # no LoRA dropout: both passes see the same network
+    rows = [encode(loaded, settings, e) for e in stdlib_examples(3)]
+    width = max(len(r.prompt_ids) + len(r.chosen_ids) for r in rows)
+    ids = torch.zeros((3, width), dtype=torch.long)
+    mask = torch.zeros((3, width), dtype=torch.long)
+    labels = torch.full((3, width), -100)
+    for index, row in enumerate(rows):
+        tokens = row.prompt_ids + row.chosen_ids
+        ids[index, : len(tokens)] = torch.tensor(tokens)
+        mask[index, : len(tokens)] = 1
+        labels[index, len(row.prompt_ids) : len(tokens)] = torch.tensor(row.chosen_ids)
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    full = model(**inputs).loss
+    full.backward()
+    expected = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    loss, outputs = completion_loss(model, inputs)
+    loss.backward()
+    got = [p.grad for p in model.parameters() if p.requires_grad]
+    assert outputs.logits.shape[1] < width // 2  # most positions skipped
+    assert torch.allclose(loss, full, atol=1e-5)
+    assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(got, expected, strict=True))

@@ -89,11 +89,15 @@ def sequence_logprobs(
     for index, row in enumerate(rows):
         ids[index, : len(row)] = torch.tensor(row, device=device)
         mask[index, : len(row)] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    targets = ids[:, 1:]
+    # logits only from the position that predicts the first completion token on: the
+    # prompt's own (most of the row) are never scored
+    first = max(len(prompt_ids) - 1, 0)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
+    targets = ids[:, first + 1 :]
+    logits = logits[:, : targets.shape[1]].float()
     token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    start = len(prompt_ids) - 1
     lengths = torch.tensor([len(c) for c in completions], device=device)
+    # with an empty prompt nothing predicts the first token: it is not scored
+    scored = lengths - (first - (len(prompt_ids) - 1))
     positions = torch.arange(targets.shape[1], device=device).unsqueeze(0)
-    in_completion = (positions >= start) & (positions < start + lengths.unsqueeze(1))
-    return (token_logps * in_completion).sum(dim=1), lengths
+    return (token_logps * (positions < scored.unsqueeze(1))).sum(dim=1), lengths

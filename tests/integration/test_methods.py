@@ -13,7 +13,7 @@ from ghostloop.models import load_model
 from ghostloop.postprocess import CursorContext
 from ghostloop.settings import Settings
 from ghostloop.suggest import prompt_for
-from trainer.data import encode, training_prompt
+from trainer.data import encode, pad_id, sequence_logprobs, training_prompt
 from trainer.labels import Example
 from trainer.methods import METHODS, TooLittleData, completion_loss, peft_model
 
@@ -146,3 +146,28 @@ def test_the_completion_loss_equals_the_full_loss_on_a_padded_batch(settings: Se
     assert outputs.logits.shape[1] < width // 2  # most positions skipped
     assert torch.allclose(loss, full, atol=1e-5)
     assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(got, expected, strict=True))
+
+
+@pytest.mark.parametrize("prompt_length", [0, 1, 40])
+def test_sequence_logprobs_score_each_completion_token_after_the_prompt(
+    settings: Settings, prompt_length: int
+):
+    import torch
+
+    loaded = load_model(settings)
+    model = loaded.model
+    row = encode(loaded, settings, stdlib_examples(1)[0])
+    prompt = row.prompt_ids[-prompt_length:] if prompt_length else []
+    completions = [row.chosen_ids, row.chosen_ids[:3], [7, 8, 9, 10, 11]]
+    summed, lengths = sequence_logprobs(model, prompt, completions, pad_id(loaded))
+    assert lengths.tolist() == [len(c) for c in completions]
+    for index, completion in enumerate(completions):
+        tokens = torch.tensor([list(prompt) + list(completion)])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(input_ids=tokens).logits[0, :-1].float(), dim=-1)
+        # each completion token after the first position, scored by the logits before it
+        expected = sum(
+            float(logps[at - 1, tokens[0, at]])
+            for at in range(max(len(prompt), 1), tokens.shape[1])
+        )
+        assert abs(float(summed[index]) - expected) < 1e-3

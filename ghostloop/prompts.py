@@ -115,6 +115,7 @@ class Prompt:
 
 
 _INDENT_AT_END = re.compile(r"\n[ \t]+\Z")
+_COLUMN_ZERO_PROBE = "x"  # any first character of a line: only the boundary before it counts
 
 
 def trim_prefix(tokenizer: TextTokenizer, prefix: str, budget: int) -> str:
@@ -165,6 +166,16 @@ def heal_prefix(tokenizer: TextTokenizer, prefix: str) -> tuple[list[int], str]:
     """
     if _INDENT_AT_END.search(prefix):
         return tokenizer.encode_text(prefix[:-1]), prefix[-1]
+    if prefix.endswith("\n"):
+        # At column 0 the tokens a document has before the line's first character: this
+        # family splits "\n\ndef" into "\n", "\n", "def", while "\n\n" at the end of
+        # a text is one token that documents only follow with another newline; healing
+        # with it made the model write a blank line and suggest nothing at every
+        # top-level line start after a blank line.
+        probe = tokenizer.encode_text(prefix + _COLUMN_ZERO_PROBE)
+        for count in range(len(probe) - 1, max(len(probe) - 4, 0), -1):
+            if tokenizer.decode_ids(probe[:count]) == prefix:
+                return probe[:count], ""
     ids = tokenizer.encode_text(prefix)
     if not ids:
         return ids, ""

@@ -32,10 +32,9 @@ from ghostloop.settings import Settings
 from trainer.data import (
     Encoded,
     encode,
-    encode_completion,
+    encode_target,
     pad_id,
     sequence_logprobs,
-    target_text,
     training_prompt,
 )
 from trainer.labels import Example
@@ -399,9 +398,7 @@ def rrhf_rows(
         for sample in samples:
             if sample.strip():
                 texts.setdefault(sample, float(judge(sample, example.kept).retained))
-        candidates = [
-            encode_completion(loaded, encoded.healed, target_text(example, text)) for text in texts
-        ]
+        candidates = [encode_target(loaded, encoded.healed, example, text) for text in texts]
         rows.append(
             {
                 "prompt_ids": encoded.prompt_ids,

@@ -46,6 +46,19 @@ def test_after_indentation_one_space_is_healed(tokenizer):
     assert tokenizer.decode_ids(ids) == "def f():\n       "
 
 
+@pytest.mark.parametrize("blank_lines", [0, 1, 2])
+def test_at_column_zero_the_prompt_ends_as_the_document_tokenizes_there(tokenizer, blank_lines):
+    # "\n\n" at the end of a text is one token that documents follow only with another
+    # newline; before a line's first character they hold "\n", "\n": healing with the
+    # merged token made the model write a blank line and suggest nothing at column 0
+    prefix = "import os\n" + "\n" * blank_lines
+    ids, healed = heal_prefix(tokenizer, prefix)
+    assert healed == ""
+    in_document = tokenizer.encode_text(prefix + "def main():\n")
+    assert ids == in_document[: len(ids)]
+    assert tokenizer.decode_ids(ids) == prefix
+
+
 def test_mid_word_the_partial_token_is_healed(tokenizer):
     prefix = "    return self.wordsep_simple_re.spl"
     ids, healed = heal_prefix(tokenizer, prefix)

@@ -10,7 +10,6 @@ model writes it there (``encode_target``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -44,9 +43,6 @@ def target_text(example: Example, kept: str) -> str:
     return kept
 
 
-_NEXT_LINE_START = re.compile(r"\s*\S?")
-
-
 def encode_target(loaded: LoadedModel, healed: str, example: Example, kept: str) -> list[int]:
     """``kept`` as token ids after the prompt, ending the line with the token the model
     writes there.
@@ -62,8 +58,9 @@ def encode_target(loaded: LoadedModel, healed: str, example: Example, kept: str)
     body = healed + kept
     if not ends_line(example) or kept.endswith("\n") or not example.suffix:
         return encode_completion(loaded, healed, target_text(example, kept))
-    match = _NEXT_LINE_START.match(example.suffix)
-    ids = loaded.tokenizer.encode_text(body + (match.group() if match else "\n"))
+    # the newline(s), the next line's indentation and its first character
+    blank = len(example.suffix) - len(example.suffix.lstrip())
+    ids = loaded.tokenizer.encode_text(body + example.suffix[: blank + 1])
     for count in range(1, len(ids) + 1):
         text = loaded.tokenizer.decode_ids(ids[:count])
         if len(text) <= len(body):

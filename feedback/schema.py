@@ -22,6 +22,7 @@ EVENT_KINDS = (
     "dismissed",
     "survival",  # share of an accepted region still standing after window_s
     "typed_instead",  # what the user wrote where a rejected suggestion was
+    "written",  # an accepted suggestion's line(s) as they stand: the region and what followed
 )
 ADAPTER_STATUSES = ("candidate", "canary", "active", "retired", "rolled_back")
 

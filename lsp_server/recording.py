@@ -211,7 +211,7 @@ class FeedbackLog:
     ) -> None:
         if self.metrics is not None:
             self.metrics.event(kind, window_s=window_s, survival_ratio=survival_ratio)
-        if kind not in ("survival", "typed_instead"):
+        if kind not in ("survival", "typed_instead", "written"):
             self.fates.update(completion_id, kind)
         if self.recorder is None:
             return

@@ -2,8 +2,12 @@
 
 After an accept, the inserted region is followed through every edit, and at each window
 (30 s, 2 min, 10 min by default) the share of it that still stands is measured by edit
-distance, as Copilot's "still in code". After a rejection, what the user typed at that
-spot instead is captured once. Everything here is plain functions on text and offsets.
+distance, as Copilot's "still in code". Text typed at the region's edges is not part of it
+(it saved nothing), so at the window nearest two minutes the line as it was written there
+is recorded too (``written``): the suggestion's start to the end of its last line, what
+the developer finished where a suggestion stopped short. After a rejection, what the user
+typed at that spot instead is captured once. Everything here is plain functions on text
+and offsets.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from feedback.metrics import survival_ratio
+from feedback.metrics import nearer_kept_window, survival_ratio
 
 
 def changed_span(old: str, new: str) -> tuple[int, int, int]:
@@ -81,6 +85,15 @@ def typed_instead(text: str, start: int, multiline: bool, max_lines: int = 8) ->
     return "\n".join(lines)
 
 
+def written(text: str, start: int, end: int) -> str:
+    """What stands from ``start`` to the end of the line ``end`` is on: an accepted region
+    with what was typed after it on its last line. A region that ends a line is itself."""
+    if end > start and text[end - 1] == "\n":
+        return text[start:end]
+    line_end = text.find("\n", end)
+    return text[start : len(text) if line_end < 0 else line_end]
+
+
 Schedule = Callable[[float, Callable[[], None]], object]
 Record = Callable[..., None]  # record(completion_id, kind, window_s=, survival_ratio=, text=)
 
@@ -108,6 +121,11 @@ class SurvivalTracker:
         self._record = record
         self._capacity = capacity
         self._texts: dict[str, str] = {}
+        # the one window whose check also records the line as written (labels use it)
+        self._written_window: float | None = None
+        for window in windows_s:
+            if nearer_kept_window(window, self._written_window):
+                self._written_window = window
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
 
     def served(self, uri: str, completion_id: str, text: str, offset: int, multiline: bool) -> None:
@@ -155,6 +173,10 @@ class SurvivalTracker:
         if tracked is None:
             return
         now = self._region_text(tracked)
+        if window_s == self._written_window:
+            region = tracked.region
+            line = written(self._texts.get(tracked.uri, ""), region.start, region.end)
+            self._record(completion_id, "written", window_s=window_s, text=line)
         self._record(
             completion_id,
             "survival",

@@ -1,9 +1,15 @@
 """From recorded fates to training examples: labels by survival, not by clicks.
 
 Acceptance alone teaches a model to make short, timid suggestions. What the developer
-kept is the target: the accepted region as it stands after the survival window nearest
-two minutes, or what they typed where they rejected a suggestion. The logged suggestion is
-the other side, worth its characters saved (retained characters, 0 for a reject).
+kept is the target: the line as written where an accepted suggestion stood (its region
+after the survival window nearest two minutes, with what they typed after it on its line),
+or what they typed where they rejected a suggestion. The logged suggestion is the other
+side, worth its characters saved (retained characters of the suggestion alone, 0 for a
+reject).
+
+The region alone is not the target: where a suggestion stopped short and the developer
+typed the rest of the line, the region ends where the suggestion did, and a target cut
+there (then ended with the line's newline) teaches the model to stop lines early.
 """
 
 from __future__ import annotations
@@ -90,6 +96,18 @@ def label(completion: Completion, events: Sequence[FeedbackEvent]) -> Example | 
         if ratio is None or not 0.0 <= ratio <= 1.0 or not isinstance(check.text, str):
             raise CorruptRow(f"survival event {check.id} has ratio={ratio}")
         kept, saved, sources = check.text, round(length * ratio), [check.id]
+        line = next(
+            (e for e in events if e.kind == "written" and e.window_s == check.window_s), None
+        )
+        # older rows have no line; a line that does not start with the region is not its own
+        if (
+            kept.strip()
+            and line is not None
+            and isinstance(line.text, str)
+            and line.text.startswith(kept)
+        ):
+            kept = line.text
+            sources.append(line.id)
     elif outcome in REJECTED:
         typed = [e for e in events if e.kind == "typed_instead" and isinstance(e.text, str)]
         if not typed or not typed[0].text or not typed[0].text.strip():
@@ -97,6 +115,7 @@ def label(completion: Completion, events: Sequence[FeedbackEvent]) -> Example | 
         kept, saved, sources = typed[0].text, 0, [typed[0].id]
     else:
         return None
+    kept = without_rest_of_line(kept, completion.prompt_suffix or "")
     if not kept.strip():
         return None
     sources += [e.id for e in events if e.kind == outcome]
@@ -113,6 +132,19 @@ def label(completion: Completion, events: Sequence[FeedbackEvent]) -> Example | 
         outcome=outcome,
         event_ids=tuple(sources),
     )
+
+
+def without_rest_of_line(kept: str, suffix: str) -> str:
+    """``kept`` without the text that already followed the cursor on its line.
+
+    What stands to the end of the line includes what was there before the completion (a
+    closing bracket the editor typed, the rest of a line edited in the middle); the model
+    saw it in the suffix and must not learn to write it again.
+    """
+    rest = suffix.split("\n", 1)[0]
+    if rest.strip() and "\n" not in kept and kept.endswith(rest):
+        return kept[: len(kept) - len(rest)]
+    return kept
 
 
 def load_examples(

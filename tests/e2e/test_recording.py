@@ -147,6 +147,7 @@ async def test_survival_of_accepted_text_and_what_was_typed_after_a_rejection(
     await asyncio.sleep(0.7)  # past the first window: the text stands as inserted
     cut = max(1, len(text) // 2)
     insert(client, uri, 3, line, character + cut, "ZZ", end=character + len(text))
+    insert(client, uri, 4, line, character + cut + 2, " + 1")  # typed after the region
 
     thrown = (await ask(client, "thrown.py")).command.arguments[0]
     client.protocol.notify("ghostloop/feedback", {"completionId": thrown, "kind": "rejected"})
@@ -169,10 +170,18 @@ async def test_survival_of_accepted_text_and_what_was_typed_after_a_rejection(
                 FeedbackEvent.completion_id == thrown, FeedbackEvent.kind == "typed_instead"
             )
         ).all()
+        lines = session.execute(
+            select(FeedbackEvent.window_s, FeedbackEvent.text).where(
+                FeedbackEvent.completion_id == kept_id, FeedbackEvent.kind == "written"
+            )
+        ).all()
     engine.dispose()
     assert survival[0] == (0.3, 1.0, text)
     assert survival[1][0] == 1.2 and survival[1][2] == text[:cut] + "ZZ"
     assert survival[1][1] < 1.0
+    # the line as written, once, at the window nearest two minutes: the region and what
+    # was typed after it (which saved nothing, so it is not in the survival text)
+    assert [tuple(row) for row in lines] == [(1.2, text[:cut] + "ZZ + 1")]
     assert typed == ["s_list = []"]
 
 

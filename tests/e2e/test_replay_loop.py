@@ -19,7 +19,9 @@ from starlette.testclient import TestClient
 from feedback.admin_web.app import create_app
 from feedback.database import open_engine
 from feedback.schema import Completion, FeedbackEvent, TrainingRun
+from feedback.store import events_by_completion
 from tests.training_data import TRAIN_ENV, write_repo
+from trainer.labels import label
 
 WINDOWS = "0.3,0.6,0.9"
 
@@ -130,6 +132,18 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
             expected = by_hand(session, [ids[k] for k in keys], truths)
             for metric, value in expected.items():
                 assert abs(reported[metric] - value) < 1e-3, (name, metric)
+        # what a night learns from an accept: the line the developer finished there, not
+        # the suggestion's region (cut off where a suggestion stopped short)
+        accepted_before = [
+            (row, truth)
+            for key, truth in zip(keys, truths, strict=True)
+            if (row := session.get(Completion, served_before[key] or "")) is not None
+            and row.outcome == "accepted"
+        ]
+        events = events_by_completion(session=session, completion_ids=sorted(before_ids))
+        for row, truth in accepted_before:
+            example = label(row, events[row.id])
+            assert example is not None and example.kept == truth, (row.suggestion, truth)
         reactions = report["reactions"][f"{methods['sft']['adapter']}, held-out half"]
         accepted = sum(session.get(Completion, i).outcome == "accepted" for i in after_ids["sft"])
         assert reactions.get("accepted", 0) + reactions.get("edited", 0) == accepted

@@ -16,6 +16,7 @@ from trainer.labels import (
     deduplicate,
     label,
     split_by_time,
+    without_rest_of_line,
 )
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -59,6 +60,45 @@ def test_an_accept_is_labelled_by_what_stands_after_two_minutes():
     assert example is not None
     assert (example.kept, example.chars_saved) == ("return totalx2", 6)
     assert events[2].id in example.event_ids and events[0].id in example.event_ids
+
+
+def test_an_accept_that_stopped_short_is_labelled_by_the_line_finished_there():
+    """The region saved its characters; the target is the whole line the developer wrote,
+    not the cut-off suggestion followed by a newline (that teaches stopping early)."""
+    row = completion("accepted", suggestion="return tot", accepted=10)
+    events = [
+        event(row, "accepted", accepted_length=10),
+        event(row, "survival", window_s=120.0, survival_ratio=1.0, text="return tot"),
+        event(row, "written", window_s=120.0, text="return total / len(values)"),
+        event(row, "written", window_s=30.0, text="return tot + 1"),  # another window's
+    ]
+    example = label(row, events)
+    assert example is not None
+    assert (example.kept, example.chars_saved) == ("return total / len(values)", 10)
+    assert events[2].id in example.event_ids
+    assert example.rejected == "return tot"  # the short suggestion loses to the line
+
+
+def test_a_line_that_is_not_the_regions_own_is_ignored():
+    row = completion("accepted", accepted=12)
+    events = [
+        event(row, "accepted", accepted_length=12),
+        event(row, "survival", window_s=120.0, survival_ratio=1.0, text="return total"),
+        event(row, "written", window_s=120.0, text="pass"),
+    ]
+    example = label(row, events)
+    assert example is not None and example.kept == "return total"
+
+
+def test_what_already_followed_the_cursor_on_its_line_is_not_a_target():
+    row = completion("rejected")
+    row.prompt_suffix = ")\n    return total\n"  # the cursor sat before an auto-closed bracket
+    example = label(row, [event(row, "rejected"), event(row, "typed_instead", text="values)")])
+    assert example is not None and example.kept == "values"
+    nothing = label(row, [event(row, "rejected"), event(row, "typed_instead", text=")")])
+    assert nothing is None  # nothing was typed there: nothing to learn
+    assert without_rest_of_line("a, b)", "\n") == "a, b)"
+    assert without_rest_of_line("x)\n  y)", ")\n") == "x)\n  y)"  # a block is left whole
 
 
 def test_a_reject_is_labelled_by_what_was_typed_instead_and_saved_nothing():

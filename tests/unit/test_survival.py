@@ -1,7 +1,7 @@
 from typing import Any
 
 from feedback.metrics import levenshtein, survival_ratio
-from lsp_server.survival import Region, SurvivalTracker, changed_span, typed_instead
+from lsp_server.survival import Region, SurvivalTracker, changed_span, typed_instead, written
 
 
 def tracker_with(
@@ -78,10 +78,38 @@ def test_tracker_measures_survival_of_an_accepted_suggestion_at_each_window():
     scheduled[1]()
     assert [(k, f["window_s"], f["text"]) for _, k, f in recorded] == [
         ("survival", 30.0, "sum(items)"),
+        ("written", 120.0, "sum(prices)"),
         ("survival", 120.0, "sum(prices)"),
     ]
     assert recorded[0][2]["survival_ratio"] == 1.0
-    assert 0.4 < recorded[1][2]["survival_ratio"] < 1.0
+    assert 0.4 < recorded[2][2]["survival_ratio"] < 1.0
+
+
+def test_the_line_as_written_runs_from_the_region_to_the_end_of_its_last_line():
+    text = "    x = foo(a, b)\n    y = 1\n"
+    assert written(text, 8, 14) == "foo(a, b)"  # region "foo(a," typed on to ", b)"
+    assert written(text, 8, 17) == "foo(a, b)"
+    assert written("a\nb = 1\nc\n", 2, 8) == "b = 1\n"  # a region that ends its line
+    assert written("x = foo", 4, 7) == "foo"  # the last line of the document
+
+
+def test_a_suggestion_that_stopped_short_is_kept_as_the_region_and_the_line_as_written():
+    """Typing after an accepted region saves nothing, so the survival text is the region;
+    the line that was finished there is recorded once, at the window nearest two minutes."""
+    tracker, scheduled, recorded = tracker_with(30.0, 120.0, 600.0)
+    tracker.served("u", "c1", "def f():\n    \n    pass\n", 13, multiline=False)
+    tracker.changed("u", "def f():\n    return foo(a\n    pass\n")
+    tracker.accepted("c1", "return foo(a")
+    tracker.changed("u", "def f():\n    return foo(a, b)\n    pass\n")  # typed after it
+    for check in scheduled:
+        check()
+    assert [(k, f["window_s"], f["text"]) for _, k, f in recorded] == [
+        ("survival", 30.0, "return foo(a"),
+        ("written", 120.0, "return foo(a, b)"),
+        ("survival", 120.0, "return foo(a"),
+        ("survival", 600.0, "return foo(a"),
+    ]
+    assert {f["survival_ratio"] for _, k, f in recorded if k == "survival"} == {1.0}
 
 
 def test_tracker_captures_what_was_typed_after_a_rejection():
@@ -106,7 +134,8 @@ def test_a_second_suggestion_made_for_an_older_text_keeps_the_first_region_right
     tracker.changed("u", "a = one\nb = 2")
     scheduled[0]()
     scheduled[1]()
-    assert [(cid, fields["text"]) for cid, _, fields in recorded] == [
-        ("first", "one"),
-        ("second", "b = 2"),
+    assert [(cid, kind, fields["text"]) for cid, kind, fields in recorded] == [
+        ("first", "written", "one"),
+        ("first", "survival", "one"),
+        ("second", "typed_instead", "b = 2"),
     ]

@@ -208,10 +208,12 @@ class Settings:
         default=1e-4, metadata=_help("learning rate for rrhf (lower: its ranking loss is sharper)")
     )
     train_context_tokens: int = field(
-        default=256,
+        default=0,
         metadata=_help(
             "prompt budget in training, tokens: the nearest part of the served prompt (its "
-            "end, token healing included, is the same); 0 = the served budget"
+            "end, token healing included, is the same); 0 = the served prompt whole (the "
+            "default: 7 % more typing saved held out than 256-token training prompts, at twice "
+            "the training time)"
         ),
     )
     epochs: int = field(default=2, metadata=_help("passes over the training data"))

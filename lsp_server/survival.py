@@ -90,8 +90,7 @@ def written(text: str, start: int, end: int) -> str:
     with what was typed after it on its last line. A region that ends a line is itself."""
     if end > start and text[end - 1] == "\n":
         return text[start:end]
-    line_end = text.find("\n", end)
-    return text[start : len(text) if line_end < 0 else line_end]
+    return text[start:end] + typed_instead(text, end, multiline=False)
 
 
 Schedule = Callable[[float, Callable[[], None]], object]

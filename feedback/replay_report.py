@@ -191,6 +191,32 @@ def paired_lift(
     return lifts
 
 
+def kept_length(
+    before: Sequence[Scored], after: Sequence[Scored], seed: int = 0
+) -> dict[str, Any] | None:
+    """Suggestion length where the suggestion saved typing in both passes, paired.
+
+    The guard against a model that learns to stop early: over all positions the mean length
+    also falls when wrong suggestions (rejected before and after) get shorter, which costs
+    nothing; here only suggestions the developer kept both times count, so a fall means
+    useful suggestions were cut short. None when no position was kept in both passes."""
+    if len(before) != len(after):
+        raise ValueError(f"paired figures need the same positions: {len(before)} vs {len(after)}")
+    a, b = _columns(before), _columns(after)
+    kept = np.flatnonzero((a["saved"] > 0) & (b["saved"] > 0))
+    if not len(kept):
+        return None
+    old, new = a["suggested"][kept], b["suggested"][kept]
+    rows = np.random.default_rng(seed).integers(0, len(kept), size=(ROUNDS, len(kept)))
+    ratio = new[rows].mean(axis=-1) / old[rows].mean(axis=-1) - 1
+    return {
+        "positions": len(kept),
+        "before": round(float(old.mean()), 2),
+        "after": round(float(new.mean()), 2),
+        "relative": _interval(float(new.mean() / old.mean() - 1), ratio),
+    }
+
+
 def compare(
     positions: Sequence[Position],
     before: Sequence[Scored],
@@ -198,10 +224,16 @@ def compare(
     seed: int = 0,
 ) -> dict[str, Any]:
     """before, after and paired lift, overall and split into line starts and mid-line."""
-    report: dict[str, Any] = {"before": summary(before, seed), "after": None, "paired_lift": None}
+    report: dict[str, Any] = {
+        "before": summary(before, seed),
+        "after": None,
+        "paired_lift": None,
+        "kept_length": None,
+    }
     if after is not None:
         report["after"] = summary(after, seed)
         report["paired_lift"] = paired_lift(before, after, seed)
+        report["kept_length"] = kept_length(before, after, seed)
     by_kind = {}
     for kind in ("line_start", "mid_line"):
         chosen = [i for i, p in enumerate(positions) if p.kind == kind]
@@ -256,6 +288,7 @@ def format_table(report: Mapping[str, Any]) -> str:
             "after": report.get("after"),
             "paired_lift": report.get("paired_lift"),
             "by_kind": report.get("by_kind", {}),
+            "kept_length": report.get("kept_length"),
         }
     }
     blocks = []
@@ -303,6 +336,13 @@ def _block(
         f"{'  relative (headline)':26} {'':>24} {'':>24} "
         f"{change(lift.get('chars_saved_relative'), '{:+.1%}'):>26}"
     )
+    kept = result.get("kept_length")
+    if kept:
+        lines.append(
+            f"{'  kept both times (' + str(kept['positions']) + ')':26} "
+            f"{kept['before']:>24.1f} {kept['after']:>24.1f} "
+            f"{change(kept['relative'], '{:+.1%}'):>26}"
+        )
     for kind, part in (result.get("by_kind") or {}).items():
         name, pattern = "chars_saved_per_completion", "{:.2f}"
         label = f"  {kind.replace('_', ' ')} ({part['before']['completions']})"

@@ -457,6 +457,7 @@ class Replay:
             "after": first["after"],
             "paired_lift": first["paired_lift"],
             "by_kind": first["by_kind"],
+            "kept_length": first["kept_length"],
             "model": model,
             "method": methods[0],
             "adapter": first["adapter"],

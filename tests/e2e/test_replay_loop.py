@@ -132,6 +132,26 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
             expected = by_hand(session, [ids[k] for k in keys], truths)
             for metric, value in expected.items():
                 assert abs(reported[metric] - value) < 1e-3, (name, metric)
+        # length where both passes saved typing, straight from the rows
+        for name in methods:
+            pairs = [
+                (by_hand(session, [served_before[k]], [t]), by_hand(session, [ids[k]], [t]))
+                for k, t in zip(keys, truths, strict=True)
+                if (ids := served_after[name])
+            ]
+            both = [
+                (old["mean_suggestion_chars"], new["mean_suggestion_chars"])
+                for old, new in pairs
+                if old["chars_saved_per_completion"] > 0 and new["chars_saved_per_completion"] > 0
+            ]
+            kept = methods[name]["kept_length"]
+            if not both:
+                assert kept is None, name
+                continue
+            assert kept["positions"] == len(both), name
+            assert abs(kept["before"] - sum(b for b, _ in both) / len(both)) < 0.01
+            assert abs(kept["after"] - sum(a for _, a in both) / len(both)) < 0.01
+        assert report["kept_length"] == methods["sft"]["kept_length"]
         # what a night learns from an accept: the line the developer finished there, not
         # the suggestion's region (cut off where a suggestion stopped short)
         accepted_before = [

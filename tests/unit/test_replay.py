@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from feedback.metrics import judge
-from feedback.replay_report import Position, Scored, compare, paired_lift, summary
+from feedback.replay_report import (
+    Position,
+    Scored,
+    compare,
+    format_table,
+    kept_length,
+    paired_lift,
+    summary,
+)
 from lsp_server.replay import ReplayError, _offset, choose_positions, source_files, split_files
 from tests.training_data import write_repo
 
@@ -114,3 +122,38 @@ def test_compare_splits_line_starts_from_mid_line():
     assert report["by_kind"]["mid_line"]["paired_lift"]["chars_saved_per_completion"][0] == 0
     assert report["paired_lift"]["chars_saved_per_completion"][0] == pytest.approx(2.5)
     assert compare(positions, before, None)["after"] is None
+
+
+def test_kept_length_counts_only_suggestions_kept_both_times():
+    """Wrong suggestions getting shorter cost nothing and leave it alone; kept ones cut
+    short (a model that learns to stop early) show as a fall outside the noise."""
+    wrong_before = [scored(0, 40) for _ in range(30)]
+    wrong_after = [scored(0, 10) for _ in range(30)]  # shorter wrong lines: no change here
+    kept_before = [scored(20, 20 + i % 5) for i in range(30)]
+    cut_after = [scored(12, 12 + i % 5) for i in range(30)]
+    same = kept_length(wrong_before + kept_before, wrong_after + kept_before)
+    assert same is not None
+    assert same["positions"] == 30 and same["relative"] == [0.0, 0.0, 0.0]
+    assert (
+        summary(wrong_after + kept_before)["mean_suggestion_chars"]
+        < summary(wrong_before + kept_before)["mean_suggestion_chars"]
+    ), "the overall mean falls all the same"
+    cut = kept_length(wrong_before + kept_before, wrong_after + cut_after)
+    assert cut is not None and cut["after"] < cut["before"]
+    assert cut["relative"][2] < 0, "the fall is outside the noise"
+    # a position kept before but rejected after is not in it, nor is one never kept
+    gone = kept_length([scored(20, 20), scored(0, 30)], [scored(0, 5), scored(10, 10)])
+    assert gone is None
+    with pytest.raises(ValueError, match="same positions"):
+        kept_length(kept_before, cut_after[:-1])
+
+
+def test_the_printed_report_shows_kept_length():
+    positions = [Position(f"f.py:{i}:0", "f.py", i, 0, "line_start", "x") for i in range(6)]
+    before = [scored(10, 10) for _ in positions]
+    after = [scored(8, 8) for _ in positions]
+    report = compare(positions, before, after)
+    assert report["kept_length"]["positions"] == 6
+    assert compare(positions, before, None)["kept_length"] is None
+    table = format_table({**report, "method": "sft", "adapter": "v1"})
+    assert "kept both times (6)" in table and "-20.0%" in table

@@ -155,6 +155,10 @@ INT8_POSITIONS_PER_FILE = 20
 
 
 @pytest.mark.slow
+# a hang guard, not a time target: it exports and quantizes SmolLM2 and walks 80 positions
+# twice, 230 s alone on this 2-core machine on a slow day; it passed the 300 s default by
+# 70 s only and timed out beside other CPU work
+@pytest.mark.timeout(900)
 def test_smollm2_int8_saves_about_as_much_typing_as_fp32(smollm2):
     """int8 changes tokens (ORT's dynamic quantization drifts within a few tokens), so it
     is held to what users get: characters saved per completion and exact lines against the

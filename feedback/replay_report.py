@@ -160,17 +160,24 @@ def summary(scores: Sequence[Scored], seed: int = 0) -> dict[str, Any]:
     return result
 
 
+def _paired_columns(
+    before: Sequence[Scored], after: Sequence[Scored]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The columns of two passes over the same positions, in the same order."""
+    if len(before) != len(after):
+        raise ValueError(f"paired figures need the same positions: {len(before)} vs {len(after)}")
+    return _columns(before), _columns(after)
+
+
 def paired_lift(
     before: Sequence[Scored], after: Sequence[Scored], seed: int = 0
 ) -> dict[str, list[float]]:
     """After minus before over the same positions: [estimate, low, high] per metric, plus
     the headline's relative lift (after / before - 1)."""
-    if len(before) != len(after):
-        raise ValueError(f"paired figures need the same positions: {len(before)} vs {len(after)}")
+    a, b = _paired_columns(before, after)
     n = len(before)
     if not n:
         return {}
-    a, b = _columns(before), _columns(after)
     everything = np.arange(n)[None, :]
     rows = np.random.default_rng(seed).integers(0, n, size=(ROUNDS, n))
     lifts: dict[str, list[float]] = {}
@@ -200,9 +207,7 @@ def kept_length(
     also falls when wrong suggestions (rejected before and after) get shorter, which costs
     nothing; here only suggestions the developer kept both times count, so a fall means
     useful suggestions were cut short. None when no position was kept in both passes."""
-    if len(before) != len(after):
-        raise ValueError(f"paired figures need the same positions: {len(before)} vs {len(after)}")
-    a, b = _columns(before), _columns(after)
+    a, b = _paired_columns(before, after)
     kept = np.flatnonzero((a["saved"] > 0) & (b["saved"] > 0))
     if not len(kept):
         return None

@@ -8,11 +8,14 @@ types on for ``--think-ms`` (closed loop: a developer does not ask again before 
 answer). For N = 1, 10, 50 (``--clients``) for ``--seconds`` each against one
 ``ghostloop serve --tcp`` it prints completions/s, p50/p99 latency over all completions,
 each client's p50 against the fleet's median (fairness: goal at most 1.5x), errors, and
-the server's resident and peak memory.
+the server's resident and peak memory. ``--batch-sizes 1,4`` runs the whole series once
+per server ``batch_size`` (1: one completion at a time; more: the documents waiting at
+once decoded together), a fresh server each, so the two are compared in one run.
 
     PYTHONPATH=. python bench/team.py --model tiny [--clients 1,10,50] [--seconds 120] \
         [--last-seconds 300] [--think-ms 250]
     PYTHONPATH=. python bench/team.py --model smollm2 --seconds 120
+    PYTHONPATH=. python bench/team.py --model smollm2 --clients 1,4,10 --batch-sizes 1,4
 
 ``--model tiny`` is the tests' tiny random Llama; ``smollm2`` the embedded default; any
 other value is passed to the server as GHOSTLOOP_MODEL.
@@ -165,6 +168,7 @@ async def server_stats(port: int, token: str) -> dict[str, int]:
         "deadline": stats["deadline"],
         "empty": stats["empty"],
         "tokens": stats["tokens_generated"],
+        "batched": stats.get("batched", 0),
     }
 
 
@@ -214,8 +218,12 @@ def main() -> int:
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     parser.add_argument("--int8", action="store_true", help="onnxruntime: int8 weights")
     parser.add_argument("--database-url", default="", help="default: SQLite in a temp dir")
+    parser.add_argument(
+        "--batch-sizes", default="", help="server batch_size values, e.g. 1,4 (default: its own)"
+    )
     args = parser.parse_args()
     sizes = [int(n) for n in args.clients.split(",")]
+    batch_sizes: list[int | None] = [int(b) for b in args.batch_sizes.split(",") if b] or [None]
 
     work = Path(tempfile.mkdtemp(prefix="ghostloop-team-"))
     model = args.model
@@ -233,6 +241,24 @@ def main() -> int:
     tokens = [add_token(store, f"dev{i:02d}", note="bench/team.py")[1] for i in range(max(sizes))]
     store.dispose()
 
+    for batch_size in batch_sizes:
+        code = serve_and_measure(args, sizes, tokens, model, data_dir, url, work, batch_size)
+        if code:
+            return code
+    return 0
+
+
+def serve_and_measure(
+    args: argparse.Namespace,
+    sizes: list[int],
+    tokens: list[str],
+    model: str,
+    data_dir: Path,
+    url: str,
+    work: Path,
+    batch_size: int | None,
+) -> int:
+    """One server (``batch_size``: its setting, None for its default), every fleet size."""
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("GHOSTLOOP_")},
@@ -245,6 +271,8 @@ def main() -> int:
         "GHOSTLOOP_ONNX_INT8": "true" if args.int8 else "false",
         "GHOSTLOOP_LOG_LEVEL": "WARNING",
     }
+    if batch_size is not None:
+        env["GHOSTLOOP_BATCH_SIZE"] = str(batch_size)
     log = (work / "server.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "ghostloop", "serve", "--tcp", "--port", str(port)],
@@ -266,7 +294,8 @@ def main() -> int:
         print(
             f"team server: model {args.model} on {args.backend}{' int8' if args.int8 else ''}, "
             f"{platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, think {args.think_ms:.0f} ms, clients in this process"
+            f"{os.cpu_count()} CPUs, think {args.think_ms:.0f} ms, clients in this process, "
+            f"batch_size {batch_size if batch_size is not None else 'default'}"
         )
         print(
             f"{'N':>4} {'done':>8} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>8} "
@@ -284,7 +313,8 @@ def main() -> int:
                 f"      server: {done} completed, {100 * cut / done:.1f} % cut at the "
                 f"{args.deadline_ms} ms deadline, "
                 f"{100 * (after['empty'] - before['empty']) / done:.1f} % empty, "
-                f"{(after['tokens'] - before['tokens']) / seconds:.0f} tokens/s",
+                f"{(after['tokens'] - before['tokens']) / seconds:.0f} tokens/s, "
+                f"{100 * (after['batched'] - before['batched']) / done:.0f} % decoded in a batch",
                 flush=True,
             )
     finally:

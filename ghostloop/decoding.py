@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from ghostloop.models import LoadedModel
 from ghostloop.postprocess import CompletionMode, cut_block
@@ -131,7 +132,7 @@ class TorchForward:
     so only the tokens after it are prefilled."""
 
     def __init__(self, model: Any, device: str, reuse: CachedPrefix | None = None) -> None:
-        self._model = model
+        self.model = model
         self._device = device
         self._cache: Any = None
         self._reuse = reuse
@@ -139,16 +140,16 @@ class TorchForward:
         self.reused = 0
         # transformers renamed past_key_values to cache (5.2x); the GPU image has 5.17.
         parameters = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
     def _run(self, ids: Sequence[int]) -> torch.Tensor:
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self._device)
         with torch.inference_mode():
-            out = self._model(
+            out = self.model(
                 input_ids=input_ids,
                 use_cache=True,
                 logits_to_keep=1,
-                **{self._cache_arg: self._cache},  # a DynamicCache, updated in place
+                **{self.cache_arg: self._cache},  # a DynamicCache, updated in place
             )
         self._fed.extend(ids)
         return out.logits[0, -1].float()
@@ -170,6 +171,16 @@ class TorchForward:
 
     def step(self, token_id: int) -> torch.Tensor:
         return self._run([token_id])
+
+    def handover(self) -> tuple[Any, list[int]]:
+        """The cache and the tokens fed so far, for a batch to go on with (``take_back``)."""
+        cache, fed = self._cache, self._fed
+        self._cache, self._fed = None, []
+        return cache, fed
+
+    def take_back(self, cache: Any, fed: list[int]) -> None:
+        """Go on from where a batch left this sequence."""
+        self._cache, self._fed = cache, fed
 
     def keep(self) -> CachedPrefix | None:
         """The cache as it stands (every token fed so far), to reuse for the next prompt."""
@@ -201,6 +212,84 @@ def _first_token(logits: torch.Tensor, allowed: Sequence[int] | None) -> int:
     return int(index[torch.argmax(logits[index])])
 
 
+class Decoder:
+    """One completion's greedy decoding, whatever runs its forward passes: picks each token
+    from the logits it is given and applies the completion's stop rules (a stop token, the
+    healed text not matching, the end of the block, ``max_new_tokens``, ``should_stop``).
+
+    ``generate`` drives one with a single ``Forward``; ``generate_batch`` drives several
+    with one forward pass per step for all of them."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        prompt: Prompt,
+        mode: CompletionMode,
+        *,
+        max_new_tokens: int,
+        should_stop: StopCheck = lambda: None,
+    ) -> None:
+        self._loaded, self._prompt, self._mode = loaded, prompt, mode
+        self._max_new_tokens, self._should_stop = max_new_tokens, should_stop
+        self.started = time.perf_counter()
+        ids = list(prompt.input_ids)
+        if not ids and loaded.bos_id is not None:
+            ids = [loaded.bos_id]
+        self.input_ids = ids
+        self._allowed = loaded.prefix_index.starting_with(prompt.healed) if prompt.healed else None
+        self.generated: list[int] = []
+        self.body = ""
+        self.prefill_ms = 0.0
+        self.reason: str | None = "empty_prompt" if not ids else should_stop()
+        self.done = self.reason is not None
+
+    def prefilled(self) -> None:
+        self.prefill_ms = (time.perf_counter() - self.started) * 1000
+
+    def advance(self, logits: torch.Tensor) -> int | None:
+        """The next token to feed after ``logits`` (the model's last output), or None when
+        the completion has ended (``done`` is then set, ``reason`` says why)."""
+        if not self.done:
+            token, reason = self._next(logits)
+            if reason is None:
+                return token
+            self.reason, self.done = reason, True
+        return None
+
+    def _next(self, logits: torch.Tensor) -> tuple[int, str | None]:
+        """The token ``logits`` choose, and why decoding stops here (None: it goes on)."""
+        if (stop := self._should_stop()) is not None:
+            return -1, stop
+        index = len(self.generated)
+        if index >= self._max_new_tokens:
+            return -1, "max_tokens"
+        token = _first_token(logits, self._allowed) if index == 0 else int(torch.argmax(logits))
+        if token in self._loaded.stop_ids:
+            return token, "stop_token"
+        self.generated.append(token)
+        text = self._loaded.tokenizer.decode_ids(self.generated)
+        if not text.startswith(self._prompt.healed):
+            return token, "healing_mismatch"
+        self.body = text[len(self._prompt.healed) :]
+        if cut_block(self.body, self._mode)[1]:
+            return token, "block_end"
+        if index + 1 >= self._max_new_tokens:
+            return token, "max_tokens"
+        return token, None
+
+    def result(self, reused: int = 0) -> Generation:
+        total_ms = (time.perf_counter() - self.started) * 1000
+        return Generation(
+            self.body,
+            tuple(self.generated),
+            self.reason or "",
+            len(self.input_ids),
+            self.prefill_ms,
+            total_ms,
+            reused,
+        )
+
+
 def generate(
     loaded: LoadedModel,
     forward: Forward,
@@ -215,40 +304,218 @@ def generate(
     ``should_stop`` returns a reason ("cancelled", "deadline") to end generation now; what
     was generated so far is returned either way.
     """
-    started = time.perf_counter()
-    ids = list(prompt.input_ids)
-    if not ids and loaded.bos_id is not None:
-        ids = [loaded.bos_id]
-    if not ids:
-        return Generation("", (), "empty_prompt", 0, 0.0, 0.0)
-    allowed = loaded.prefix_index.starting_with(prompt.healed) if prompt.healed else None
-    generated: list[int] = []
-    reason = should_stop()
-    prefill_ms = 0.0
-    body = ""
-    if reason is None:
-        logits = forward.prefill(ids)
-        prefill_ms = (time.perf_counter() - started) * 1000
-        reason = "max_tokens"
-        for index in range(max_new_tokens):
-            if (stop := should_stop()) is not None:
-                reason = stop
-                break
-            token = _first_token(logits, allowed) if index == 0 else int(torch.argmax(logits))
-            if token in loaded.stop_ids:
-                reason = "stop_token"
-                break
-            generated.append(token)
-            text = loaded.tokenizer.decode_ids(generated)
-            if not text.startswith(prompt.healed):
-                reason = "healing_mismatch"
-                break
-            body = text[len(prompt.healed) :]
-            if cut_block(body, mode)[1]:
-                reason = "block_end"
-                break
-            if index + 1 < max_new_tokens:
-                logits = forward.step(token)
-    total_ms = (time.perf_counter() - started) * 1000
-    reused = int(getattr(forward, "reused", 0))
-    return Generation(body, tuple(generated), reason or "", len(ids), prefill_ms, total_ms, reused)
+    decoder = Decoder(loaded, prompt, mode, max_new_tokens=max_new_tokens, should_stop=should_stop)
+    if decoder.done:
+        return decoder.result()
+    logits = forward.prefill(decoder.input_ids)
+    decoder.prefilled()
+    while (token := decoder.advance(logits)) is not None:
+        logits = forward.step(token)
+    return decoder.result(int(getattr(forward, "reused", 0)))
+
+
+class _Batch:
+    """The KV caches of several sequences of different lengths as one batch: left-padded
+    to the longest, the padding masked out, each sequence at its own positions, so a row
+    sees what it would alone."""
+
+    def __init__(self, model: Any, cache_arg: str, parts: Sequence[tuple[Any, list[int]]]) -> None:
+        from transformers import DynamicCache
+
+        self._model, self._cache_arg = model, cache_arg
+        self.fed = [list(fed) for _, fed in parts]
+        width = max(len(fed) for fed in self.fed)
+        self.pads = [width - len(fed) for fed in self.fed]
+        device = parts[0][0].layers[0].keys.device
+        self.mask = torch.tensor(
+            [[0] * pad + [1] * len(fed) for pad, fed in zip(self.pads, self.fed, strict=True)],
+            dtype=torch.long,
+            device=device,
+        )
+        self.cache: Any = DynamicCache()
+        for index in range(len(parts[0][0].layers)):
+            keys, values = (
+                torch.cat(
+                    [
+                        nn.functional.pad(getattr(cache.layers[index], name), (0, 0, pad, 0))
+                        for (cache, _), pad in zip(parts, self.pads, strict=True)
+                    ]
+                )
+                for name in ("keys", "values")
+            )
+            self.cache.update(keys, values, index)
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed one token to each row; the next-token logits, one row each."""
+        device = self.mask.device
+        self.mask = torch.cat(
+            [self.mask, torch.ones((len(tokens), 1), dtype=torch.long, device=device)], dim=1
+        )
+        positions = torch.tensor([[len(fed)] for fed in self.fed], dtype=torch.long, device=device)
+        with torch.inference_mode():
+            out = self._model(
+                input_ids=torch.tensor([[t] for t in tokens], dtype=torch.long, device=device),
+                attention_mask=self.mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: self.cache},
+            )
+        for fed, token in zip(self.fed, tokens, strict=True):
+            fed.append(token)
+        return out.logits[:, -1].float()
+
+    def add(self, cache: Any, fed: list[int]) -> None:
+        """A new row at the end: ``cache`` holds the KV of ``fed``."""
+        width = self.mask.shape[1]
+        if len(fed) > width:  # longer than every row: they all get more padding
+            extra = len(fed) - width
+            for layer in self.cache.layers:
+                layer.keys = nn.functional.pad(layer.keys, (0, 0, extra, 0))
+                layer.values = nn.functional.pad(layer.values, (0, 0, extra, 0))
+            self.mask = nn.functional.pad(self.mask, (extra, 0))
+            self.pads = [pad + extra for pad in self.pads]
+            width = len(fed)
+        pad = width - len(fed)
+        for index, layer in enumerate(self.cache.layers):
+            joining = cache.layers[index]
+            layer.keys = torch.cat([layer.keys, nn.functional.pad(joining.keys, (0, 0, pad, 0))])
+            layer.values = torch.cat(
+                [layer.values, nn.functional.pad(joining.values, (0, 0, pad, 0))]
+            )
+        row = torch.tensor([[0] * pad + [1] * len(fed)], dtype=torch.long, device=self.mask.device)
+        self.mask = torch.cat([self.mask, row])
+        self.pads.append(pad)
+        self.fed.append(list(fed))
+
+    def row(self, index: int) -> tuple[Any, list[int]]:
+        """Row ``index`` as a cache of its own, without the padding."""
+        from transformers import DynamicCache
+
+        cache: Any = DynamicCache()
+        pad = self.pads[index]
+        for number, layer in enumerate(self.cache.layers):
+            cache.update(
+                layer.keys[index : index + 1, :, pad:],
+                layer.values[index : index + 1, :, pad:],
+                number,
+            )
+        return cache, self.fed[index]
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Go on with ``rows`` only, and without the padding they all have."""
+        trim = min(self.pads[row] for row in rows)
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, trim:]
+            layer.values = layer.values[index, :, trim:]
+        self.mask = self.mask[index, trim:]
+        self.fed = [self.fed[row] for row in rows]
+        self.pads = [self.pads[row] - trim for row in rows]
+
+
+Finished = Callable[[int, Generation], None]
+
+
+class BatchDecoding:
+    """Completions decoded together on one model with the same weights: each prompt is
+    prefilled on its own forward when it joins (after its document's cache, if it has one),
+    then each ``step`` is one forward pass for every completion still running (on a CPU as
+    on a GPU a decoding step costs about as much for a few rows as for one: reading the
+    weights dominates). Completions join between steps and leave as they end, each one
+    reported to ``finished`` at once (a short suggestion does not wait for a long one).
+    Each generation is what ``generate`` gives for it alone, and each forward ends holding
+    its own cache (``keep``)."""
+
+    def __init__(self, finished: Finished = lambda number, generation: None) -> None:
+        self._finished = finished
+        self._members: list[tuple[Decoder, TorchForward]] = []
+        self._next: dict[int, int] = {}  # running member -> the token to feed it next
+        self._batch: _Batch | None = None
+        self._order: list[int] = []  # the member in each row of the batch
+        self.shared: set[int] = set()  # members decoded in one forward pass with others
+
+    def __len__(self) -> int:
+        """Completions still running."""
+        return len(self._next)
+
+    def join(self, decoder: Decoder, forward: TorchForward) -> int:
+        """Prefill ``decoder``'s prompt on ``forward`` and decode it with the others from the
+        next step on; its number (the ``finished`` callback's first argument)."""
+        number = len(self._members)
+        self._members.append((decoder, forward))
+        token = None
+        if not decoder.done:
+            logits = forward.prefill(decoder.input_ids)
+            decoder.prefilled()
+            token = decoder.advance(logits)
+        if token is None:
+            self._end(number)
+            return number
+        self._next[number] = token
+        if self._batch is not None:
+            self._batch.add(*forward.handover())
+            self._order.append(number)
+        return number
+
+    def step(self) -> bool:
+        """One forward pass for every running completion; whether any is still running."""
+        if len(self._next) == 1 and self._batch is None:  # alone: no padding, no mask
+            number, token = next(iter(self._next.items()))
+            decoder, forward = self._members[number]
+            self._advance(number, decoder.advance(forward.step(token)))
+            return bool(self._next)
+        if not self._next:
+            return False
+        if self._batch is None:
+            self._order = list(self._next)
+            first = self._members[self._order[0]][1]
+            parts = [self._members[number][1].handover() for number in self._order]
+            self._batch = _Batch(first.model, first.cache_arg, parts)
+        batch = self._batch
+        logits = batch.step([self._next[number] for number in self._order])
+        self.shared.update(self._order)
+        rows: list[int] = []
+        ended: list[int] = []
+        for row, number in enumerate(self._order):
+            following = self._members[number][0].advance(logits[row])
+            if following is None:
+                self._members[number][1].take_back(*batch.row(row))
+                ended.append(number)
+            else:
+                self._next[number] = following
+                rows.append(row)
+        if len(rows) <= 1:  # one left goes on alone
+            for row in rows:
+                self._members[self._order[row]][1].take_back(*batch.row(row))
+            self._batch = None
+        elif len(rows) < len(self._order):
+            batch.keep_rows(rows)
+        self._order = [self._order[row] for row in rows]
+        for number in ended:
+            self._advance(number, None)
+        return bool(self._next)
+
+    def _advance(self, number: int, token: int | None) -> None:
+        if token is not None:
+            self._next[number] = token
+            return
+        self._next.pop(number, None)
+        self._end(number)
+
+    def _end(self, number: int) -> None:
+        decoder, forward = self._members[number]
+        self._finished(number, decoder.result(forward.reused))
+
+
+def generate_batch(
+    decoders: Sequence[Decoder], forwards: Sequence[TorchForward]
+) -> list[Generation]:
+    """``generate`` for several prompts at once (``BatchDecoding``), all joined at the start."""
+    found: dict[int, Generation] = {}
+    batch = BatchDecoding(lambda number, generation: found.__setitem__(number, generation))
+    for decoder, forward in zip(decoders, forwards, strict=True):
+        batch.join(decoder, forward)
+    while batch.step():
+        pass
+    return [found[number] for number in range(len(decoders))]

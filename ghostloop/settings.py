@@ -121,6 +121,13 @@ class Settings:
             "memory for KV caches kept per document between keystrokes (LRU); 0 = no reuse"
         ),
     )
+    batch_size: int = field(
+        default=4,
+        metadata=_help(
+            "most completions (documents waiting at once) decoded together, one forward pass "
+            "per token for all (torch backend); 1 = one at a time"
+        ),
+    )
     suffix_share: float = field(
         default=0.25, metadata=_help("share of the budget given to the suffix (FIM models)")
     )
@@ -308,6 +315,7 @@ class Settings:
             ("threads", 0),
             ("context_tokens", 16),
             ("kv_cache_mb", 0),
+            ("batch_size", 1),
             ("max_new_tokens", 1),
             ("max_lines", 1),
             ("deadline_ms", 1),

@@ -6,11 +6,20 @@ evaluation sees exactly the suggestions users would see.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from ghostloop.decoding import Forward, Generation, TorchForward, generate
+from ghostloop.decoding import (
+    BatchDecoding,
+    Decoder,
+    Forward,
+    Generation,
+    StopCheck,
+    TorchForward,
+    generate,
+)
 from ghostloop.lora import LoraWeights, serving
 from ghostloop.models import LoadedModel
 from ghostloop.postprocess import (
@@ -29,6 +38,9 @@ class Suggestion:
     prompt: Prompt
     mode: CompletionMode
     generation: Generation
+
+
+Done = Callable[[Suggestion], None]
 
 
 def prompt_for(loaded: LoadedModel, settings: Settings, context: CursorContext) -> Prompt:
@@ -72,3 +84,88 @@ def suggest(
         )
     text = finish_suggestion(generation.text, context, mode)
     return Suggestion(text, prompt, mode, generation)
+
+
+class SuggestionBatch:
+    """Suggestions for several cursors (documents) decoded together (``BatchDecoding``):
+    the prompts, stop rules and post-processing of ``suggest``, each suggestion the one
+    ``suggest`` gives for it alone, handed to its callback the moment it ends. Cursors join
+    between steps. Used as a context manager: ``adapter`` is in force on the served model
+    while it is open."""
+
+    def __init__(
+        self, loaded: LoadedModel, settings: Settings, *, adapter: LoraWeights | None = None
+    ) -> None:
+        self._loaded, self._settings, self._adapter = loaded, settings, adapter
+        self._parts: dict[int, tuple[CursorContext, Prompt, CompletionMode, Done]] = {}
+        self._added = 0
+        self._decoding = BatchDecoding(self._finished)
+        self._stack = ExitStack()
+
+    def __enter__(self) -> SuggestionBatch:
+        self._stack.enter_context(serving(self._loaded.model).applied(self._adapter))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def __len__(self) -> int:
+        """Suggestions still being decoded."""
+        return len(self._decoding)
+
+    @property
+    def shared(self) -> int:
+        """How many were decoded in one forward pass with others."""
+        return len(self._decoding.shared)
+
+    def add(
+        self, context: CursorContext, forward: TorchForward, should_stop: StopCheck, done: Done
+    ) -> None:
+        """Prefill ``context``'s prompt on ``forward``; ``done`` gets its suggestion."""
+        mode = completion_mode(context, self._settings.max_lines)
+        prompt = prompt_for(self._loaded, self._settings, context)
+        self._parts[self._added] = (context, prompt, mode, done)  # join numbers them alike
+        self._added += 1
+        decoder = Decoder(
+            self._loaded,
+            prompt,
+            mode,
+            max_new_tokens=self._settings.max_new_tokens,
+            should_stop=should_stop,
+        )
+        self._decoding.join(decoder, forward)
+
+    def step(self) -> bool:
+        """One token for every running suggestion; whether any still runs."""
+        return self._decoding.step()
+
+    def _finished(self, number: int, generation: Generation) -> None:
+        context, prompt, mode, done = self._parts.pop(number)
+        text = finish_suggestion(generation.text, context, mode)
+        done(Suggestion(text, prompt, mode, generation))
+
+
+def suggest_batch(
+    loaded: LoadedModel,
+    settings: Settings,
+    contexts: Sequence[CursorContext],
+    forwards: Sequence[TorchForward],
+    should_stops: Sequence[StopCheck],
+    *,
+    adapter: LoraWeights | None = None,
+) -> list[Suggestion]:
+    """``suggest`` for several cursors at once (``SuggestionBatch``, all added at the
+    start). ``forwards`` hold each document's previous cache, if any, and its cache after."""
+    found: dict[int, Suggestion] = {}
+
+    def keeper(number: int) -> Done:
+        return lambda suggestion: found.__setitem__(number, suggestion)
+
+    with SuggestionBatch(loaded, settings, adapter=adapter) as batch:
+        for number, (context, forward, stop) in enumerate(
+            zip(contexts, forwards, should_stops, strict=True)
+        ):
+            batch.add(context, forward, stop, keeper(number))
+        while batch.step():
+            pass
+    return [found[number] for number in range(len(contexts))]

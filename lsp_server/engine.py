@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from feedback.canary import arm_for
 from ghostloop.decoding import PrefixCaches, TorchForward
@@ -26,6 +26,9 @@ from ghostloop.postprocess import CompletionMode, CursorContext
 from ghostloop.prompts import Prompt
 from ghostloop.settings import Settings
 from lsp_server.fair_queue import FairQueue, QueueClosed
+
+if TYPE_CHECKING:
+    from ghostloop.suggest import Suggestion
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +127,23 @@ class EngineStats:
     deadline: int = 0
     accepted: int = 0
     tokens_generated: int = 0
+    batched: int = 0  # completions decoded in one batch with others
     last_stop_reason: str = ""
     last_generated_tokens: int = 0
+
+
+@dataclass
+class _Running:
+    """A job the worker has taken on: what serves it and how it stops."""
+
+    job: CompletionJob
+    arm: str
+    adapter: Adapter | None
+    version: str | None
+    started: float
+    should_stop: Callable[[], str | None]
+    cache_key: tuple[str, str | None]
+    forward: OnnxForward | TorchForward
 
 
 class RecentCompletions:
@@ -177,6 +195,7 @@ class CompletionEngine:
         self._ready = threading.Event()
         self._ready_at = 0.0
         self._busy = False
+        self._held: list[_Running] = []  # jobs for other weights taken during a batch
         # per document and weights: the KV cache of its last prompt (settings.kv_cache_mb)
         self.prefix_caches = PrefixCaches(settings.kv_cache_mb * 2**20)
         self._thread = threading.Thread(target=self._work, name="ghostloop-inference", daemon=True)
@@ -277,25 +296,23 @@ class CompletionEngine:
     def _work(self) -> None:
         loaded = self._load()
         while True:
-            try:
-                job = self._queue.get()
-            except QueueClosed:
-                return
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            self.stats.requests += 1
-            self._busy = True
-            if not loaded:
-                job.future.set_exception(self._load_error or RuntimeError("model not loaded"))
-            elif job.cancelled:
-                self._count_cancel(job)
-                job.future.set_exception(JobCancelled(job.cancel_reason or "cancelled"))
+            if self._held:  # taken while a batch of other weights ran: first in line
+                group, self._held = self._held, []
             else:
-                self._run(job)
+                try:
+                    jobs = [self._queue.get()]
+                except QueueClosed:
+                    return
+                if loaded and self._onnx_base is None:  # what else waits joins this batch
+                    jobs += self._queue.get_ready(self.settings.batch_size - 1)
+                group = [r for job in jobs if (r := self._accept(job, loaded)) is not None]
+            self._busy = True
+            versions: dict[str | None, list[_Running]] = {}
+            for running in group:
+                versions.setdefault(running.version, []).append(running)
+            for same_weights in versions.values():
+                self._serve(same_weights)
             self._busy = False
-            with self._lock:
-                if self._latest.get(job.key) is job:
-                    del self._latest[job.key]
 
     def busy(self) -> bool:
         """A completion is being generated or waits: background work should hold back."""
@@ -307,25 +324,113 @@ class CompletionEngine:
         else:
             self.stats.cancelled += 1
 
-    def _run(self, job: CompletionJob) -> None:
-        try:
-            result = self._complete(job)
-        except Exception as error:  # a bug in one request must not stop the worker
-            log.exception("completion failed key=%s", job.key)
-            job.future.set_exception(error)
-            return
-        if result is None:
+    def _accept(self, job: CompletionJob, loaded: bool) -> _Running | None:
+        """Take ``job`` on; None when it ends here (cancelled before it ran, no model)."""
+        self.stats.requests += 1
+        if not job.future.set_running_or_notify_cancel():  # its request was cancelled
+            self._count_cancel(job)
+            self._forget_job(job)
+            return None
+        if not loaded:
+            job.future.set_exception(self._load_error or RuntimeError("model not loaded"))
+        elif job.cancelled:
             self._count_cancel(job)
             job.future.set_exception(JobCancelled(job.cancel_reason or "cancelled"))
-            return
-        job.future.set_result(result)
+        else:
+            try:
+                return self._start(job)
+            except Exception as error:  # a bug in one request must not stop the worker
+                log.exception("completion failed key=%s", job.key)
+                job.future.set_exception(error)
+        self._forget_job(job)
+        return None
 
-    def _complete(self, job: CompletionJob) -> CompletionResult | None:
-        from ghostloop.suggest import suggest
+    def _forget_job(self, job: CompletionJob) -> None:
+        with self._lock:
+            if self._latest.get(job.key) is job:
+                del self._latest[job.key]
+
+    def _serve(self, group: list[_Running]) -> None:
+        """Serve ``group`` (one set of weights). The torch backend decodes them together,
+        and jobs for the same weights that arrive meanwhile join between two tokens, up to
+        ``batch_size`` at once; the onnxruntime backend serves one after another."""
+        from ghostloop.suggest import SuggestionBatch, suggest
 
         settings, loaded = self.settings, self._model
+        adapter, version = group[0].adapter, group[0].version
+        if self._onnx_base is not None:
+            for running in group:
+                try:
+                    found = suggest(
+                        loaded,
+                        settings,
+                        running.job.context,
+                        forward=running.forward,
+                        should_stop=running.should_stop,
+                    )
+                except Exception as error:  # a bug in one request must not stop the worker
+                    self._deliver(running, error)
+                else:
+                    self._deliver(running, found)
+            return
+        pending: dict[int, _Running] = {}
+
+        def join(batch: SuggestionBatch, running: _Running) -> None:
+            pending[id(running)] = running
+
+            def done(found: Suggestion) -> None:
+                del pending[id(running)]
+                self._deliver(running, found)
+
+            forward = cast(TorchForward, running.forward)  # the torch backend's
+            batch.add(running.job.context, forward, running.should_stop, done)
+
+        lora = adapter if isinstance(adapter, LoraWeights) else None
+        batch = SuggestionBatch(loaded, settings, adapter=lora)
+        try:
+            with batch:
+                for running in group:
+                    join(batch, running)
+                while len(batch):
+                    batch.step()
+                    room = settings.batch_size - len(batch)
+                    if len(batch) and room > 0:
+                        for job in self._queue.get_ready(room):
+                            if (joining := self._accept(job, True)) is None:
+                                continue
+                            if joining.version == version:
+                                join(batch, joining)
+                            else:
+                                self._held.append(joining)
+        except Exception as error:  # a bug in one request must not stop the worker
+            for running in list(pending.values()):
+                self._deliver(running, error)
+        self.stats.batched += batch.shared
+
+    def _deliver(self, running: _Running, found: Suggestion | Exception) -> None:
+        """Settle ``running``'s future with its result, a cancellation or an error."""
+        job = running.job
+        if isinstance(found, Exception):
+            log.error("completion failed key=%s", job.key, exc_info=found)
+            job.future.set_exception(found)
+        else:
+            try:
+                result = self._finish(running, found)
+            except Exception as error:
+                log.exception("completion failed key=%s", job.key)
+                job.future.set_exception(error)
+            else:
+                if result is None:
+                    self._count_cancel(job)
+                    job.future.set_exception(JobCancelled(job.cancel_reason or "cancelled"))
+                else:
+                    job.future.set_result(result)
+        self._forget_job(job)
+
+    def _start(self, job: CompletionJob) -> _Running:
+        """The weights ``job`` is served with, its stop rule, and its document's cache."""
+        settings = self.settings
         arm, adapter = self.serving.pick(job.user)
-        started = time.monotonic()
         deadline = max(job.arrival, self._ready_at) + settings.deadline_ms / 1000
 
         def should_stop() -> str | None:
@@ -334,28 +439,25 @@ class CompletionEngine:
             return "deadline" if time.monotonic() >= deadline else None
 
         # The document's previous KV cache, made by the same weights, if it is still kept.
-        cache_key = (job.key, adapter.version if adapter else None)
+        version = adapter.version if adapter else None
+        cache_key = (job.key, version)
         reuse = self.prefix_caches.take(cache_key) if settings.kv_cache_mb else None
         forward: OnnxForward | TorchForward
         if self._onnx_base is not None:  # a session per adapter: nothing to put in force
             served = adapter if isinstance(adapter, OnnxModel) else self._onnx_base
             forward = OnnxForward(served, reuse=reuse)
-            suggestion = suggest(
-                loaded, settings, job.context, forward=forward, should_stop=should_stop
-            )
         else:
-            forward = TorchForward(loaded.model, loaded.device, reuse=reuse)
-            suggestion = suggest(
-                loaded,
-                settings,
-                job.context,
-                adapter=adapter if isinstance(adapter, LoraWeights) else None,
-                forward=forward,
-                should_stop=should_stop,
-            )
+            forward = TorchForward(self._model.model, self._model.device, reuse=reuse)
+        return _Running(
+            job, arm, adapter, version, time.monotonic(), should_stop, cache_key, forward
+        )
+
+    def _finish(self, running: _Running, suggestion: Suggestion) -> CompletionResult | None:
+        """The result of ``running`` (None: it was cancelled), its cache kept, its log line."""
+        job, started, arm, adapter = running.job, running.started, running.arm, running.adapter
         generation, prompt, mode = suggestion.generation, suggestion.prompt, suggestion.mode
-        if settings.kv_cache_mb:
-            self.prefix_caches.put(cache_key, forward.keep())
+        if self.settings.kv_cache_mb:
+            self.prefix_caches.put(running.cache_key, running.forward.keep())
             self.prefix_caches.record(
                 generation.reused_tokens, generation.prompt_tokens - generation.reused_tokens
             )

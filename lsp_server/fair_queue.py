@@ -33,12 +33,23 @@ class FairQueue(Generic[T]):
                 self._condition.wait()
             if self._closed:
                 raise QueueClosed
-            key, items = next(iter(self._queues.items()))
-            item = items.popleft()
-            del self._queues[key]
-            if items:
-                self._queues[key] = items  # back of the line
-            return item
+            return self._pop()
+
+    def get_ready(self, limit: int) -> list[T]:
+        """Up to ``limit`` more items that are waiting now, keys in turn; never blocks."""
+        taken: list[T] = []
+        with self._condition:
+            while self._queues and len(taken) < limit and not self._closed:
+                taken.append(self._pop())
+        return taken
+
+    def _pop(self) -> T:
+        key, items = next(iter(self._queues.items()))
+        item = items.popleft()
+        del self._queues[key]
+        if items:
+            self._queues[key] = items  # back of the line
+        return item
 
     def __len__(self) -> int:
         with self._condition:

@@ -1,0 +1,206 @@
+"""Completions of several documents decoded together (one forward pass per step for all):
+each gets the tokens it gets alone, with and without an adapter, with a cache kept for its
+next keystroke, and a cancelled one leaves the others as they were; the engine batches what
+waits at once."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ghostloop.corpus import stdlib_dir
+from ghostloop.decoding import Decoder, PrefixCaches, TorchForward, generate_batch
+from ghostloop.lora import LoraWeights, read_adapter
+from ghostloop.models import LoadedModel, load_model
+from ghostloop.postprocess import CursorContext, completion_mode
+from ghostloop.settings import Settings
+from ghostloop.suggest import prompt_for, suggest, suggest_batch
+from lsp_server.engine import CompletionEngine, JobCancelled
+from tests.adapters import save_adapter
+
+# cursors in four files, so the prompts differ in length and content (left padding)
+CURSORS = [
+    ("shlex.py", 120, 40),
+    ("fnmatch.py", 1, 0),  # a short prompt: the others' rows are padded by hundreds
+    ("textwrap.py", 300, 200),
+    ("colorsys.py", 60, 0),
+]
+
+
+def contexts() -> list[CursorContext]:
+    found = []
+    for name, line, column in CURSORS:
+        lines = (stdlib_dir() / name).read_text().splitlines(keepends=True)
+        text = lines[line]
+        indent = len(text) - len(text.lstrip())
+        cut = min(len(text.rstrip("\n")), indent + column)
+        found.append(CursorContext("".join(lines[:line]) + text[:cut], text[cut:]))
+    return found
+
+
+def alone(
+    loaded: LoadedModel, settings: Settings, adapter: LoraWeights | None = None
+) -> list[tuple[int, ...]]:
+    return [
+        suggest(loaded, settings, context, adapter=adapter).generation.token_ids
+        for context in contexts()
+    ]
+
+
+def together(
+    loaded: LoadedModel, settings: Settings, adapter: LoraWeights | None = None
+) -> tuple[list[tuple[int, ...]], list[TorchForward]]:
+    cursors = contexts()
+    forwards = [TorchForward(loaded.model, "cpu") for _ in cursors]
+    found = suggest_batch(
+        loaded, settings, cursors, forwards, [lambda: None] * len(cursors), adapter=adapter
+    )
+    return [s.generation.token_ids for s in found], forwards
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path) -> tuple[LoadedModel, Settings]:
+    settings = Settings(
+        model=str(tiny_model_dir), device="cpu", max_new_tokens=12, context_tokens=256
+    )
+    return load_model(settings), settings
+
+
+def test_a_batch_gives_each_document_the_tokens_it_gets_alone(tiny):
+    loaded, settings = tiny
+    expected = alone(loaded, settings)
+    got, _ = together(loaded, settings)
+    assert got == expected
+    lengths = sorted(len(t) for t in expected)
+    assert lengths[-1] > 3  # the model does write
+    assert len({len(c.prefix) for c in contexts()}) == len(CURSORS)  # rows are padded
+
+
+class Recording(Decoder):
+    """A decoder that keeps the logits it was given at each step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[torch.Tensor] = []
+
+    def advance(self, logits: torch.Tensor) -> int | None:
+        if not self.done:
+            self.seen.append(logits.clone())
+        return super().advance(logits)
+
+
+def test_each_row_of_a_batch_sees_the_logits_it_sees_alone(tiny):
+    """Stronger than equal tokens (a random model's argmax barely depends on positions):
+    every step's logits match the unbatched ones, so padding, masks and positions are right."""
+    loaded, settings = tiny
+
+    def decoders() -> list[Recording]:
+        return [
+            Recording(
+                loaded,
+                prompt_for(loaded, settings, context),
+                completion_mode(context, settings.max_lines),
+                max_new_tokens=settings.max_new_tokens,
+            )
+            for context in contexts()
+        ]
+
+    single = decoders()
+    for decoder in single:  # as ``generate`` drives one
+        forward = TorchForward(loaded.model, "cpu")
+        logits = forward.prefill(decoder.input_ids)
+        while (token := decoder.advance(logits)) is not None:
+            logits = forward.step(token)
+    batched = decoders()
+    generate_batch(batched, [TorchForward(loaded.model, "cpu") for _ in batched])
+    steps = 0
+    for alone_one, in_batch in zip(single, batched, strict=True):
+        assert len(in_batch.seen) == len(alone_one.seen)
+        for a, b in zip(alone_one.seen, in_batch.seen, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+            steps += 1
+    assert steps > 3 * len(CURSORS)
+
+
+def test_a_batch_with_an_adapter_gives_what_the_adapter_gives_alone(tiny, tmp_path: Path):
+    loaded, settings = tiny
+    save_adapter(Path(settings.model), tmp_path / "a", seed=3)
+    weights = read_adapter(tmp_path / "a", loaded.model, version="a")
+    expected = alone(loaded, settings, weights)
+    assert expected != alone(loaded, settings)  # the adapter changes what is written
+    got, _ = together(loaded, settings, weights)
+    assert got == expected
+
+
+def test_each_document_keeps_its_own_cache_for_the_next_keystroke(tiny):
+    loaded, settings = tiny
+    _, forwards = together(loaded, settings)
+    caches = PrefixCaches(cap_bytes=1 << 30)
+    for number, forward in enumerate(forwards):
+        entry = forward.keep()
+        assert entry is not None
+        # the cache holds what was fed: the prompt and the tokens generated after it
+        assert entry.cache.get_seq_length() == len(entry.token_ids)
+        caches.put(number, entry)
+    for number, context in enumerate(contexts()):
+        typed = CursorContext(context.prefix + "x", context.suffix)  # the next keystroke
+        forward = TorchForward(loaded.model, "cpu", reuse=caches.take(number))
+        reused = suggest(loaded, settings, typed, forward=forward).generation
+        fresh = suggest(loaded, settings, typed).generation
+        assert reused.token_ids == fresh.token_ids
+        assert reused.reused_tokens > 0.8 * reused.prompt_tokens
+
+
+def test_a_cancelled_completion_leaves_the_others_as_they_were(endless_model_dir: Path):
+    settings = Settings(model=str(endless_model_dir), device="cpu", max_new_tokens=16, max_lines=1)
+    loaded = load_model(settings)
+    expected = alone(loaded, settings)
+    calls = 0
+
+    def cancel_soon() -> str | None:
+        nonlocal calls
+        calls += 1
+        return "cancelled" if calls > 3 else None  # a call at the start and at each token
+
+    cursors = contexts()
+    stops = [lambda: None, lambda: None, cancel_soon, lambda: None]
+    forwards = [TorchForward(loaded.model, "cpu") for _ in cursors]
+    found = suggest_batch(loaded, settings, cursors, forwards, stops)
+    assert found[2].generation.stop_reason == "cancelled"
+    assert 0 < len(found[2].generation.token_ids) < len(expected[2])
+    for number in (0, 1, 3):
+        assert found[number].generation.token_ids == expected[number]
+
+
+def test_the_engine_decodes_documents_that_wait_at_once_together(tiny):
+    loaded, settings = tiny
+    settings = Settings(**{**vars(settings), "batch_size": 8})
+    release = threading.Event()
+
+    def load_later(_settings: Settings) -> LoadedModel:
+        release.wait(30)  # every request is queued before the first is served
+        return loaded
+
+    engine = CompletionEngine(settings, loader=load_later)
+    engine.start()
+    cursors = contexts()
+    jobs = [engine.submit(f"doc{n}", context) for n, context in enumerate(cursors)]
+    jobs.append(engine.submit("doc0", cursors[0]))  # supersedes the first job of doc0
+    release.set()
+    errors = [job.future.exception(30) for job in jobs]
+    engine.stop()
+    assert isinstance(errors[0], JobCancelled) and errors[1:] == [None] * 4
+    results = [job.future.result() for job in jobs[1:]]
+    assert [r.text for r in results] == [
+        suggest(loaded, settings, c).text for c in cursors[1:] + cursors[:1]
+    ]
+    assert any(r.text for r in results)
+    # one batch: every completion that needed a second token took it with the others (the
+    # short fnmatch one ends at its first token, straight after its prefill)
+    assert engine.stats.batched == sum(r.generated_tokens > 1 for r in results) >= 3
+    assert engine.stats.completed == 4 and engine.stats.superseded == 1
+    assert engine.prefix_caches.describe()["documents"] == 4

@@ -6,20 +6,29 @@ waits at once."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from feedback.canary import arm_for
 from ghostloop.corpus import stdlib_dir
-from ghostloop.decoding import Decoder, PrefixCaches, TorchForward, generate_batch
+from ghostloop.decoding import (
+    BatchDecoding,
+    Decoder,
+    Generation,
+    PrefixCaches,
+    TorchForward,
+    generate_batch,
+)
 from ghostloop.lora import LoraWeights, read_adapter
 from ghostloop.models import LoadedModel, load_model
 from ghostloop.postprocess import CursorContext, completion_mode
 from ghostloop.settings import Settings
 from ghostloop.suggest import prompt_for, suggest, suggest_batch
-from lsp_server.engine import CompletionEngine, JobCancelled
+from lsp_server.engine import CompletionEngine, JobCancelled, ServingState
 from tests.adapters import save_adapter
 
 # cursors in four files, so the prompts differ in length and content (left padding)
@@ -204,3 +213,118 @@ def test_the_engine_decodes_documents_that_wait_at_once_together(tiny):
     assert engine.stats.batched == sum(r.generated_tokens > 1 for r in results) >= 3
     assert engine.stats.completed == 4 and engine.stats.superseded == 1
     assert engine.prefix_caches.describe()["documents"] == 4
+
+
+def test_completions_that_join_between_steps_see_what_they_see_alone(tiny):
+    """Continuous batching: two start, two join later (one with a longer prompt than any
+    row so far, which pads every row further; one shorter), each is reported the moment it
+    ends, and every step's logits match the completion decoded alone."""
+    loaded, settings = tiny
+    cursors = contexts()
+
+    def decoder(context: CursorContext) -> Recording:
+        return Recording(
+            loaded,
+            prompt_for(loaded, settings, context),
+            completion_mode(context, settings.max_lines),
+            max_new_tokens=settings.max_new_tokens,
+        )
+
+    single = [decoder(context) for context in cursors]
+    for one in single:
+        forward = TorchForward(loaded.model, "cpu")
+        logits = forward.prefill(one.input_ids)
+        while (token := one.advance(logits)) is not None:
+            logits = forward.step(token)
+    steps = 0
+    ended: dict[int, tuple[int, Generation]] = {}
+    batch = BatchDecoding(lambda number, generation: ended.__setitem__(number, (steps, generation)))
+    joined = [decoder(context) for context in cursors]
+    forwards = [TorchForward(loaded.model, "cpu") for _ in cursors]
+    order = [3, 1, 2, 0]  # the batch's members: 3 and 1 first, 2 (longest prompt), 0 later
+    prompt_lengths = [len(one.input_ids) for one in joined]
+    assert prompt_lengths[2] > prompt_lengths[3] + 3 and prompt_lengths[0] < prompt_lengths[2]
+    for index in order[:2]:
+        batch.join(joined[index], forwards[index])
+    while steps < 3:
+        batch.step()
+        steps += 1
+    for index in order[2:]:
+        batch.join(joined[index], forwards[index])
+    while batch.step():
+        steps += 1
+    for number, index in enumerate(order):
+        alone_one, in_batch = single[index], joined[index]
+        assert in_batch.generated == alone_one.generated
+        assert len(in_batch.seen) == len(alone_one.seen)
+        for a, b in zip(alone_one.seen, in_batch.seen, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        # reported during the step that gave it its last logits, not when the batch ended:
+        # its first logits come from its prefill when it joins, one more at each step after
+        at, generation = ended[number]
+        assert generation.token_ids == tuple(alone_one.generated)
+        joined_at = 0 if number < 2 else 3
+        assert at == joined_at + max(len(alone_one.seen) - 2, 0)
+    assert batch.shared  # some steps were shared
+
+
+def test_a_request_that_arrives_during_a_batch_joins_it(endless_model_dir: Path):
+    settings = Settings(
+        model=str(endless_model_dir),
+        device="cpu",
+        max_new_tokens=160,
+        max_lines=8,
+        deadline_ms=60_000,  # a busy machine must not cut them short
+    )
+    loaded = load_model(settings)
+    cursors = contexts()
+    engine = CompletionEngine(settings, loader=lambda _settings: loaded)
+    engine.start()
+    assert engine.wait_ready(30)
+    first = engine.submit("doc0", cursors[0])
+    while not engine.stats.requests:  # the worker has taken it on
+        time.sleep(0.001)
+    second = engine.submit("doc2", cursors[2])
+    results = [first.future.result(60), second.future.result(60)]
+    engine.stop()
+    assert [r.text for r in results] == [suggest(loaded, settings, c).text for c in cursors[::2]]
+    assert results[0].generated_tokens > 40 and results[1].generated_tokens > 40
+    assert engine.stats.batched == 2  # the second joined the first between two tokens
+
+
+def test_a_request_for_other_weights_waits_for_the_batch_and_is_served_after(
+    endless_model_dir: Path, tmp_path: Path
+):
+    """A canary splits users between two sets of weights: a request served by the other
+    set does not join the running batch (its rows share one adapter) but runs right after."""
+    settings = Settings(
+        model=str(endless_model_dir),
+        device="cpu",
+        max_new_tokens=160,
+        max_lines=8,
+        deadline_ms=60_000,  # a busy machine must not cut them short
+    )
+    loaded = load_model(settings)
+    save_adapter(endless_model_dir, tmp_path / "c", seed=5)
+    canary = read_adapter(tmp_path / "c", loaded.model, version="c")
+    users = {arm_for(f"user{n}", "c", 0.5): f"user{n}" for n in range(40)}
+    cursors = contexts()
+    engine = CompletionEngine(settings, loader=lambda _settings: loaded)
+    engine.serving = ServingState(active=None, canary=canary, canary_share=0.5)
+    engine.start()
+    assert engine.wait_ready(30)
+    first = engine.submit("doc0", cursors[0], user=users["canary"])
+    while not engine.stats.requests:
+        time.sleep(0.001)
+    other = engine.submit("doc2", cursors[2], user=users["active"])
+    same = engine.submit("doc3", cursors[3], user=users["canary"])
+    results = [job.future.result(60) for job in (first, other, same)]
+    engine.stop()
+    assert [r.adapter_version for r in results] == ["c", None, "c"]
+    assert [r.arm for r in results] == ["canary", "active", "canary"]
+    assert [r.text for r in results] == [
+        suggest(loaded, settings, cursors[0], adapter=canary).text,
+        suggest(loaded, settings, cursors[2]).text,
+        suggest(loaded, settings, cursors[3], adapter=canary).text,
+    ]
+    assert engine.stats.batched == 2  # the canary's two, together

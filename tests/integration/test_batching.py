@@ -328,3 +328,17 @@ def test_a_request_for_other_weights_waits_for_the_batch_and_is_served_after(
         suggest(loaded, settings, cursors[3], adapter=canary).text,
     ]
     assert engine.stats.batched == 2  # the canary's two, together
+
+
+@pytest.mark.slow
+def test_a_batch_on_smollm2_gives_each_document_the_tokens_it_gets_alone(
+    tmp_path_factory: pytest.TempPathFactory,
+):
+    directory = tmp_path_factory.mktemp("smollm2-batch")
+    settings = Settings(device="cpu", max_new_tokens=16, max_lines=1, data_dir=directory)
+    loaded = load_model(settings)
+    expected = alone(loaded, settings)
+    got, forwards = together(loaded, settings)
+    assert got == expected
+    assert sum(len(t) for t in expected) > 2 * len(CURSORS)  # it does write
+    assert all(f.keep() is not None for f in forwards)

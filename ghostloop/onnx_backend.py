@@ -207,8 +207,12 @@ def export(
 def quantized(path: Path) -> Path:
     """An int8 (dynamic) copy of ``path`` beside it, made once. The export keeps each
     weight as Transpose(stored weight), which the quantizer cannot see through: those are
-    folded into stored transposed weights first (the tied output layer then becomes a
-    weight of its own, quantized as well; this copy stores it a second time in int8)."""
+    folded into stored transposed weights first. Every layer's weights become int8 but the
+    output layer's (the MatMul that makes the logits, tied to the embeddings: this copy
+    stores it a second time, in fp32): quantized per tensor, that one layer cost SmolLM2 a
+    third of the typing it saves (80 real positions: 244 characters kept against fp32's
+    367; 302 with it in fp32, at 12 % more decoding time per token; per-channel int8 made
+    onnxruntime 1.32 write nothing at all)."""
     target = path.with_name(INT8_FILE)
     meta = target.with_name(INT8_FILE + META_SUFFIX)
     if target.is_file() and meta.is_file():
@@ -221,9 +225,19 @@ def quantized(path: Path) -> Path:
     try:
         graph_model = onnx.load(str(path))
         _fold_weight_transposes(graph_model.graph)
+        output_layer = [
+            node.name
+            for node in graph_model.graph.node
+            if node.op_type == "MatMul" and "logits" in node.output
+        ]
         onnx.save(graph_model, str(folded))
         del graph_model
-        quantize_dynamic(str(folded), str(partial), weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(folded),
+            str(partial),
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=output_layer,
+        )
     finally:
         folded.unlink(missing_ok=True)
     source_meta = json.loads(path.with_name(path.name + META_SUFFIX).read_text())

@@ -87,7 +87,7 @@ def test_tied_embeddings_are_stored_once(tiny, tmp_path: Path):
     assert len(big) == 1
 
 
-def test_the_int8_copy_quantizes_every_weight_and_runs(tiny, tmp_path: Path):
+def test_the_int8_copy_quantizes_every_weight_but_the_output_layer_and_runs(tiny, tmp_path: Path):
     import onnx
 
     loaded, settings = tiny
@@ -96,9 +96,12 @@ def test_the_int8_copy_quantizes_every_weight_and_runs(tiny, tmp_path: Path):
     assert onnx_backend.quantized(path) == int8_path  # made once
     graph = onnx.load(str(int8_path)).graph
     kinds = [node.op_type for node in graph.node]
-    linears = 7 * loaded.model.config.num_hidden_layers + 1  # q k v o gate up down, output
+    linears = 7 * loaded.model.config.num_hidden_layers  # q k v o gate up down
     stored = {init.name for init in graph.initializer}
     assert kinds.count("MatMulInteger") == linears
+    # the output layer stays fp32: a MatMul of a stored weight makes the logits
+    (head,) = [node for node in graph.node if "logits" in node.output]
+    assert head.op_type == "MatMul" and head.input[1] in stored
     assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in stored]
     model = onnx_backend.load(int8_path, model_name=loaded.name)
     assert len(suggestions(loaded, settings, model=model)) == 16
@@ -146,10 +149,12 @@ def test_smollm2_greedy_tokens_equal_torch(smollm2):
 # int8 may save less typing than fp32 by at most this share (characters saved and exact
 # lines over INT8_POSITIONS real positions). One-sided: saving more is no defect, and over
 # 40 positions the two moved by -29 % and +37 % with nothing but the prompt window changed
-# (a few exact 40-character lines decide it), so the sample is twice that. Measured:
-# int8 kept 276 (2026-11-26) and 269 (2026-11-27, column-0 prompts fixed) characters to
-# fp32's 367, i.e. 25-27 % less; the tolerance states that cost with a little room, and
-# the README reports it.
+# (a few exact 40-character lines decide it), so the sample is twice that. Measured with
+# every layer int8: 276 (2026-11-26) and 269 (2026-11-27, column-0 prompts fixed)
+# characters kept to fp32's 367, then 244 (-34 %) once transformers 5.24 exported a
+# different graph; with the output layer left in fp32 (onnx_backend.quantized): 302, i.e.
+# 18 % less. The tolerance keeps room for such drift between exports; the README reports
+# the cost.
 INT8_TOLERANCE = 0.30
 INT8_POSITIONS_PER_FILE = 20
 

@@ -429,11 +429,15 @@ class BatchDecoding:
 
     def __init__(self, finished: Finished = lambda number, generation: None) -> None:
         self._finished = finished
-        self._members: list[tuple[Decoder, TorchForward]] = []
+        # the running members: an ended one is dropped at once (a batch that others keep
+        # joining may run for as long as the server is busy)
+        self._members: dict[int, tuple[Decoder, TorchForward]] = {}
+        self._joined = 0
         self._next: dict[int, int] = {}  # running member -> the token to feed it next
         self._batch: _Batch | None = None
         self._order: list[int] = []  # the member in each row of the batch
-        self.shared: set[int] = set()  # members decoded in one forward pass with others
+        self.shared = 0  # completions decoded in one forward pass with others
+        self._sharing: set[int] = set()  # the running ones among them
 
     def __len__(self) -> int:
         """Completions still running."""
@@ -442,8 +446,9 @@ class BatchDecoding:
     def join(self, decoder: Decoder, forward: TorchForward) -> int:
         """Prefill ``decoder``'s prompt on ``forward`` and decode it with the others from the
         next step on; its number (the ``finished`` callback's first argument)."""
-        number = len(self._members)
-        self._members.append((decoder, forward))
+        number = self._joined
+        self._joined += 1
+        self._members[number] = (decoder, forward)
         token = None
         if not decoder.done:
             logits = forward.prefill(decoder.input_ids)
@@ -474,7 +479,10 @@ class BatchDecoding:
             self._batch = _Batch(first.model, first.cache_arg, parts)
         batch = self._batch
         logits = batch.step([self._next[number] for number in self._order])
-        self.shared.update(self._order)
+        for number in self._order:
+            if number not in self._sharing:
+                self._sharing.add(number)
+                self.shared += 1
         rows: list[int] = []
         ended: list[int] = []
         for row, number in enumerate(self._order):
@@ -504,7 +512,8 @@ class BatchDecoding:
         self._end(number)
 
     def _end(self, number: int) -> None:
-        decoder, forward = self._members[number]
+        decoder, forward = self._members.pop(number)
+        self._sharing.discard(number)
         self._finished(number, decoder.result(forward.reused))
 
 

@@ -116,7 +116,7 @@ class SuggestionBatch:
     @property
     def shared(self) -> int:
         """How many were decoded in one forward pass with others."""
-        return len(self._decoding.shared)
+        return self._decoding.shared
 
     def add(
         self, context: CursorContext, forward: TorchForward, should_stop: StopCheck, done: Done

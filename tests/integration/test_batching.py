@@ -5,8 +5,10 @@ waits at once."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -342,3 +344,28 @@ def test_a_batch_on_smollm2_gives_each_document_the_tokens_it_gets_alone(
     assert got == expected
     assert sum(len(t) for t in expected) > 2 * len(CURSORS)  # it does write
     assert all(f.keep() is not None for f in forwards)
+
+
+def test_a_batch_lets_go_of_each_completion_as_it_ends(tiny):
+    """Under steady load a batch never ends (requests keep joining): an ended completion's
+    forward and cache must not stay referenced by it."""
+    loaded, settings = tiny
+    ended: list[Generation] = []
+    batch = BatchDecoding(lambda number, generation: ended.append(generation))
+    refs = []
+    for context in contexts()[:2]:
+        forward = TorchForward(loaded.model, "cpu")
+        refs.append(weakref.ref(forward))
+        decoder = Decoder(
+            loaded,
+            prompt_for(loaded, settings, context),
+            completion_mode(context, settings.max_lines),
+            max_new_tokens=settings.max_new_tokens,
+        )
+        batch.join(decoder, forward)
+    del forward, decoder
+    while batch.step():
+        pass
+    gc.collect()
+    assert len(ended) == 2 and len(batch) == 0
+    assert [ref() for ref in refs] == [None, None]

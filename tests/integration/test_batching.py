@@ -270,15 +270,21 @@ def test_completions_that_join_between_steps_see_what_they_see_alone(tiny):
     assert batch.shared  # some steps were shared
 
 
-def test_a_request_that_arrives_during_a_batch_joins_it(endless_model_dir: Path):
+def running_long(model_dir: Path) -> tuple[Settings, LoadedModel]:
+    """Completions of up to 160 tokens (a model without an end token): long enough for a
+    request to arrive while they run."""
     settings = Settings(
-        model=str(endless_model_dir),
+        model=str(model_dir),
         device="cpu",
         max_new_tokens=160,
         max_lines=8,
         deadline_ms=60_000,  # a busy machine must not cut them short
     )
-    loaded = load_model(settings)
+    return settings, load_model(settings)
+
+
+def test_a_request_that_arrives_during_a_batch_joins_it(endless_model_dir: Path):
+    settings, loaded = running_long(endless_model_dir)
     cursors = contexts()
     engine = CompletionEngine(settings, loader=lambda _settings: loaded)
     engine.start()
@@ -299,14 +305,7 @@ def test_a_request_for_other_weights_waits_for_the_batch_and_is_served_after(
 ):
     """A canary splits users between two sets of weights: a request served by the other
     set does not join the running batch (its rows share one adapter) but runs right after."""
-    settings = Settings(
-        model=str(endless_model_dir),
-        device="cpu",
-        max_new_tokens=160,
-        max_lines=8,
-        deadline_ms=60_000,  # a busy machine must not cut them short
-    )
-    loaded = load_model(settings)
+    settings, loaded = running_long(endless_model_dir)
     save_adapter(endless_model_dir, tmp_path / "c", seed=5)
     canary = read_adapter(tmp_path / "c", loaded.model, version="c")
     users = {arm_for(f"user{n}", "c", 0.5): f"user{n}" for n in range(40)}

@@ -217,7 +217,7 @@ class Decoder:
     from the logits it is given and applies the completion's stop rules (a stop token, the
     healed text not matching, the end of the block, ``max_new_tokens``, ``should_stop``).
 
-    ``generate`` drives one with a single ``Forward``; ``generate_batch`` drives several
+    ``generate`` drives one with a single ``Forward``; ``BatchDecoding`` drives several
     with one forward pass per step for all of them."""
 
     def __init__(
@@ -515,16 +515,3 @@ class BatchDecoding:
         decoder, forward = self._members.pop(number)
         self._sharing.discard(number)
         self._finished(number, decoder.result(forward.reused))
-
-
-def generate_batch(
-    decoders: Sequence[Decoder], forwards: Sequence[TorchForward]
-) -> list[Generation]:
-    """``generate`` for several prompts at once (``BatchDecoding``), all joined at the start."""
-    found: dict[int, Generation] = {}
-    batch = BatchDecoding(lambda number, generation: found.__setitem__(number, generation))
-    for decoder, forward in zip(decoders, forwards, strict=True):
-        batch.join(decoder, forward)
-    while batch.step():
-        pass
-    return [found[number] for number in range(len(decoders))]

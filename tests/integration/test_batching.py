@@ -23,7 +23,6 @@ from ghostloop.decoding import (
     Generation,
     PrefixCaches,
     TorchForward,
-    generate_batch,
 )
 from ghostloop.lora import LoraWeights, read_adapter
 from ghostloop.models import LoadedModel, load_model
@@ -127,7 +126,11 @@ def test_each_row_of_a_batch_sees_the_logits_it_sees_alone(tiny):
         while (token := decoder.advance(logits)) is not None:
             logits = forward.step(token)
     batched = decoders()
-    generate_batch(batched, [TorchForward(loaded.model, "cpu") for _ in batched])
+    batch = BatchDecoding()
+    for decoder in batched:
+        batch.join(decoder, TorchForward(loaded.model, "cpu"))
+    while batch.step():
+        pass
     steps = 0
     for alone_one, in_batch in zip(single, batched, strict=True):
         assert len(in_batch.seen) == len(alone_one.seen)

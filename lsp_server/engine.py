@@ -139,11 +139,23 @@ class _Running:
     job: CompletionJob
     arm: str
     adapter: Adapter | None
-    version: str | None
     started: float
     should_stop: Callable[[], str | None]
-    cache_key: tuple[str, str | None]
     forward: OnnxForward | TorchForward
+
+    @property
+    def version(self) -> str | None:
+        """The adapter version serving it (None: the base model)."""
+        return self.adapter.version if self.adapter else None
+
+    @property
+    def cache_key(self) -> tuple[str, str | None]:
+        return _cache_key(self.job.key, self.adapter)
+
+
+def _cache_key(document: str, adapter: Adapter | None) -> tuple[str, str | None]:
+    """Where a document's KV cache is kept: per document and the weights that made it."""
+    return (document, adapter.version if adapter else None)
 
 
 class RecentCompletions:
@@ -439,18 +451,16 @@ class CompletionEngine:
             return "deadline" if time.monotonic() >= deadline else None
 
         # The document's previous KV cache, made by the same weights, if it is still kept.
-        version = adapter.version if adapter else None
-        cache_key = (job.key, version)
-        reuse = self.prefix_caches.take(cache_key) if settings.kv_cache_mb else None
+        reuse = (
+            self.prefix_caches.take(_cache_key(job.key, adapter)) if settings.kv_cache_mb else None
+        )
         forward: OnnxForward | TorchForward
         if self._onnx_base is not None:  # a session per adapter: nothing to put in force
             served = adapter if isinstance(adapter, OnnxModel) else self._onnx_base
             forward = OnnxForward(served, reuse=reuse)
         else:
             forward = TorchForward(self._model.model, self._model.device, reuse=reuse)
-        return _Running(
-            job, arm, adapter, version, time.monotonic(), should_stop, cache_key, forward
-        )
+        return _Running(job, arm, adapter, time.monotonic(), should_stop, forward)
 
     def _finish(self, running: _Running, suggestion: Suggestion) -> CompletionResult | None:
         """The result of ``running`` (None: it was cancelled), its cache kept, its log line."""

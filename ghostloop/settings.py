@@ -89,7 +89,7 @@ class Settings:
     backend: str = field(default="torch", metadata=_help("inference backend: torch | onnxruntime"))
     onnx_int8: bool = field(
         default=False,
-        metadata=_help("onnxruntime: serve an int8 (dynamic) quantized copy of each export"),
+        metadata=_help("onnxruntime: serve an int8 copy of each export (weights in blocks of 128)"),
     )
     device: str = field(
         default="auto",

@@ -256,12 +256,12 @@ def quantized(path: Path) -> Path:
     those are folded into stored transposed weights first.
 
     Why blocks, not onnxruntime's dynamic quantization (one scale per tensor, the first
-    int8 copy): over 80 real positions of SmolLM2 it kept 261 characters to fp32's 367, and
-    the output layer alone cost a third of that; in blocks of 128 this copy keeps about what
-    fp32 does (429 and 13 exact lines to 367 and 14 in one run) and decodes faster (15.4
-    ms/token against 22.7 dynamic and 36.2 fp32 on this 2-core CPU; prefill of 256 tokens
-    270 ms against 161 dynamic and 467 fp32). Four-bit weights were no faster here (15-17
-    ms/token) and kept less (206-296)."""
+    int8 copy): over 80 real positions of SmolLM2 that kept 261 characters and 11 exact
+    lines to fp32's 367 and 14, the output layer alone costing a third of it; in blocks of
+    128 this copy keeps 406 and 14, and decodes faster (one run on this 2-core CPU after a
+    256-token prompt: 15.4 ms per token against 22.7 per tensor and 36.2 fp32; the prefill
+    270 ms against 161 and 467). Four-bit weights decoded no faster here (15-17 ms per
+    token) and kept less (206-296 characters)."""
     target = path.with_name(INT8_FILE)
     meta = target.with_name(INT8_FILE + META_SUFFIX)  # remade when the export or scheme change
     try:
@@ -277,12 +277,11 @@ def quantized(path: Path) -> Path:
         except ValueError:
             pass  # a corrupt side file: make the copy again
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     partial = target.with_name(f".{INT8_FILE}.{os.getpid()}.partial")
     graph_model = onnx.load(str(path))
     _fold_weight_transposes(graph_model.graph)
-    quantizer = MatMulNBitsQuantizer(
+    quantizer = _quantizer_class()(
         graph_model, bits=8, block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4
     )
     quantizer.process()
@@ -294,6 +293,23 @@ def quantized(path: Path) -> Path:
     int8_meta = {"sha256": _sha256(target), "int8": INT8_SCHEME, "source_sha256": made_from[1]}
     meta.write_text(json.dumps({**source_meta, **int8_meta}))
     return target
+
+
+def _quantizer_class() -> Any:
+    """onnxruntime's MatMulNBitsQuantizer. Importing its module calls
+    ``logging.basicConfig(level=INFO)``, which would turn on INFO logging for the whole
+    process when nothing has configured logging yet: that is undone, and the module's own
+    line per graph node is kept below WARNING."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.WARNING)
+    return matmul_nbits_quantizer.MatMulNBitsQuantizer
 
 
 def _fold_weight_transposes(graph: Any) -> None:

@@ -223,3 +223,25 @@ def test_smollm2_int8_saves_about_as_much_typing_as_fp32(smollm2):
     assert saved["fp32"] > 0
     assert saved["int8"] >= (1 - INT8_TOLERANCE) * saved["fp32"]
     assert exact["int8"] >= (1 - INT8_TOLERANCE) * exact["fp32"] - 2
+
+
+def test_making_an_int8_copy_leaves_the_process_logging_as_it_was():
+    """onnxruntime's quantizer module turns on INFO logging for the whole process on import
+    (logging.basicConfig) and logs a line per graph node: neither may reach a server's or
+    a nightly job's log. A fresh interpreter, so that nothing has imported it yet."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging\n"
+        "from ghostloop import onnx_backend\n"
+        "onnx_backend._quantizer_class()\n"
+        "root = logging.getLogger()\n"
+        "node_log = logging.getLogger('onnxruntime.quantization.matmul_nbits_quantizer')\n"
+        "print(len(root.handlers), logging.getLevelName(root.level),"
+        " node_log.isEnabledFor(logging.INFO))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.split() == ["0", "WARNING", "False"]

@@ -268,11 +268,11 @@ def quantized(path: Path) -> Path:
         source_meta = json.loads(path.with_name(path.name + META_SUFFIX).read_text())
     except (OSError, ValueError) as error:
         raise OnnxExportError(f"no readable side file for {path}: {error}") from None
-    made_from = (INT8_SCHEME, source_meta.get("sha256"))
+    made_from = {"int8": INT8_SCHEME, "source_sha256": source_meta.get("sha256")}
     if target.is_file() and meta.is_file():
         try:
             known = json.loads(meta.read_text())
-            if (known.get("int8"), known.get("source_sha256")) == made_from:
+            if {key: known.get(key) for key in made_from} == made_from:
                 return target
         except ValueError:
             pass  # a corrupt side file: make the copy again
@@ -290,8 +290,7 @@ def quantized(path: Path) -> Path:
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
-    int8_meta = {"sha256": _sha256(target), "int8": INT8_SCHEME, "source_sha256": made_from[1]}
-    meta.write_text(json.dumps({**source_meta, **int8_meta}))
+    meta.write_text(json.dumps({**source_meta, "sha256": _sha256(target), **made_from}))
     return target
 
 

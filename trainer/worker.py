@@ -95,17 +95,17 @@ def main(argv: Sequence[str]) -> int:
     from accelerate import PartialState
 
     state = PartialState()
-    trained = _train(state, argv)
+    _train(state, argv)
     # Every process ends its process group before the interpreter exits: otherwise gloo's
     # threads can still be running at teardown and abort the process ("terminate called
     # without an active exception", pytorch/pytorch#190489), failing a night that trained
     # and saved its adapter (seen once in CI). Only after success: ending it while another
     # process is still in a collective would hang.
     state.destroy_process_group()
-    return trained
+    return 0
 
 
-def _train(state: Any, argv: Sequence[str]) -> int:
+def _train(state: Any, argv: Sequence[str]) -> None:
     work, method = Path(argv[0]), argv[1]
     start_from = Path(argv[2]) if len(argv) > 2 and argv[2] else None
     settings = load_settings()
@@ -116,7 +116,7 @@ def _train(state: Any, argv: Sequence[str]) -> int:
     except TooLittleData as error:
         if state.is_main_process:
             (work / OUTCOME).write_text(json.dumps({"too_little": str(error)}), encoding="utf-8")
-        return 0
+        return
     if state.is_main_process:
         model.save_pretrained(str(work / ADAPTER), safe_serialization=True)
         figures = {
@@ -127,7 +127,6 @@ def _train(state: Any, argv: Sequence[str]) -> int:
         figures["extra"] = {"processes": state.num_processes}
         (work / OUTCOME).write_text(json.dumps(figures), encoding="utf-8")
     state.wait_for_everyone()
-    return 0
 
 
 if __name__ == "__main__":

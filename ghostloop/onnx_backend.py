@@ -267,7 +267,9 @@ def quantized(path: Path) -> Path:
     try:
         source_meta = json.loads(path.with_name(path.name + META_SUFFIX).read_text())
     except (OSError, ValueError) as error:
-        raise OnnxExportError(f"no readable side file for {path}: {error}") from None
+        raise OnnxExportError(
+            f"no readable side file for {path} ({error}): export it again"
+        ) from None
     made_from = {"int8": INT8_SCHEME, "source_sha256": source_meta.get("sha256")}
     if target.is_file() and meta.is_file():
         try:

@@ -144,7 +144,7 @@ def test_the_int8_copy_quantizes_every_weight_in_blocks_and_runs(tiny, tmp_path:
     path.with_name(path.name + onnx_backend.META_SUFFIX).unlink()
     kept = int8_path.stat().st_mtime_ns
     with pytest.raises(
-        onnx_backend.OnnxExportError, match="no readable side file.*export it again"
+        onnx_backend.OnnxExportError, match=r"no readable side file.*export it again"
     ):
         onnx_backend.quantized(path)
     assert int8_path.stat().st_mtime_ns == kept

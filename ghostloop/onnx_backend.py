@@ -3,9 +3,21 @@ exported to ONNX with its KV cache as inputs and outputs, and the forward step t
 it. Prompts, decoding, stop rules and post-processing are the torch backend's
 (ghostloop.decoding.generate); only ``Forward`` differs.
 
-Export: ``torch.onnx.export`` (TorchScript tracing, opset 17) of a wrapper taking
-``input_ids``, ``attention_mask``, ``position_ids`` and the past keys and values as flat
-tensors, returning the last position's logits and the present keys and values. It is
+Export: ``torch.onnx.export`` (TorchScript tracing, opset 17) of a wrapper returning the
+last position's logits and the present keys and values, in one of two kinds (the side
+file's ``attention``):
+
+- ``fused`` (Llama-type models served on a CPU): each layer's attention is onnxruntime's
+  GroupQueryAttention, rotary embedding included, over a KV buffer that the graph's past
+  and present share. The inputs are ``input_ids``, ``seqlens_k`` (tokens in the cache
+  after this step, minus one), ``total_sequence_length`` and the buffers; a step writes
+  its keys and values into the buffer in place instead of copying the whole cache to
+  append one token, and cutting the cache back to a shared prefix costs nothing.
+- ``grouped`` (other models, and CUDA, where onnxruntime has GroupQueryAttention in
+  16-bit floats only): transformers' eager attention with ``input_ids``,
+  ``attention_mask``, ``position_ids`` and the past keys and values as flat tensors.
+
+It is
 exported without constant folding, which would store the output layer's transpose of a
 tied embedding as a second copy of the largest weight; onnxruntime folds constants itself
 when it loads the graph. A side file ``model.onnx.json`` records the file's SHA-256, the
@@ -42,8 +54,11 @@ INT8_BLOCK = 128  # weights per int8 scale (see quantized)
 INT8_SCHEME = f"matmul-nbits-8bit-block{INT8_BLOCK}"  # what the int8 copy is; another is made again
 META_SUFFIX = ".json"
 OPSET = 17
-EXPORT_FORMAT = 2  # bump when the graph changes (2: grouped attention)
+EXPORT_FORMAT = 3  # bump when the graph changes (2: grouped attention, 3: fused attention)
 GROUPED_ATTENTION = "ghostloop_grouped"
+FUSED_ATTENTION = "ghostloop_fused"
+FUSED, GROUPED = "fused", "grouped"  # the two kinds of exported attention
+BUFFER_STEP = 128  # positions a fused KV buffer grows by (rounded up)
 
 
 class OnnxExportError(AdapterError):
@@ -99,12 +114,184 @@ def _grouped_attention(
     return output.transpose(1, 2).contiguous(), None
 
 
+class _GroupQueryAttention(torch.autograd.Function):
+    """onnxruntime's GroupQueryAttention (com.microsoft) as one node of the exported graph.
+    Tracing needs only the shapes of its outputs; onnxruntime computes it."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        seqlens_k: torch.Tensor,
+        total: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return query.clone(), past_key.clone(), past_value.clone()
+
+    @staticmethod
+    def symbolic(
+        g: Any,
+        query: Any,
+        key: Any,
+        value: Any,
+        past_key: Any,
+        past_value: Any,
+        seqlens_k: Any,
+        total: Any,
+        cos: Any,
+        sin: Any,
+        heads: int,
+        kv_heads: int,
+        scale: float,
+    ) -> Any:
+        outputs = g.op(
+            "com.microsoft::GroupQueryAttention",
+            query,
+            key,
+            value,
+            past_key,
+            past_value,
+            seqlens_k,
+            total,
+            cos,
+            sin,
+            num_heads_i=heads,
+            kv_num_heads_i=kv_heads,
+            scale_f=scale,
+            do_rotary_i=1,
+            rotary_interleaved_i=0,  # Llama rotates halves (rotate_half), not pairs
+            outputs=3,
+        )
+        outputs[0].setType(query.type())
+        outputs[1].setType(past_key.type())
+        outputs[2].setType(past_value.type())
+        return outputs
+
+
+def _unfusable(model: Any) -> str | None:
+    """Why ``model``'s attention cannot be exported fused (None: it can). Only the
+    attention this replacement reproduces exactly: Llama's, full rotary by inverse
+    frequencies, no sliding window, no norms on queries or keys."""
+    config = model.config
+    if getattr(config, "model_type", None) != "llama":
+        return f"model type {getattr(config, 'model_type', None)!r} is not llama"
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is None or float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        return "its rotary embedding scales attention"
+    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        return "its rotary embedding is partial"
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return "an attention layer lacks the four projections"
+        if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
+            return "its attention normalises queries or keys"
+    return None
+
+
+class _FusedState:
+    """What the fused attention layers read while the export traces the model."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos, self.sin = cos, sin
+        self.past: Sequence[torch.Tensor] = ()
+        self.seqlens_k = torch.zeros(1, dtype=torch.int32)
+        self.total = torch.zeros((), dtype=torch.int32)
+        self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _fuse_attention(model: Any, state: _FusedState) -> None:
+    """Replace each attention layer's forward in ``model`` (an export's own copy) by the
+    projections around one GroupQueryAttention node."""
+    import types
+
+    config = model.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+
+    def forward(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        layer = int(self.layer_idx)
+        output, key, value = _GroupQueryAttention.apply(
+            self.q_proj(hidden_states),
+            self.k_proj(hidden_states),
+            self.v_proj(hidden_states),
+            state.past[2 * layer],
+            state.past[2 * layer + 1],
+            state.seqlens_k,
+            state.total,
+            state.cos,
+            state.sin,
+            heads,
+            kv_heads,
+            float(self.scaling),
+        )
+        state.present[layer] = (key, value)
+        return self.o_proj(output), None
+
+    for layer in model.model.layers:
+        layer.self_attn.forward = types.MethodType(forward, layer.self_attn)
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The fused export's mask: none; GroupQueryAttention is causal by itself."""
+    return None
+
+
+class _Fused(nn.Module):
+    """The causal LM as the fused graph sees it."""
+
+    def __init__(self, model: Any, layers: int, state: _FusedState) -> None:
+        super().__init__()
+        self.model: Any = model
+        self.layers = layers
+        self.state = state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        seqlens_k: torch.Tensor,
+        total_sequence_length: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        state = self.state
+        state.past, state.seqlens_k, state.total = past, seqlens_k, total_sequence_length
+        state.present = {}
+        out = self.model.model(input_ids=input_ids, use_cache=False)
+        hidden = out.last_hidden_state[:, -1, :]
+        logits = nn.functional.linear(hidden, self.model.lm_head.weight)
+        flat: list[torch.Tensor] = []
+        for layer in range(self.layers):
+            flat += list(state.present[layer])
+        return (logits, *flat)
+
+
+def _rotary_tables(model: Any, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position times the model's inverse frequencies:
+    (max positions, head_dim / 2), as GroupQueryAttention takes them."""
+    inv_freq = model.model.rotary_emb.inv_freq.float().cpu()
+    if inv_freq.numel() * 2 != head_dim:
+        raise OnnxExportError(f"rotary frequencies ({inv_freq.numel()}) do not span the heads")
+    positions = torch.arange(int(model.config.max_position_embeddings), dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
+    return angles.cos(), angles.sin()
+
+
 def _register_grouped_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
     AttentionInterface.register(GROUPED_ATTENTION, _grouped_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_ATTENTION, eager_mask)
+    AttentionInterface.register(FUSED_ATTENTION, _grouped_attention)  # replaced, never called
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FUSED_ATTENTION, _no_mask)
 
 
 class _WithCache(nn.Module):
@@ -171,11 +358,13 @@ def export(
     model_name: str,
     adapter: LoraWeights | None = None,
     identity: tuple[str, str] | None = None,
+    fused: bool = True,
 ) -> Path:
     """Write ``directory/model.onnx`` (and its side file) for ``model`` with ``adapter``
     merged; written under a temporary name and renamed, so a crash leaves no half file.
     ``identity`` (version, registry checksum) names the adapter already merged into
-    ``model`` (the trainer's, folded by peft); by default it is ``adapter``'s."""
+    ``model`` (the trainer's, folded by peft); by default it is ``adapter``'s. ``fused``:
+    the fused attention where the model allows it (the CPU's graph), else grouped."""
     if identity is None and adapter is not None:
         identity = (adapter.version, adapter.checksum)
     started = time.perf_counter()
@@ -183,36 +372,57 @@ def export(
     source = merged(model, adapter).eval()
     geometry = _geometry(source)
     layers, kv_heads, head_dim = geometry["layers"], geometry["kv_heads"], geometry["head_dim"]
+    reason = _unfusable(source) if fused else "not asked for"
+    if fused and reason:
+        log.info("exporting %s with grouped attention: %s", model_name, reason)
+    kind = GROUPED if reason else FUSED
     attention = getattr(source.config, "_attn_implementation", None)
     _register_grouped_attention()
-    # eager's arithmetic (traceable; sdpa's mask checks are not) without repeating the cache
-    source.config._attn_implementation = GROUPED_ATTENTION
-    past_names = [f"past.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    present_names = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    sample_ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
-    sample_past = [torch.zeros(1, kv_heads, 2, head_dim) for _ in past_names]
-    inputs = (
-        sample_ids,
-        torch.ones(1, 5, dtype=torch.long),
-        torch.tensor([[2, 3, 4]], dtype=torch.long),
-        *sample_past,
-    )
-    axes: dict[str, dict[int, str]] = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch"},
-    }
-    axes.update({name: {0: "batch", 2: "past"} for name in past_names})
-    axes.update({name: {0: "batch", 2: "total"} for name in present_names})
+    past_names = [f"past.{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    present_names = [f"present.{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    wrapper: nn.Module
+    if kind == FUSED:
+        state = _FusedState(*_rotary_tables(source, head_dim))
+        _fuse_attention(source, state)
+        source.config._attn_implementation = FUSED_ATTENTION  # no mask: the op is causal
+        wrapper = _Fused(source, layers, state)
+        input_names = ["input_ids", "seqlens_k", "total_sequence_length", *past_names]
+        inputs: tuple[torch.Tensor, ...] = (
+            torch.tensor([[1, 2, 3]], dtype=torch.long),
+            torch.tensor([4], dtype=torch.int32),
+            torch.tensor(5, dtype=torch.int32),
+            *[torch.zeros(1, kv_heads, 8, head_dim) for _ in past_names],
+        )
+        axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "sequence"}}
+        axes.update({name: {0: "batch", 2: "capacity"} for name in past_names + present_names})
+    else:
+        # eager's arithmetic (traceable; sdpa's mask checks are not) without repeating the
+        # cache
+        source.config._attn_implementation = GROUPED_ATTENTION
+        wrapper = _WithCache(source, layers)
+        input_names = ["input_ids", "attention_mask", "position_ids", *past_names]
+        inputs = (
+            torch.tensor([[1, 2, 3]], dtype=torch.long),
+            torch.ones(1, 5, dtype=torch.long),
+            torch.tensor([[2, 3, 4]], dtype=torch.long),
+            *[torch.zeros(1, kv_heads, 2, head_dim) for _ in past_names],
+        )
+        axes = {
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "total"},
+            "position_ids": {0: "batch", 1: "sequence"},
+        }
+        axes.update({name: {0: "batch", 2: "past"} for name in past_names})
+        axes.update({name: {0: "batch", 2: "total"} for name in present_names})
+    axes["logits"] = {0: "batch"}
     partial = directory / f".{ONNX_FILE}.{os.getpid()}.partial"
     try:
         with torch.no_grad():
             torch.onnx.export(
-                _WithCache(source, layers),
+                wrapper,
                 inputs,
                 str(partial),
-                input_names=["input_ids", "attention_mask", "position_ids", *past_names],
+                input_names=input_names,
                 output_names=["logits", *present_names],
                 dynamic_axes=axes,
                 opset_version=OPSET,
@@ -220,6 +430,7 @@ def export(
                 # folding would store the output layer's transpose of a tied embedding as a
                 # second copy; onnxruntime folds constants itself when it loads the graph
                 do_constant_folding=False,
+                custom_opsets={"com.microsoft": 1},
             )
     finally:
         source.config._attn_implementation = attention
@@ -230,6 +441,7 @@ def export(
         "model": model_name,
         "adapter": identity[0] if identity else None,
         "adapter_checksum": identity[1] if identity else None,
+        "attention": kind,
         **geometry,
     }
     with partial.open("rb") as handle:
@@ -237,10 +449,11 @@ def export(
     os.replace(partial, final)
     (directory / (ONNX_FILE + META_SUFFIX)).write_text(json.dumps(meta, indent=2))
     log.info(
-        "exported %s%s to %s in %.1f s (%.0f MB)",
+        "exported %s%s to %s (%s attention) in %.1f s (%.0f MB)",
         model_name,
         f" + {identity[0]}" if identity else "",
         final,
+        kind,
         time.perf_counter() - started,
         final.stat().st_size / 1e6,
     )
@@ -350,6 +563,7 @@ class OnnxModel:
     head_dim: int
     device: str  # "cpu" | "cuda"
     path: Path
+    attention: str = GROUPED  # FUSED | GROUPED: which graph (see the module's docstring)
 
 
 def providers_for(device: str) -> list[str]:
@@ -384,6 +598,9 @@ def load(
         meta = json.loads(meta_path.read_text())
         expected = str(meta["sha256"])
         geometry = (int(meta["layers"]), int(meta["kv_heads"]), int(meta["head_dim"]))
+        attention = str(meta["attention"])
+        if attention not in (FUSED, GROUPED):
+            raise ValueError(f"attention {attention!r} is neither {FUSED} nor {GROUPED}")
     except (ValueError, KeyError, TypeError) as error:
         raise OnnxExportError(f"the side file {meta_path} is corrupt: {error}") from None
     if meta.get("format") != EXPORT_FORMAT:
@@ -404,20 +621,38 @@ def load(
     except Exception as error:  # onnxruntime raises its own types for unreadable graphs
         raise OnnxExportError(f"onnxruntime cannot load {path}: {error}") from None
     on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
-    return OnnxModel(version, checksum, session, *geometry, "cuda" if on_gpu else "cpu", path)
+    if on_gpu and attention == FUSED:
+        log.warning(
+            "%s was exported for a CPU (fused attention, which onnxruntime runs on the CPU "
+            "in 32-bit floats): export it on the serving machine for the GPU's graph",
+            path,
+        )
+    return OnnxModel(
+        version, checksum, session, *geometry, "cuda" if on_gpu else "cpu", path, attention
+    )
 
 
 def base_export(loaded: Any, settings: Any) -> OnnxModel:
     """The served base model as ONNX: exported once into the model cache, then loaded."""
     directory = settings.model_cache_dir / "onnx" / _safe(loaded.name)
     path = directory / ONNX_FILE
+    fused = fused_for(loaded)
     try:
-        return _session(path, loaded.name, None, "", settings)
+        model = _session(path, loaded.name, None, "", settings)
+        if (model.attention == FUSED) == fused or _unfusable(loaded.model):
+            return model
+        log.info("%s was exported for another device; exporting again", path)
     except OnnxExportError as error:
         if path.exists():
             log.warning("%s; exporting again", error)
-    export(loaded.model, directory, model_name=loaded.name)
+    export(loaded.model, directory, model_name=loaded.name, fused=fused)
     return _session(path, loaded.name, None, "", settings)
+
+
+def fused_for(loaded: Any) -> bool:
+    """Whether exports for ``loaded`` (a LoadedModel) get the fused attention: on a CPU.
+    onnxruntime's GroupQueryAttention runs on CUDA in 16-bit floats only."""
+    return str(getattr(loaded, "device", "cpu")) == "cpu"
 
 
 def adapter_export(
@@ -456,9 +691,25 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+@dataclass(eq=False)
+class _KvBuffer:
+    """A fused graph's KV cache: per layer a key and a value buffer of ``capacity``
+    positions, which the graph reads and writes in place (past and present bound to the
+    same memory). numpy arrays on the CPU; onnxruntime's values wrap the same memory."""
+
+    arrays: list[Any]
+    values: list[Any]
+    capacity: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(array.nbytes) for array in self.arrays)
+
+
 class OnnxForward:
-    """``Forward`` on an exported model: the KV cache stays in onnxruntime's buffers
-    (IO binding), so on a GPU it never leaves the device."""
+    """``Forward`` on an exported model. Fused graphs (see the module's docstring) keep the
+    KV cache in buffers updated in place; grouped graphs keep it in onnxruntime's output
+    values (IO binding), so on a GPU it never leaves the device."""
 
     def __init__(self, model: OnnxModel, reuse: CachedPrefix | None = None) -> None:
         import onnxruntime as ort
@@ -466,6 +717,7 @@ class OnnxForward:
         self._model = model
         self._ort = ort
         self._past: list[Any] = []
+        self._buffer: _KvBuffer | None = None
         self._length = 0
         self._reuse = reuse
         self._fed: list[int] = []
@@ -474,6 +726,8 @@ class OnnxForward:
         self._outputs = [o.name for o in model.session.get_outputs()]
 
     def _run(self, ids: Sequence[int]) -> torch.Tensor:
+        if self._model.attention == FUSED:
+            return self._run_fused(ids)
         import numpy as np
 
         model, count = self._model, len(ids)
@@ -500,6 +754,43 @@ class OnnxForward:
         self._fed.extend(ids)
         return torch.from_numpy(outputs[0].numpy()[0].copy())
 
+    def _buffer_for(self, total: int) -> _KvBuffer:
+        """The KV buffer, grown (the cached positions copied over) to hold ``total``."""
+        import numpy as np
+
+        buffer = self._buffer
+        if buffer is not None and total <= buffer.capacity:
+            return buffer
+        model = self._model
+        capacity = -(-(total + BUFFER_STEP // 2) // BUFFER_STEP) * BUFFER_STEP
+        shape = (1, model.kv_heads, capacity, model.head_dim)
+        arrays = [np.zeros(shape, dtype=np.float32) for _ in self._names]
+        if buffer is not None and self._length:
+            for old, new in zip(buffer.arrays, arrays, strict=True):
+                new[:, :, : self._length] = old[:, :, : self._length]
+        values = [self._ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
+        self._buffer = _KvBuffer(arrays, values, capacity)
+        return self._buffer
+
+    def _run_fused(self, ids: Sequence[int]) -> torch.Tensor:
+        import numpy as np
+
+        session, total = self._model.session, self._length + len(ids)
+        buffer = self._buffer_for(total)
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", np.array([list(ids)], dtype=np.int64))
+        binding.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        binding.bind_output("logits", "cpu")  # first: outputs come back in binding order
+        for name, output, value in zip(self._names, self._outputs[1:], buffer.values, strict=True):
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(output, value)  # the same memory: written in place
+        session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()[0].copy()
+        self._length = total
+        self._fed.extend(ids)
+        return torch.from_numpy(logits)
+
     def _crop(self, value: Any, length: int) -> Any:
         """The first ``length`` positions of a (1, heads, positions, dim) past tensor."""
         if value.shape()[2] == length:
@@ -512,16 +803,23 @@ class OnnxForward:
     def prefill(self, input_ids: Sequence[int]) -> torch.Tensor:
         reuse, self._reuse = self._reuse, None
         common = reusable(reuse, input_ids)
+        self._past, self._buffer, self._length, self._fed, self.reused = [], None, 0, [], 0
         if reuse is not None and common > 0:
-            self._past = [self._crop(value, common) for value in reuse.cache]
+            if isinstance(reuse.cache, _KvBuffer):  # positions past ``common`` get overwritten
+                self._buffer = reuse.cache
+            else:
+                self._past = [self._crop(value, common) for value in reuse.cache]
             self._length, self._fed, self.reused = common, list(input_ids[:common]), common
             return self._run(input_ids[common:])
-        self._past, self._length, self._fed, self.reused = [], 0, [], 0
         return self._run(input_ids)
 
     def keep(self) -> CachedPrefix | None:
-        """The past key/values as they stand, to reuse for the next prompt."""
-        if not self._past or not self._fed:
+        """The KV cache as it stands, to reuse for the next prompt."""
+        if not self._fed:
+            return None
+        if self._buffer is not None:
+            return CachedPrefix(self._fed, self._buffer, self._buffer.nbytes)
+        if not self._past:
             return None
         nbytes = 0
         for value in self._past:

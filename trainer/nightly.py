@@ -257,9 +257,12 @@ def _run(settings: Settings, method: str, engine: Engine, from_scratch: bool) ->
         raise
 
 
-def _export_onnx(model: Any, directory: Path, model_name: str, version: str) -> None:
+def _export_onnx(
+    model: Any, directory: Path, model_name: str, version: str, *, fused: bool
+) -> None:
     """The onnxruntime backend serves a model with the adapter folded into its weights:
-    export it now, inside the version's directory before it is published."""
+    export it now, inside the version's directory before it is published; ``fused``: the
+    CPU's graph (onnx_backend.fused_for)."""
     import copy
 
     from ghostloop import onnx_backend
@@ -267,7 +270,11 @@ def _export_onnx(model: Any, directory: Path, model_name: str, version: str) -> 
     folded = copy.deepcopy(model).merge_and_unload()  # peft: W + scale * B A, plain Linears
     identity = (version, registry.checksum(directory))
     onnx_backend.export(
-        folded, directory / registry.EXPORT_DIR, model_name=model_name, identity=identity
+        folded,
+        directory / registry.EXPORT_DIR,
+        model_name=model_name,
+        identity=identity,
+        fused=fused,
     )
 
 
@@ -370,7 +377,9 @@ def _train_gate_publish(
                 str(directory), selected_adapters=["default"], safe_serialization=True
             )
             if settings.backend == "onnxruntime":
-                _export_onnx(model, directory, loaded.name, version)
+                from ghostloop.onnx_backend import fused_for
+
+                _export_onnx(model, directory, loaded.name, version, fused=fused_for(loaded))
 
         path, digest = registry.write_atomically(settings.adapters_dir, version, save)
         with Session(engine) as session, session.begin():

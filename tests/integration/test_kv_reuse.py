@@ -75,23 +75,32 @@ def test_torch_reuse_equals_a_fresh_prefill_on_the_tiny_model(tiny):
     check(loaded, settings, pauses, lambda r: TorchForward(loaded.model, "cpu", reuse=r))
 
 
-def test_onnx_reuse_equals_a_fresh_prefill_on_the_tiny_model(tiny, tmp_path: Path):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "grouped"])
+def test_onnx_reuse_equals_a_fresh_prefill_on_the_tiny_model(tiny, tmp_path: Path, fused: bool):
     loaded, settings = tiny
-    path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
+    path = onnx_backend.export(
+        loaded.model, tmp_path / "onnx", model_name=loaded.name, fused=fused
+    )
     model = onnx_backend.load(path, model_name=loaded.name)
     pauses = typing_pauses(PAUSES_FILE, 120, 6)
     check(loaded, settings, pauses, lambda r: onnx_backend.OnnxForward(model, reuse=r))
 
 
-def test_an_edit_earlier_in_the_file_reuses_only_up_to_it(tiny):
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_an_edit_earlier_in_the_file_reuses_only_up_to_it(tiny, tmp_path: Path, backend: str):
     loaded, settings = tiny
+    make: MakeForward = lambda r: TorchForward(loaded.model, "cpu", reuse=r)  # noqa: E731
+    if backend == "onnxruntime":  # the fused graph: the positions after the edit overwritten
+        path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
+        model = onnx_backend.load(path, model_name=loaded.name)
+        make = lambda r: onnx_backend.OnnxForward(model, reuse=r)  # noqa: E731
     source = PAUSES_FILE.read_text()
     at = len(source) // 3
     first = (source[:at], "")
     edited = (source[: at - 300] + "#" + source[at - 300 : at], "")  # an edit 300 chars back
     caches = PrefixCaches(cap_bytes=1 << 30)
     for prefix, suffix in (first, edited):
-        forward = TorchForward(loaded.model, "cpu", reuse=caches.take("doc"))
+        forward = make(caches.take("doc"))
         found = suggest(loaded, settings, CursorContext(prefix, suffix), forward=forward)
         caches.put("doc", forward.keep())
     fresh_one = suggest(loaded, settings, CursorContext(*edited)).generation

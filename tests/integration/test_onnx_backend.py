@@ -49,13 +49,76 @@ def tiny(tiny_model_dir: Path) -> tuple[LoadedModel, Settings]:
     return load_model(settings), settings
 
 
-def test_greedy_tokens_equal_torch_on_real_prompts(tiny, tmp_path: Path):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "grouped"])
+def test_greedy_tokens_equal_torch_on_real_prompts(tiny, tmp_path: Path, fused: bool):
     loaded, settings = tiny
-    path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
+    path = onnx_backend.export(
+        loaded.model, tmp_path / "onnx", model_name=loaded.name, fused=fused
+    )
     model = onnx_backend.load(path, model_name=loaded.name)
+    assert model.attention == (onnx_backend.FUSED if fused else onnx_backend.GROUPED)
     expected = suggestions(loaded, settings)
     assert sum(len(ids) for ids in expected) > 100  # the tiny model does write
     assert suggestions(loaded, settings, model=model) == expected
+
+
+def test_the_fused_graph_attends_in_one_operator_over_a_buffer_it_updates_in_place(
+    tiny, tmp_path: Path
+):
+    import onnx
+    import torch
+
+    loaded, _ = tiny
+    path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
+    graph = onnx.load(str(path)).graph
+    fused = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    assert len(fused) == loaded.model.config.num_hidden_layers
+    assert {node.domain for node in fused} == {"com.microsoft"}
+    # no rotary arithmetic and no cache copies left outside the operator
+    assert not [node for node in graph.node if node.op_type in ("Neg", "Expand")]
+    assert "position_ids" not in {i.name for i in graph.input}
+    model = onnx_backend.load(path, model_name=loaded.name)
+
+    # the cache grows past its buffer (copied over), and each step equals a fresh prefill
+    ids = loaded.tokenizer.encode_text((stdlib_dir() / "shlex.py").read_text())[:300]
+    forward = onnx_backend.OnnxForward(model)
+    forward.prefill(ids[:40])
+    first = forward.keep()
+    assert first is not None and first.cache.capacity < 300
+    for at in range(40, 299):
+        logits = forward.step(ids[at])
+        if at in (100, 200, 298):
+            fresh = onnx_backend.OnnxForward(model).prefill(ids[: at + 1])
+            with torch.no_grad():
+                reference = loaded.model(torch.tensor([ids[: at + 1]])).logits[0, -1]
+            assert torch.allclose(logits, fresh, atol=1e-4)
+            assert torch.allclose(logits, reference, atol=1e-3)
+    kept = forward.keep()
+    assert kept is not None and kept.cache.capacity >= 300 and kept.token_ids == ids[:299]
+    assert kept.nbytes == kept.cache.nbytes > first.nbytes
+
+    # a later prompt that shares only the first 50 tokens writes over the rest in place
+    other = ids[:50] + loaded.tokenizer.encode_text("\ndef other(x):\n    return x")
+    again = onnx_backend.OnnxForward(model, reuse=kept)
+    logits = again.prefill(other)
+    assert again.reused == 50
+    assert torch.allclose(logits, onnx_backend.OnnxForward(model).prefill(other), atol=1e-4)
+
+
+def test_exports_follow_the_device_they_are_served_on(tiny, tmp_path: Path):
+    from dataclasses import replace
+
+    loaded, settings = tiny
+    settings = replace(settings, data_dir=tmp_path)
+    assert onnx_backend.fused_for(loaded)
+    assert onnx_backend.base_export(loaded, settings).attention == onnx_backend.FUSED
+    # on a GPU onnxruntime has GroupQueryAttention in 16-bit floats only: the export made
+    # for the CPU is made again with the grouped attention (served here on the CPU)
+    on_gpu = replace(loaded, device="cuda")
+    assert not onnx_backend.fused_for(on_gpu)
+    model = onnx_backend.base_export(on_gpu, settings)
+    assert model.attention == onnx_backend.GROUPED
+    assert suggestions(loaded, settings, model=model) == suggestions(loaded, settings)
 
 
 def test_an_adapter_merged_into_the_export_equals_torch_serving_it(

@@ -257,12 +257,10 @@ def _run(settings: Settings, method: str, engine: Engine, from_scratch: bool) ->
         raise
 
 
-def _export_onnx(
-    model: Any, directory: Path, model_name: str, version: str, *, fused: bool
-) -> None:
+def _export_onnx(model: Any, directory: Path, loaded: LoadedModel, version: str) -> None:
     """The onnxruntime backend serves a model with the adapter folded into its weights:
-    export it now, inside the version's directory before it is published; ``fused``: the
-    CPU's graph (onnx_backend.fused_for)."""
+    export it now, inside the version's directory before it is published, in the graph
+    for this machine's device (onnx_backend.fused_for)."""
     import copy
 
     from ghostloop import onnx_backend
@@ -272,9 +270,9 @@ def _export_onnx(
     onnx_backend.export(
         folded,
         directory / registry.EXPORT_DIR,
-        model_name=model_name,
+        model_name=loaded.name,
         identity=identity,
-        fused=fused,
+        fused=onnx_backend.fused_for(loaded),
     )
 
 
@@ -377,9 +375,7 @@ def _train_gate_publish(
                 str(directory), selected_adapters=["default"], safe_serialization=True
             )
             if settings.backend == "onnxruntime":
-                from ghostloop.onnx_backend import fused_for
-
-                _export_onnx(model, directory, loaded.name, version, fused=fused_for(loaded))
+                _export_onnx(model, directory, loaded, version)
 
         path, digest = registry.write_atomically(settings.adapters_dir, version, save)
         with Session(engine) as session, session.begin():

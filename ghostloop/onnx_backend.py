@@ -596,14 +596,16 @@ def load(
         )
     try:
         meta = json.loads(meta_path.read_text())
-        expected = str(meta["sha256"])
-        geometry = (int(meta["layers"]), int(meta["kv_heads"]), int(meta["head_dim"]))
-        attention = str(meta["attention"])
-        if attention not in (FUSED, GROUPED):
-            raise ValueError(f"attention {attention!r} is neither {FUSED} nor {GROUPED}")
+        older = meta["format"] != EXPORT_FORMAT  # before the rest: older files lack fields
+        if not older:
+            expected = str(meta["sha256"])
+            geometry = (int(meta["layers"]), int(meta["kv_heads"]), int(meta["head_dim"]))
+            attention = str(meta["attention"])
+            if attention not in (FUSED, GROUPED):
+                raise ValueError(f"attention {attention!r} is neither {FUSED} nor {GROUPED}")
     except (ValueError, KeyError, TypeError) as error:
-        raise OnnxExportError(f"the side file {meta_path} is corrupt: {error}") from None
-    if meta.get("format") != EXPORT_FORMAT:
+        raise OnnxExportError(f"the side file {meta_path} is corrupt: {error!r}") from None
+    if older:
         raise OnnxExportError(f"{path} was exported in an older format: export it again")
     if meta.get("model") != model_name:
         raise OnnxExportError(

@@ -231,6 +231,17 @@ def test_a_corrupt_or_foreign_export_is_refused_with_the_reason(tiny, tmp_path: 
         onnx_backend.load(broken / "model.onnx", model_name=loaded.name)
     with pytest.raises(onnx_backend.OnnxExportError, match="no ONNX export"):
         onnx_backend.load(tmp_path / "nowhere" / "model.onnx", model_name=loaded.name)
+    # an export from an older Ghostloop (its side file without this one's fields)
+    meta_path = tmp_path / "onnx" / "model.onnx.json"
+    good = json.loads(meta_path.read_text())
+    older = {k: v for k, v in good.items() if k != "attention"}
+    meta_path.write_text(json.dumps({**older, "format": 2}))
+    with pytest.raises(onnx_backend.OnnxExportError, match="older format: export it again"):
+        onnx_backend.load(path, model_name=loaded.name)
+    for bad in ({**good, "attention": "sideways"}, older, {**good, "layers": "many"}, []):
+        meta_path.write_text(json.dumps(bad))
+        with pytest.raises(onnx_backend.OnnxExportError, match="side file .* is corrupt"):
+            onnx_backend.load(path, model_name=loaded.name)
 
 
 @pytest.fixture(scope="module")

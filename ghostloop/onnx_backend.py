@@ -177,8 +177,8 @@ class _GroupQueryAttention(torch.autograd.Function):
 
 def _unfusable(model: Any) -> str | None:
     """Why ``model``'s attention cannot be exported fused (None: it can). Only the
-    attention this replacement reproduces exactly: Llama's, full rotary by inverse
-    frequencies, no sliding window, no norms on queries or keys."""
+    attention this replacement reproduces exactly: Llama's (causal over the whole context),
+    full rotary by inverse frequencies, no norms on queries or keys."""
     config = model.config
     if getattr(config, "model_type", None) != "llama":
         return f"model type {getattr(config, 'model_type', None)!r} is not llama"

@@ -146,23 +146,19 @@ def trim_prefix(tokenizer: TextTokenizer, prefix: str, budget: int) -> str:
         newline = prefix.find("\n", start - 1)
         return prefix[newline + 1 if newline >= 0 else start :]
 
-    fitting: dict[int, bool] = {}
-    widest = 0
+    widest = window(0)
+    count = len(tokenizer.encode_text(widest)) if widest else 0
+    if count <= budget:
+        return widest
+    fitting = {0: False}
 
     def fits(index: int) -> bool:
-        nonlocal widest
         if index not in fitting:
             text = window(index)
-            count = len(tokenizer.encode_text(text)) if text else 0
-            fitting[index] = count <= budget
-            if index == 0:
-                widest = count
+            fitting[index] = not text or len(tokenizer.encode_text(text)) <= budget
         return fitting[index]
 
-    if fits(0):
-        return window(0)
-    longest = len(window(0))
-    target = len(prefix) - longest * budget / max(widest, 1)  # the start the density suggests
+    target = len(prefix) - len(widest) * budget / count  # the start the density suggests
     index = max(1, math.ceil((target - first) / step))
     while not fits(index):
         index += 1

@@ -207,8 +207,8 @@ def main() -> None:
     if not args.skip_llama_cpp:
         try:
             llm = llama_cpp_model(threads, settings.context_tokens + settings.max_new_tokens + 8)
-        except ImportError:
-            print("llama-cpp-python is not installed: pip install llama-cpp-python")
+        except ImportError as error:  # not installed, or installed without its dependencies
+            print(f"llama-cpp-python cannot be imported ({error}): pip install llama-cpp-python")
         else:
             sample = next(pause for pauses in documents for pause in pauses)[0][-400:]
             ours = loaded.tokenizer.encode_text(sample)

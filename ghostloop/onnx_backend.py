@@ -169,7 +169,13 @@ class _GroupQueryAttention(torch.autograd.Function):
             rotary_interleaved_i=0,  # Llama rotates halves (rotate_half), not pairs
             outputs=3,
         )
-        outputs[0].setType(packed.type())
+        attended = packed.type()  # the packed width: the attended output is the queries' width
+        sizes = attended.varyingSizes()
+        if sizes:
+            head_dim = past_key.type().varyingSizes()[-1]
+            sizes[-1] = heads * head_dim if head_dim is not None else None
+            attended = attended.with_sizes(sizes)
+        outputs[0].setType(attended)
         outputs[1].setType(past_key.type())
         outputs[2].setType(past_value.type())
         return outputs

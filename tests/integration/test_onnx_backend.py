@@ -76,6 +76,11 @@ def test_the_fused_graph_attends_in_one_operator_over_a_buffer_it_updates_in_pla
     # no rotary arithmetic and no cache copies left outside the operator
     assert not [node for node in graph.node if node.op_type in ("Neg", "Expand")]
     assert "position_ids" not in {i.name for i in graph.input}
+    # the attended output is declared as wide as the hidden state, not the packed q, k, v
+    # (onnxruntime warned at every load of a graph declaring otherwise)
+    declared = {info.name: info for info in graph.value_info}
+    widths = {declared[node.output[0]].type.tensor_type.shape.dim[-1].dim_value for node in fused}
+    assert widths == {loaded.model.config.hidden_size}
     model = onnx_backend.load(path, model_name=loaded.name)
 
     # the cache grows past its buffer (copied over), and each step equals a fresh prefill

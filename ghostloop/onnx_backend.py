@@ -172,7 +172,8 @@ class _GroupQueryAttention(torch.autograd.Function):
         attended = packed.type()  # the packed width: the attended output is the queries' width
         sizes = attended.varyingSizes()
         if sizes:
-            head_dim = past_key.type().varyingSizes()[-1]
+            key_sizes = past_key.type().varyingSizes()  # None where the trace has no shape
+            head_dim = key_sizes[-1] if key_sizes else None
             sizes[-1] = heads * head_dim if head_dim is not None else None
             attended = attended.with_sizes(sizes)
         outputs[0].setType(attended)

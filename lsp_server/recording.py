@@ -53,6 +53,31 @@ def open_recorder(settings: Settings, busy: Callable[[], bool] | None = None) ->
     return recorder
 
 
+def stored_suffix(prompt_suffix: str, document: str, offset: int) -> str:
+    """The text after the cursor stored with a completion: the prompt's suffix (a FIM
+    model's), else the document's through the next line that holds code.
+
+    The night's labels need what followed the cursor: the rest of its line (not to be
+    learned again, ``trainer.labels.without_rest_of_line``) and the next line's start (its
+    indentation is tokenized with the newline that ends the target, ``trainer.data``). A
+    prefix-only model's prompt has no suffix; storing that empty one made every target end
+    in a bare newline token, which teaches the model to end lines early (FIELD-NOTES).
+    """
+    if prompt_suffix:
+        return prompt_suffix
+    rest = document[offset:]
+    start = rest.find("\n") + 1
+    if not start:
+        return rest
+    while True:
+        end = rest.find("\n", start)
+        if end < 0:
+            return rest
+        if rest[start:end].strip():
+            return rest[:end]
+        start = end + 1
+
+
 class FateBook:
     """The latest fate of each recent completion (bounded). A team server's connections
     share one, so a suggestion is taken once whichever of its user's editors says so."""
@@ -173,7 +198,7 @@ class FeedbackLog:
         )
         cap = self.settings.max_stored_prompt_chars
         prefix = redact(result.prompt.prefix[-cap:] if cap else "")
-        suffix = redact(result.prompt.suffix[:cap])
+        suffix = redact(stored_suffix(result.prompt.suffix, document, result.offset)[:cap])
         suggestion = redact(result.text)
         values = {
             "id": result.completion_id,

@@ -87,6 +87,28 @@ async def test_session_is_recorded_exactly(start_server: StartServer, database_u
     assert row.latency_ms > 0 and row.generated_tokens > 0
 
 
+async def test_what_follows_the_cursor_is_stored_for_the_labels(
+    start_server: StartServer, isolated_data_dir: Path
+):
+    """The tiny model is prefix-only: its prompt has no suffix, but the night's labels need
+    the next line's start (the newline token that ends a target) and the rest of the line."""
+    after = "\n\n        self.quotes = '\"'\n        self.state = ' '\n"
+    client = await start_server()
+    uri = open_document(client, MID_LINE + after, "suffix.py")
+    result = await client.text_document_inline_completion_async(
+        inline_params(uri, *lines_of(MID_LINE))
+    )
+    assert result.items
+    await client.shutdown_session()
+    engine = open_engine(f"sqlite:///{isolated_data_dir / 'ghostloop.db'}")
+    with Session(engine) as session:
+        row = session.scalars(select(Completion)).one()
+    engine.dispose()
+    assert row.template == "prefix-only"
+    assert row.prompt_prefix.endswith("self.word")
+    assert row.prompt_suffix == "\n\n        self.quotes = '\"'"
+
+
 async def test_hashed_user_is_stored_instead_of_the_name(
     start_server: StartServer, isolated_data_dir: Path
 ):

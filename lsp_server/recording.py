@@ -61,21 +61,21 @@ def stored_suffix(prompt_suffix: str, document: str, offset: int) -> str:
     learned again, ``trainer.labels.without_rest_of_line``) and the next line's start (its
     indentation is tokenized with the newline that ends the target, ``trainer.data``). A
     prefix-only model's prompt has no suffix; storing that empty one made every target end
-    in a bare newline token, which teaches the model to end lines early (FIELD-NOTES).
+    in a bare newline token, which teaches the model to end lines early
+    (``trainer.data.encode_target``). The document is searched in place: only the stored
+    piece is copied, not the rest of a long file on every completion.
     """
     if prompt_suffix:
         return prompt_suffix
-    rest = document[offset:]
-    start = rest.find("\n") + 1
-    if not start:
-        return rest
-    while True:
-        end = rest.find("\n", start)
+    start = document.find("\n", offset) + 1
+    while start:
+        end = document.find("\n", start)
         if end < 0:
-            return rest
-        if rest[start:end].strip():
-            return rest[:end]
+            break
+        if document[start:end].strip():
+            return document[offset:end]
         start = end + 1
+    return document[offset:]
 
 
 class FateBook:

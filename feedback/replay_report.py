@@ -222,6 +222,56 @@ def kept_length(
     }
 
 
+def reach(
+    held_out: Sequence[Position],
+    before: Sequence[Scored],
+    trained_on: Sequence[Position],
+    training_files: Sequence[str],
+) -> dict[str, Any]:
+    """How much of the typing the base model left undone on the held-out positions the
+    night's data holds word for word: a ceiling on what recall alone can add.
+
+    ``untyped`` is, per held-out position, the characters of the true rest of the line the
+    base model's suggestion did not save. ``in_night_data`` counts the positions (and their
+    untyped characters) whose true rest of line is the rest of line the developer kept at a
+    position of the training half (what one night trains on); ``in_training_files`` those
+    whose true rest ends some line of the training half's files (what a night that learned
+    the whole training half could recall). ``share_of_saved``: those characters over what
+    the base model saved, i.e. the most that recall could lift the headline by. A lift
+    above it must come from the model generalising (style, names, idioms), which a small
+    model learns from one night's few hundred lines only weakly (README, "Does it help?").
+    """
+    if len(held_out) != len(before):
+        raise ValueError(f"reach needs a score per position: {len(held_out)} vs {len(before)}")
+    kept = {p.truth.strip() for p in trained_on if p.truth.strip()}
+    lines = {line.strip() for text in training_files for line in text.splitlines()}
+    lines.discard("")
+    saved = sum(float(s.chars_saved) for s in before)
+    parts = {"untyped": [0, 0.0], "in_night_data": [0, 0.0], "in_training_files": [0, 0.0]}
+    for position, score in zip(held_out, before, strict=True):
+        truth = position.truth.strip()
+        gap = max(0.0, len(position.truth.rstrip()) - float(score.chars_saved))
+        if not truth or gap <= 0:
+            continue
+        found = {
+            "untyped": True,
+            "in_night_data": truth in kept,
+            "in_training_files": any(line.endswith(truth) for line in lines),
+        }
+        for name, hit in found.items():
+            if hit:
+                parts[name][0] += 1
+                parts[name][1] += gap
+    return {
+        name: {
+            "positions": count,
+            "chars": round(chars, 1),
+            "share_of_saved": round(chars / saved, 4) if saved else None,
+        }
+        for name, (count, chars) in parts.items()
+    }
+
+
 def compare(
     positions: Sequence[Position],
     before: Sequence[Scored],
@@ -300,7 +350,26 @@ def format_table(report: Mapping[str, Any]) -> str:
     for name, result in methods.items():
         title = f"{name}: {result.get('adapter') or 'nothing published'}"
         blocks.append(_block(title, report["before"], result.get("after"), result))
+    if report.get("reach"):
+        blocks.append(format_reach(report["reach"]))
     return "\n\n".join(blocks)
+
+
+def format_reach(reach: Mapping[str, Any]) -> str:
+    """``reach`` in words: the ceiling recall puts on the headline's lift."""
+    untyped = reach["untyped"]
+
+    def part(name: str) -> str:
+        found = reach[name]
+        share = found["share_of_saved"]
+        ceiling = f"at most {share:+.1%} by recall" if share is not None else "nothing saved"
+        return f"{found['chars']:.0f} chars at {found['positions']} positions ({ceiling})"
+
+    return (
+        f"reach: the base model left {untyped['chars']:.0f} characters untyped at "
+        f"{untyped['positions']} held-out positions; word for word, the night's data holds "
+        f"{part('in_night_data')}, the training half's files {part('in_training_files')}"
+    )
 
 
 def _block(

@@ -466,6 +466,12 @@ class Replay:
                 name: {k: v for k, v in result.items() if k != "before"}
                 for name, result in results.items()
             },
+            "reach": replay_report.reach(
+                held_positions,
+                before_scores,
+                train_positions,
+                [path.read_text(encoding="utf-8", errors="replace") for path in train_files],
+            ),
             "training_half": replay_report.summary(
                 self.scores(train_positions, training_pass), options.seed
             ),

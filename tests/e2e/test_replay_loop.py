@@ -152,6 +152,21 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
             assert abs(kept["before"] - sum(b for b, _ in both) / len(both)) < 0.01
             assert abs(kept["after"] - sum(a for _, a in both) / len(both)) < 0.01
         assert report["kept_length"] == methods["sft"]["kept_length"]
+        # the reach: what the base model left untyped, position by position, from the rows
+        untyped = [
+            len(t.rstrip())
+            - by_hand(session, [served_before[k]], [t])["chars_saved_per_completion"]
+            for k, t in zip(keys, truths, strict=True)
+        ]
+        reach = report["reach"]
+        assert reach["untyped"]["positions"] == sum(gap > 0 for gap in untyped)
+        assert abs(reach["untyped"]["chars"] - sum(g for g in untyped if g > 0)) < 0.2
+        # a kept rest of line is the end of a line of the training files: a subset
+        assert (
+            reach["in_night_data"]["chars"]
+            <= reach["in_training_files"]["chars"]
+            <= reach["untyped"]["chars"]
+        )
         # what a night learns from an accept: the line the developer finished there, not
         # the suggestion's region (cut off where a suggestion stopped short)
         accepted_before = [

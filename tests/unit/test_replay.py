@@ -12,6 +12,7 @@ from feedback.replay_report import (
     format_table,
     kept_length,
     paired_lift,
+    reach,
     summary,
 )
 from lsp_server.replay import ReplayError, _offset, choose_positions, source_files, split_files
@@ -157,3 +158,29 @@ def test_the_printed_report_shows_kept_length():
     assert compare(positions, before, None)["kept_length"] is None
     table = format_table({**report, "method": "sft", "adapter": "v1"})
     assert "kept both times (6)" in table and "-20.0%" in table
+
+
+def test_reach_counts_the_untyped_characters_the_training_half_holds_word_for_word():
+    """The ceiling recall puts on a night: a held-out line the night trained on word for
+    word counts in both parts, one only in the training files in the second, the rest in
+    neither; characters the base model already saved are not untyped."""
+    held = [
+        Position("h.py:1:4", "h.py", 1, 4, "line_start", "return self._payload"),  # in kept
+        Position("h.py:2:9", "h.py", 2, 9, "mid_line", "_headers = []"),  # ends a file line
+        Position("h.py:3:4", "h.py", 3, 4, "line_start", "frobnicate(widget)"),  # nowhere
+        Position("h.py:4:4", "h.py", 4, 4, "line_start", "return self._payload"),  # saved
+    ]
+    before = [scored(6, 6), scored(0, 12), scored(0, 30), scored(20, 20, exact=True)]
+    trained_on = [Position("t.py:7:8", "t.py", 7, 8, "line_start", "return self._payload  ")]
+    files = [
+        "class Message:\n    def f(self):\n        self._headers = []\n"
+        "        return self._payload\n"
+    ]
+    found = reach(held, before, trained_on, files)
+    assert found["untyped"] == {"positions": 3, "chars": 14 + 13 + 18, "share_of_saved": 1.7308}
+    assert found["in_night_data"] == {"positions": 1, "chars": 14, "share_of_saved": 0.5385}
+    assert found["in_training_files"] == {"positions": 2, "chars": 27, "share_of_saved": 1.0385}
+    table = format_table({**compare(held, before, None), "reach": found, "method": "sft"})
+    assert "the night's data holds 14 chars at 1 positions (at most +53.8% by recall)" in table
+    with pytest.raises(ValueError, match="a score per position"):
+        reach(held, before[:-1], trained_on, files)

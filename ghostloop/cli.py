@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -11,7 +12,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from ghostloop import __version__
-from ghostloop.settings import Settings, SettingsError, load_settings, settings_reference
+from ghostloop.settings import (
+    REPLAY_BACKENDS,
+    Settings,
+    SettingsError,
+    backend_name,
+    load_settings,
+    settings_reference,
+)
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -73,6 +81,16 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.backend is not None:
+        if args.backend not in REPLAY_BACKENDS:
+            print(
+                f"ghostloop replay: --backend takes one of {', '.join(REPLAY_BACKENDS)}; "
+                f"got {args.backend!r}",
+                file=sys.stderr,
+            )
+            return 2
+        backend, _, int8 = args.backend.partition("-")
+        settings = dataclasses.replace(settings, backend=backend, onnx_int8=int8 == "int8")
     options = ReplayOptions(
         root=Path(args.path),
         positions=args.positions,
@@ -92,7 +110,26 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
     args.path = str(stdlib_dir() / "email")
     args.ungated = True  # the demo shows what a night did; the gate's verdict is reported
+    if args.backend is None:
+        args.backend = _demo_backend(settings)
     return _replay(args, settings)
+
+
+def _demo_backend(settings: Settings) -> str:
+    """The demo serves with onnxruntime in fp32 on a CPU: the same suggestions as torch
+    token for token (the same base-model figures on the demo's positions), its walks about
+    twice as fast on a 2-core machine. Not the int8 copy, faster still: serving an adapter
+    in int8 lost most of its lift on the demo's positions (README, "Does it help?"). On a
+    GPU, or without onnxruntime installed, what the settings say."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None or settings.device == "cuda":
+        return backend_name(settings)
+    import torch
+
+    if settings.device == "auto" and torch.cuda.is_available():
+        return backend_name(settings)
+    return "onnxruntime"
 
 
 def _db(args: argparse.Namespace, settings: Settings) -> int:
@@ -389,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         replay.add_argument(
             "--work-dir", help="data directory of the replay (default: <data dir>/replays/<time>)"
+        )
+        replay.add_argument(
+            "--backend",
+            help="what the servers generate with: torch, onnxruntime or onnxruntime-int8 "
+            + (
+                "(default: onnxruntime on a CPU, else the configured backend)"
+                if name == "demo"
+                else "(default: the configured backend)"
+            ),
         )
         replay.add_argument("--database-url", help="store (default: SQLite in the work dir)")
         replay.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -22,6 +22,8 @@ import platformdirs
 APP_NAME = "ghostloop"
 ENV_PREFIX = "GHOSTLOOP_"
 BACKENDS = ("torch", "onnxruntime")
+# what ``ghostloop replay --backend`` takes: a backend, and onnxruntime's int8 copy
+REPLAY_BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
 TCP_AUTH = ("auto", "required", "off")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -467,6 +469,13 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise SettingsError(
             f"setting {canonical}={value!r} in {source} is not a valid {kind}"
         ) from None
+
+
+def backend_name(settings: Settings) -> str:
+    """What a server of ``settings`` generates with, as ``replay --backend`` names it."""
+    if settings.backend == "onnxruntime" and settings.onnx_int8:
+        return "onnxruntime-int8"
+    return settings.backend
 
 
 def load_settings(

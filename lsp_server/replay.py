@@ -56,7 +56,7 @@ from feedback.replay_report import Position, Scored, UnsettledError
 from feedback.schema import AdapterVersion, Completion, TrainingRun
 from feedback.store import events_by_completion
 from ghostloop.corpus import sample_positions
-from ghostloop.settings import Settings
+from ghostloop.settings import Settings, backend_name
 from lsp_server.client import GhostloopClient
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,10 @@ class Replay:
                 "GHOSTLOOP_MODEL_CACHE": str(self.settings.model_cache_dir),
                 "GHOSTLOOP_DATABASE_URL": self.url,
                 "GHOSTLOOP_MODEL": self.settings.model,
+                # servers and the nightly job (which exports adapters for onnxruntime) alike
+                "GHOSTLOOP_BACKEND": self.settings.backend,
+                "GHOSTLOOP_ONNX_INT8": str(self.settings.onnx_int8).lower(),
+                "GHOSTLOOP_DEVICE": self.settings.device,
                 "GHOSTLOOP_USER": user,
                 "GHOSTLOOP_HASH_USER": "false",
                 "GHOSTLOOP_TELEMETRY": "true",
@@ -459,6 +463,7 @@ class Replay:
             "by_kind": first["by_kind"],
             "kept_length": first["kept_length"],
             "model": model,
+            "backend": backend_name(self.settings),
             "method": methods[0],
             "adapter": first["adapter"],
             "gated": not options.ungated,
@@ -518,7 +523,8 @@ async def run_replay(settings: Settings, options: ReplayOptions, *, as_json: boo
         print("", file=out)
         print(replay_report.format_table(report), file=out)
         print(
-            f"\nmethod {report['method']}, adapter {report['adapter'] or 'none'}; "
+            f"\nmethod {report['method']}, adapter {report['adapter'] or 'none'}, "
+            f"served with {report['backend']}; "
             f"{report['seconds']:.0f} s; report {Path(report['chart']).with_suffix('.json')}, "
             f"chart {report['chart']}",
             file=out,

@@ -20,6 +20,7 @@ from feedback.admin_web.app import create_app
 from feedback.database import open_engine
 from feedback.schema import Completion, FeedbackEvent, TrainingRun
 from feedback.store import events_by_completion
+from ghostloop.onnx_backend import INT8_FILE
 from tests.training_data import TRAIN_ENV, write_repo
 from trainer.labels import label
 
@@ -210,6 +211,44 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
     assert dashboard.get("/replays/..%2F..%2Fetc/report.png").status_code == 404
 
 
+def test_replay_on_onnxruntime_int8_exports_and_swaps_the_adapter(tmp_path, tiny_model_dir):
+    """The demo's backend on a CPU: both servers and the night on onnxruntime, whatever the
+    environment says; the night exports the adapter, the held-out server swaps its export in
+    and serves an int8 copy of it."""
+    root = write_repo(tmp_path / "repo", 8)
+    work = tmp_path / "replay"
+    command = [sys.executable, "-m", "ghostloop", "replay", str(root)]
+    command += ["--backend", "onnxruntime-int8", "--positions", "24", "--ungated", "--json"]
+    command += ["--no-progress", "--work-dir", str(work), "--windows", WINDOWS]
+    done = subprocess.run(
+        command,
+        env={
+            **os.environ,
+            **TRAIN_ENV,
+            "GHOSTLOOP_MODEL": str(tiny_model_dir),
+            "GHOSTLOOP_BACKEND": "torch",  # --backend wins over the environment
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["backend"] == "onnxruntime-int8"
+    version = report["adapter"]
+    assert version, report["methods"]["sft"]["message"]
+    assert report["after"]["completions"] == 24
+    export = work / "adapters" / version / "onnx"
+    meta = json.loads((export / "model.onnx.json").read_text())
+    assert meta["adapter"] == version, "the night exported the adapter it published"
+    assert (export / INT8_FILE).is_file(), "the held-out server made the export's int8 copy"
+    engine = open_engine(f"sqlite:///{work / 'ghostloop.db'}")
+    with Session(engine) as session:
+        after = [i for i in report["served"]["after"].values() if i]
+        assert after and all(session.get(Completion, i).adapter_version == version for i in after)
+    engine.dispose()
+
+
 def test_replay_refuses_a_missing_path_and_changes_nothing(tmp_path, tiny_model_dir):
     work = tmp_path / "replay"
     done = replay(
@@ -252,6 +291,9 @@ def test_replay_refuses_bad_windows_a_dead_store_and_a_missing_model(tmp_path, t
     work = tmp_path / "replay"
     done = replay(tmp_path, tiny_model_dir, str(root), "--work-dir", str(work), "--windows", "2,1")
     assert done.returncode == 2 and "--windows takes increasing positive seconds" in done.stderr
+    assert not work.exists()
+    done = replay(tmp_path, tiny_model_dir, str(root), "--work-dir", str(work), "--backend", "trt")
+    assert done.returncode == 2 and "--backend takes one of torch, onnxruntime" in done.stderr
     assert not work.exists()
 
     dead = "postgresql+psycopg://postgres@127.0.0.1:1/test"

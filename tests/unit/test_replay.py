@@ -184,3 +184,24 @@ def test_reach_counts_the_untyped_characters_the_training_half_holds_word_for_wo
     assert "the night's data holds 14 chars at 1 positions (at most +53.8% by recall)" in table
     with pytest.raises(ValueError, match="a score per position"):
         reach(held, before[:-1], trained_on, files)
+
+
+def test_the_demo_serves_with_onnxruntime_in_fp32_on_a_cpu(monkeypatch):
+    import importlib.util
+
+    from ghostloop.cli import _demo_backend
+    from ghostloop.settings import Settings, backend_name
+
+    assert _demo_backend(Settings(device="cpu")) == "onnxruntime"
+    assert _demo_backend(Settings(device="cpu", onnx_int8=True)) == "onnxruntime"
+    # on a GPU, what the settings say
+    assert _demo_backend(Settings(device="cuda")) == "torch"
+    assert _demo_backend(Settings(device="cuda", backend="onnxruntime")) == "onnxruntime"
+    assert backend_name(Settings(backend="onnxruntime", onnx_int8=True)) == "onnxruntime-int8"
+    assert backend_name(Settings(backend="torch", onnx_int8=True)) == "torch"
+    # without onnxruntime installed, too
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name)
+    )
+    assert _demo_backend(Settings(device="cpu")) == "torch"

@@ -123,13 +123,12 @@ def _demo_backend(settings: Settings) -> str:
     GPU, or without onnxruntime installed, what the settings say."""
     import importlib.util
 
-    if importlib.util.find_spec("onnxruntime") is None or settings.device == "cuda":
-        return backend_name(settings)
-    import torch
+    if importlib.util.find_spec("onnxruntime") is not None and settings.device != "cuda":
+        import torch
 
-    if settings.device == "auto" and torch.cuda.is_available():
-        return backend_name(settings)
-    return "onnxruntime"
+        if settings.device == "cpu" or not torch.cuda.is_available():
+            return "onnxruntime"
+    return backend_name(settings)
 
 
 def _db(args: argparse.Namespace, settings: Settings) -> int:

@@ -212,9 +212,9 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
 
 
 def test_replay_on_onnxruntime_int8_exports_and_swaps_the_adapter(tmp_path, tiny_model_dir):
-    """The demo's backend on a CPU: both servers and the night on onnxruntime, whatever the
-    environment says; the night exports the adapter, the held-out server swaps its export in
-    and serves an int8 copy of it."""
+    """--backend: both servers and the night on onnxruntime, whatever the environment says;
+    the night exports the adapter, the held-out server swaps its export in and serves an
+    int8 copy of it (the demo's fp32 default takes the same path without that copy)."""
     root = write_repo(tmp_path / "repo", 8)
     work = tmp_path / "replay"
     command = [sys.executable, "-m", "ghostloop", "replay", str(root)]

@@ -138,3 +138,46 @@ def sequence_logprobs(
     scored = lengths - (first - (len(prompt_ids) - 1))
     positions = torch.arange(targets.shape[1], device=device).unsqueeze(0)
     return (token_logps * (positions < scored.unsqueeze(1))).sum(dim=1), lengths
+
+
+def prompt_once_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    completions: Sequence[Sequence[int]],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logprobs`` without gradients, the prompt run once: its KV cache is
+    repeated for the completions instead of the prompt being run again in every row. For
+    the gate's likelihood figures, where a ~500-token prompt is scored with two completions
+    of ~10 tokens, that halves the work."""
+    if not prompt_ids or not completions:
+        with torch.no_grad():
+            return sequence_logprobs(model, prompt_ids, completions, pad_id)
+    device = next(model.parameters()).device
+    count = len(completions)
+    lengths = torch.tensor([len(c) for c in completions], device=device)
+    with torch.no_grad():
+        prompt = torch.tensor([list(prompt_ids)], device=device)
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        summed = torch.stack([first[c[0]] if c else first.new_zeros(()) for c in completions])
+        fed = int(lengths.max()) - 1  # each token but a completion's last predicts the next
+        if fed <= 0:
+            return summed, lengths
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(count)
+        ids = torch.full((count, fed), pad_id, dtype=torch.long, device=device)
+        targets = torch.full((count, fed), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((count, len(prompt_ids) + fed), dtype=torch.long, device=device)
+        mask[:, : len(prompt_ids)] = 1
+        for index, completion in enumerate(completions):
+            steps = len(completion) - 1
+            if steps > 0:
+                ids[index, :steps] = torch.tensor(completion[:-1], device=device)
+                targets[index, :steps] = torch.tensor(completion[1:], device=device)
+                mask[index, len(prompt_ids) : len(prompt_ids) + steps] = 1
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits.float()
+        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1))
+        positions = torch.arange(fed, device=device).unsqueeze(0)
+        scored = token_logps.squeeze(-1) * (positions < (lengths - 1).unsqueeze(1))
+        return summed + scored.sum(dim=1), lengths

@@ -117,6 +117,19 @@ def training_arguments(
     }
 
 
+def by_length() -> dict[str, Any]:
+    """Batches of examples of about the same length (transformers' LengthGroupedSampler:
+    shuffled, then sorted within groups of up to a quarter of the data). Batched at random,
+    15 % of the tokens a demo's night computed were padding (prompts of 28 to 512 tokens,
+    404 on average, in batches of 4); older transformers call the option group_by_length."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
 def _losses(trainer: Trainer) -> list[float]:
     return [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
 
@@ -187,6 +200,7 @@ def train_sft(
     _ensure_pad_token(loaded)
     config = SFTConfig(
         **training_arguments(settings, loaded, work, settings.learning_rate),
+        **by_length(),
         max_length=None,
         packing=False,
         prediction_loss_only=True,  # the loss probe needs no logits kept
@@ -197,7 +211,9 @@ def train_sft(
     return _run(trainer, "sft", model, dataset, sum(len(r["input_ids"]) for r in rows))
 
 
-LOSS_PROBE = 64  # training examples the loss is measured on before and after
+# training examples the loss is measured on before and after (64 took 80 s each time on a
+# 2-core CPU, about 5 % of the demo's time)
+LOSS_PROBE = 16
 
 
 def _run(trainer: Trainer, method: str, model: Any, dataset: Dataset, tokens: int) -> TrainOutcome:

@@ -31,7 +31,9 @@ from feedback import adapters as adapter_rows
 from feedback.database import default_database_url, open_engine, upgrade
 from feedback.schema import PreferencePair, TrainingRun
 from ghostloop import adapters as registry
+from ghostloop import onnx_backend
 from ghostloop.models import LoadedModel, load_model
+from ghostloop.onnx_backend import OnnxModel
 from ghostloop.settings import Settings
 from trainer.gate import GateResult, run_gate
 from trainer.labels import (
@@ -255,6 +257,38 @@ def _run(settings: Settings, method: str, engine: Engine, from_scratch: bool) ->
     except Exception as error:
         _update_row(engine, run_id, status="failed", reason=repr(error), started=started)
         raise
+    finally:
+        shutil.rmtree(_staging(settings, run_id), ignore_errors=True)
+
+
+def _staging(settings: Settings, run_id: int) -> Path:
+    """Where the candidate is written before the gate when the gate judges its export: moved
+    into the registry when published, removed otherwise."""
+    return settings.data_dir / "train-work" / f"run{run_id}-candidate"
+
+
+def _save_adapter(model: Any, directory: Path) -> None:
+    model.save_pretrained(str(directory), selected_adapters=["default"], safe_serialization=True)
+
+
+def _served_baseline(
+    settings: Settings,
+    loaded: LoadedModel,
+    baseline: tuple[Path, str, str] | None,
+    baseline_path: Path | None,
+) -> OnnxModel | None:
+    """The baseline's onnxruntime export for the gate, loaded before training (while the
+    base model has no LoRA yet, so it can be exported if it never was); None, and the gate
+    generates with torch, when the active adapter has no usable export."""
+    if baseline_path is None or baseline is None:
+        return onnx_backend.base_export(loaded, settings)
+    try:
+        return onnx_backend.adapter_export(
+            baseline_path, loaded, settings, version=baseline[1], checksum=baseline[2]
+        )
+    except onnx_backend.OnnxExportError as error:
+        log.warning("the gate generates with torch: the active adapter's export: %s", error)
+        return None
 
 
 def _export_onnx(model: Any, directory: Path, loaded: LoadedModel, version: str) -> None:
@@ -262,8 +296,6 @@ def _export_onnx(model: Any, directory: Path, loaded: LoadedModel, version: str)
     export it now, inside the version's directory before it is published, in the graph
     for this machine's device (onnx_backend.fused_for)."""
     import copy
-
-    from ghostloop import onnx_backend
 
     folded = copy.deepcopy(model).merge_and_unload()  # peft: W + scale * B A, plain Linears
     identity = (version, registry.checksum(directory))
@@ -336,6 +368,10 @@ def _train_gate_publish(
                 "active adapter %s is unusable, training from the base model: %s", version, error
             )
     work = settings.data_dir / "train-work" / f"run{run_id}"
+    staged = _staging(settings, run_id)
+    served_baseline = None
+    if settings.backend == "onnxruntime":
+        served_baseline = _served_baseline(settings, loaded, baseline, baseline_path)
     try:
         if settings.train_processes > 1:
             outcome = launch(settings, loaded, method, train, work, baseline_path)
@@ -357,6 +393,19 @@ def _train_gate_publish(
     _update_row(engine, run_id, losses=losses, started=started, status="evaluating")
     if "rankings" in outcome.extra:  # rrhf: store each prompt's ranked candidates
         _store_rankings(engine, run_id, outcome.extra["rankings"])
+    version = _version(method, run_id)
+    served = None
+    if served_baseline is not None:
+        # the candidate as it would be published and served: its export judged by the gate
+        # is the one published with it
+        _save_adapter(model, staged)
+        _export_onnx(model, staged, loaded, version)
+        served = (
+            served_baseline,
+            onnx_backend.adapter_export(
+                staged, loaded, settings, version=version, checksum=registry.checksum(staged)
+            ),
+        )
     gate = run_gate(
         loaded,
         settings,
@@ -364,16 +413,18 @@ def _train_gate_publish(
         held_out,
         baseline_adapter=baseline_path,
         baseline_name=baseline[1] if baseline_path and baseline else "base model",
+        served=served,
     )
     evaluation = gate.to_json()
     published = None
     if gate.passed or not settings.gate_enforced:
-        version = _version(method, run_id)
 
         def save(directory: Path) -> None:
-            model.save_pretrained(
-                str(directory), selected_adapters=["default"], safe_serialization=True
-            )
+            if served is not None:
+                for entry in staged.iterdir():
+                    shutil.move(entry, directory / entry.name)
+                return
+            _save_adapter(model, directory)
             if settings.backend == "onnxruntime":
                 _export_onnx(model, directory, loaded, version)
 

@@ -387,3 +387,36 @@ def test_on_the_onnxruntime_backend_publishing_exports_the_adapter_merged(
         Path(adapter.path), loaded, settings, version=adapter.version, checksum=adapter.checksum
     )
     assert served.version == adapter.version
+
+
+def test_on_the_onnxruntime_backend_the_gate_judges_the_exports_that_would_be_served(
+    isolated_data_dir: Path, tiny_model_dir: Path
+):
+    """With onnxruntime serving, the gate generates with the baseline's export and the
+    candidate's (made before the gate and published as judged); an active adapter
+    published without an export (under torch) is judged with torch on both sides."""
+    url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
+    env = {
+        "GHOSTLOOP_DATABASE_URL": url,
+        "GHOSTLOOP_MODEL": str(tiny_model_dir),
+        "GHOSTLOOP_GATE_ENFORCED": "false",  # each night publishes: the gate's verdict aside
+    }
+    publish_first(url, env, tiny_model_dir)  # under torch: no export
+    assert runs(url)[-1].evaluation["backend"] == "torch"
+    onnx = {**env, "GHOSTLOOP_BACKEND": "onnxruntime"}
+    name = model_name(tiny_model_dir)
+    for backend in ("torch", "onnxruntime"):
+        previous = adapter_rows(url)[-1]
+        write_rows(url, name, 30, lambda index: TRUTH)
+        done = train(onnx)
+        assert done.returncode == 0 and "published" in done.stdout, done.stderr[-3000:]
+        run = runs(url)[-1]
+        assert run.evaluation["backend"] == backend
+        assert run.evaluation["baseline"] == previous.version
+        assert (backend == "torch") == ("the gate generates with torch" in done.stderr)
+        adapter = adapter_rows(url)[-1]
+        meta = json.loads((Path(adapter.path) / "onnx" / "model.onnx.json").read_text())
+        assert (meta["adapter"], meta["adapter_checksum"]) == (adapter.version, adapter.checksum)
+        assert registry.verify(Path(adapter.path), adapter.checksum)
+        leftovers = list((isolated_data_dir / "train-work").glob("*"))
+        assert leftovers == [], "the staged candidate was moved into the registry"

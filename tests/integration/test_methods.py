@@ -13,7 +13,13 @@ from ghostloop.models import load_model
 from ghostloop.postprocess import CursorContext
 from ghostloop.settings import Settings
 from ghostloop.suggest import prompt_for
-from trainer.data import encode, pad_id, sequence_logprobs, training_prompt
+from trainer.data import (
+    encode,
+    pad_id,
+    prompt_once_logprobs,
+    sequence_logprobs,
+    training_prompt,
+)
 from trainer.labels import Example
 from trainer.methods import METHODS, TooLittleData, completion_loss, peft_model
 
@@ -195,3 +201,31 @@ def test_sequence_logprobs_score_each_completion_token_after_the_prompt(
             for at in range(max(len(prompt), 1), tokens.shape[1])
         )
         assert abs(float(summed[index]) - expected) < 1e-3
+
+
+@pytest.mark.parametrize("prompt_length", [0, 1, 40])
+def test_the_prompt_run_once_scores_as_the_prompt_run_per_completion(
+    settings: Settings, prompt_length: int
+):
+    """The gate's likelihood figures run the prompt once and repeat its cache: the same
+    figures as ``sequence_logprobs``, with completions of different lengths (one token
+    and empty included) on the adapter being trained."""
+    import torch
+
+    loaded = load_model(settings)
+    model = peft_model(loaded, settings, None)
+    model.eval()
+    with torch.no_grad():  # a LoRA that is not zero, so the adapter counts in both
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    row = encode(loaded, settings, stdlib_examples(1)[0])
+    prompt = row.prompt_ids[-prompt_length:] if prompt_length else []
+    completions = [row.chosen_ids, [row.chosen_ids[0]], [7, 8, 9, 10, 11], []]
+    with torch.no_grad():
+        expected, expected_lengths = sequence_logprobs(model, prompt, completions, pad_id(loaded))
+    summed, lengths = prompt_once_logprobs(model, prompt, completions, pad_id(loaded))
+    assert lengths.tolist() == expected_lengths.tolist() == [len(c) for c in completions]
+    assert torch.allclose(summed, expected, atol=1e-4), (summed, expected)
+    assert float(summed[3]) == 0.0  # nothing to score
+    assert (float(summed[1]) < 0.0) == bool(prompt)  # without a prompt the first is not scored

@@ -73,7 +73,8 @@ class ReplayError(RuntimeError):
 @dataclass(frozen=True)
 class ReplayOptions:
     root: Path
-    positions: int = 400  # held-out positions; the training half gets as many
+    positions: int = 400  # held-out positions
+    train_positions: int | None = None  # the training half's; None: as many as held out
     seed: int = 0
     methods: tuple[str, ...] = ()  # trained side by side; empty: the configured method
     ungated: bool = False  # publish the candidate even if the gate refuses it
@@ -398,7 +399,10 @@ class Replay:
         methods = list(options.methods) or [self.settings.train_method]
         files = source_files(root)
         train_files, held_files = split_files(files, root, options.seed)
-        train_positions = choose_positions(train_files, root, options.positions, options.seed)
+        train_count = (
+            options.positions if options.train_positions is None else options.train_positions
+        )
+        train_positions = choose_positions(train_files, root, train_count, options.seed)
         held_positions = choose_positions(held_files, root, options.positions, options.seed)
         if not train_positions or not held_positions:
             raise ReplayError(f"no cursor positions in the code under {root}")

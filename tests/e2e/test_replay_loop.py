@@ -213,11 +213,13 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
 
 def test_replay_on_onnxruntime_int8_exports_and_swaps_the_adapter(tmp_path, tiny_model_dir):
     """--backend: both servers and the night on onnxruntime, whatever the environment says;
-    the night exports the adapter, the held-out server swaps its export in and serves an
-    int8 copy of it (the demo's fp32 default takes the same path without that copy)."""
+    the night exports the adapter and its gate judges the int8 copies of the base model's
+    export and of the candidate's; the held-out server swaps that export in and serves the
+    int8 copy (the demo's fp32 default takes the same path without the copies).
+    --train-positions: fewer positions walked in the training half than held out."""
     root = write_repo(tmp_path / "repo", 8)
     work = tmp_path / "replay"
-    command = [sys.executable, "-m", "ghostloop", "replay", str(root)]
+    command = [sys.executable, "-m", "ghostloop", "replay", str(root), "--train-positions", "20"]
     command += ["--backend", "onnxruntime-int8", "--positions", "24", "--ungated", "--json"]
     command += ["--no-progress", "--work-dir", str(work), "--windows", WINDOWS]
     done = subprocess.run(
@@ -238,12 +240,16 @@ def test_replay_on_onnxruntime_int8_exports_and_swaps_the_adapter(tmp_path, tiny
     version = report["adapter"]
     assert version, report["methods"]["sft"]["message"]
     assert report["after"]["completions"] == 24
+    assert report["split"]["train_positions"] == 20
+    assert report["training_half"]["completions"] == 20
     export = work / "adapters" / version / "onnx"
     meta = json.loads((export / "model.onnx.json").read_text())
     assert meta["adapter"] == version, "the night exported the adapter it published"
-    assert (export / INT8_FILE).is_file(), "the held-out server made the export's int8 copy"
+    assert (export / INT8_FILE).is_file(), "the int8 copy the gate judged, published with it"
     engine = open_engine(f"sqlite:///{work / 'ghostloop.db'}")
     with Session(engine) as session:
+        run = session.scalars(select(TrainingRun)).one()
+        assert run.evaluation["backend"] == "onnxruntime-int8"
         after = [i for i in report["served"]["after"].values() if i]
         assert after and all(session.get(Completion, i).adapter_version == version for i in after)
     engine.dispose()
@@ -294,6 +300,11 @@ def test_replay_refuses_bad_windows_a_dead_store_and_a_missing_model(tmp_path, t
     assert not work.exists()
     done = replay(tmp_path, tiny_model_dir, str(root), "--work-dir", str(work), "--backend", "trt")
     assert done.returncode == 2 and "--backend takes one of torch, onnxruntime" in done.stderr
+    assert not work.exists()
+    done = replay(
+        tmp_path, tiny_model_dir, str(root), "--work-dir", str(work), "--train-positions", "0"
+    )
+    assert done.returncode == 2 and "--train-positions must be at least 1" in done.stderr
     assert not work.exists()
 
     dead = "postgresql+psycopg://postgres@127.0.0.1:1/test"

@@ -205,3 +205,15 @@ def test_the_demo_serves_with_onnxruntime_in_fp32_on_a_cpu(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name)
     )
     assert _demo_backend(Settings(device="cpu")) == "torch"
+
+
+def test_the_demo_walks_fewer_training_positions_than_it_holds_out():
+    from ghostloop.cli import DEMO_TRAIN_POSITIONS, build_parser
+
+    parser = build_parser()
+    demo = parser.parse_args(["demo"])
+    assert (demo.positions, demo.train_positions) == (400, DEMO_TRAIN_POSITIONS)
+    assert demo.positions > DEMO_TRAIN_POSITIONS
+    replay = parser.parse_args(["replay", "somewhere"])
+    assert (replay.positions, replay.train_positions) == (400, None)  # as many as held out
+    assert parser.parse_args(["demo", "--train-positions", "400"]).train_positions == 400

@@ -279,15 +279,16 @@ def _served_baseline(
 ) -> OnnxModel | None:
     """The baseline's onnxruntime export for the gate, loaded before training (while the
     base model has no LoRA yet, so it can be exported if it never was); None, and the gate
-    generates with torch, when the active adapter has no usable export."""
-    if baseline_path is None or baseline is None:
-        return onnx_backend.base_export(loaded, settings)
+    generates with torch, when there is no usable one (an active adapter published under
+    torch, say)."""
     try:
+        if baseline_path is None or baseline is None:
+            return onnx_backend.base_export(loaded, settings)
         return onnx_backend.adapter_export(
             baseline_path, loaded, settings, version=baseline[1], checksum=baseline[2]
         )
     except onnx_backend.OnnxExportError as error:
-        log.warning("the gate generates with torch: the active adapter's export: %s", error)
+        log.warning("the gate generates with torch: the baseline's export: %s", error)
         return None
 
 

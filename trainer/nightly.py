@@ -272,20 +272,18 @@ def _save_adapter(model: Any, directory: Path) -> None:
 
 
 def _served_baseline(
-    settings: Settings,
-    loaded: LoadedModel,
-    baseline: tuple[Path, str, str] | None,
-    baseline_path: Path | None,
+    settings: Settings, loaded: LoadedModel, baseline: tuple[Path, str, str] | None
 ) -> OnnxModel | None:
     """The baseline's onnxruntime export for the gate, loaded before training (while the
     base model has no LoRA yet, so it can be exported if it never was); None, and the gate
     generates with torch, when there is no usable one (an active adapter published under
     torch, say)."""
     try:
-        if baseline_path is None or baseline is None:
+        if baseline is None:
             return onnx_backend.base_export(loaded, settings)
+        path, version, checksum = baseline
         return onnx_backend.adapter_export(
-            baseline_path, loaded, settings, version=baseline[1], checksum=baseline[2]
+            path, loaded, settings, version=version, checksum=checksum
         )
     except onnx_backend.OnnxExportError as error:
         log.warning("the gate generates with torch: the baseline's export: %s", error)
@@ -372,7 +370,8 @@ def _train_gate_publish(
     staged = _staging(settings, run_id)
     served_baseline = None
     if settings.backend == "onnxruntime":
-        served_baseline = _served_baseline(settings, loaded, baseline, baseline_path)
+        usable = baseline if baseline_path is not None else None  # the verified one
+        served_baseline = _served_baseline(settings, loaded, usable)
     try:
         if settings.train_processes > 1:
             outcome = launch(settings, loaded, method, train, work, baseline_path)

@@ -1,4 +1,4 @@
-"""``ghostloop logs|stats|pairs|runs``: the log in a terminal, as rich tables (paged when
+"""``ghostloop logs|stats|pairs|runs|replays``: the log in a terminal, as rich tables (paged when
 they outgrow the screen) or as JSON for scripts. Queries live in feedback.logs and
 feedback.stats; this module only prints what they return."""
 
@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console, RenderableType
@@ -18,7 +19,7 @@ from rich.text import Text
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from feedback import logs, stats
+from feedback import logs, replay_report, stats
 from feedback.logs import LogFilter
 from feedback.schema import PreferencePair, TrainingRun
 
@@ -311,6 +312,66 @@ def show_runs(engine: Engine, args: argparse.Namespace) -> int:
             row["decision"] or "-",
             f"{counts.get('train', '-')} / {counts.get('eval', '-')}",
             Text(row["reason"] or ""),
+        )
+    _emit(table, 3 * len(rows) + 6)
+    return 0
+
+
+def show_replays(data_dir: Path, args: argparse.Namespace) -> int:
+    """The replays stored under the data dir (``ghostloop replay``), or one in full: the same
+    report it printed when it ran. StoredReplayError for an unknown or unreadable one."""
+    if args.action == "show":
+        if not args.name:
+            raise AdminInputError("name a replay: ghostloop replays show NAME")
+        report = replay_report.stored_report(data_dir, args.name)
+        if args.json:
+            sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
+            return 0
+        chart = data_dir / "replays" / args.name / "report.png"
+        print(f"replay {args.name}: {replay_report.describe(report)}\n")
+        print(replay_report.format_table(report))
+        if chart.is_file():
+            print(f"\nchart {chart}")
+        return 0
+    rows: list[dict[str, Any]] = []
+    for name in replay_report.stored_names(data_dir, args.limit):
+        try:
+            report = replay_report.stored_report(data_dir, name)
+        except replay_report.StoredReplayError as error:
+            rows.append({"name": name, "problem": str(error)})
+            continue
+        rows.append(replay_report.overview_row(name, report))
+    if args.json:
+        _json_lines(rows)
+        return 0
+    if not rows:
+        print(
+            f"no replays under {data_dir / 'replays'} yet: 'ghostloop replay PATH' measures "
+            "whether a night of training saves typing on your repository"
+        )
+        return 0
+    table = Table(
+        title=f"{len(rows)} newest replays: held-out chars saved per completion, paired lift",
+        title_justify="left",
+    )
+    for name in ("replay", "model", "repository", "held out", "base model", "after a night"):
+        table.add_column(name, no_wrap=name != "after a night", overflow="fold")
+    for row in rows:
+        if "problem" in row:
+            table.add_row(row["name"], Text(row["problem"], style="red"), "", "", "", "")
+            continue
+        nights = "\n".join(
+            f"{m['method']} ({m['adapter'] or 'nothing published'}): "
+            f"{_figure(m['after'], '{:.2f}')} {replay_report.format_lift(m['lift'])}"
+            for m in row["methods"]
+        )
+        table.add_row(
+            row["name"],
+            str(row["model"] or "-"),
+            str(row["root"] or "-"),
+            str(row["positions"]),
+            _figure(row["before"], "{:.2f}"),
+            nights,
         )
     _emit(table, 3 * len(rows) + 6)
     return 0

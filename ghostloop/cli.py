@@ -296,6 +296,20 @@ def _inspect(args: argparse.Namespace, settings: Settings) -> int:
         return 1
 
 
+def _replays(args: argparse.Namespace, settings: Settings) -> int:
+    """The stored replay reports under the data dir: no database needed."""
+    from feedback import admin_cli, replay_report
+
+    try:
+        return admin_cli.show_replays(settings.data_dir, args)
+    except (admin_cli.AdminInputError, replay_report.UnknownReplayError) as error:
+        print(f"ghostloop replays: {error}", file=sys.stderr)
+        return 2
+    except replay_report.StoredReplayError as error:
+        print(f"ghostloop replays: {error}", file=sys.stderr)
+        return 1
+
+
 def _admin(args: argparse.Namespace, settings: Settings) -> int:
     from feedback.admin_web.app import serve
     from feedback.database import StoreError
@@ -553,6 +567,14 @@ def _add_inspection(commands: Any) -> None:
     for parser in (logs, stats, pairs, runs):
         parser.add_argument("--json", action="store_true", help="JSON lines for scripts")
         parser.set_defaults(run=_inspect)
+    replays = commands.add_parser(
+        "replays", help="stored replay reports (ghostloop replay); 'replays show NAME'"
+    )
+    replays.add_argument("action", nargs="?", choices=["show"], help="show one report in full")
+    replays.add_argument("name", nargs="?", help="with show: the replay's name")
+    replays.add_argument("--limit", type=int, default=30, help="newest N replays (default 30)")
+    replays.add_argument("--json", action="store_true", help="JSON lines for scripts")
+    replays.set_defaults(run=_replays)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -29,7 +28,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from feedback import adapters, logs, stats
+from feedback import adapters, logs, replay_report, stats
 from feedback.admin_cli import pair_records, run_record
 from feedback.admin_web.auth import COOKIE, CSRF_FIELD, Guard, safe_next, same_origin
 from feedback.admin_web.charts import line_chart
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 50
 DEFAULT_WINDOW = "30d"
 OPEN_PATHS = {"/login"}
-REPLAY_NAME = re.compile(r"^[\w.:-]+$")
 
 
 class PageError(Exception):
@@ -344,45 +342,58 @@ class Dashboard:
     def replays(self) -> list[dict[str, Any]]:
         """The replays run with this data dir (``ghostloop replay``), newest first."""
         found = []
-        for path in sorted((self.data_dir / "replays").glob("*/report.json"), reverse=True)[:10]:
+        for name in replay_report.stored_names(self.data_dir, limit=10):
             try:
-                report = json.loads(path.read_text(encoding="utf-8"))
-                found.append(_replay_summary(path.parent.name, report))
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                found.append({"name": path.parent.name, "problem": f"unreadable: {error}"})
+                report = replay_report.stored_report(self.data_dir, name)
+            except replay_report.StoredReplayError as error:
+                found.append({"name": name, "problem": str(error)})
+                continue
+            found.append(replay_report.overview_row(name, report))
         return found
+
+    def replay(self, request: Request) -> Response:
+        """One replay's whole report: every figure before and after on the held-out half
+        with its interval, the paired lifts, line starts and mid-line, what each night did."""
+        name = request.path_params["name"]
+        try:
+            report = replay_report.stored_report(self.data_dir, name)
+        except replay_report.UnknownReplayError as error:
+            raise PageError(404, str(error)) from None
+        except replay_report.StoredReplayError as error:
+            raise PageError(422, str(error)) from None
+        methods = []
+        for method, result in replay_report.methods_of(report).items():
+            methods.append(
+                {
+                    "name": method,
+                    "adapter": result.get("adapter"),
+                    "message": result.get("message"),
+                    "seconds": result.get("seconds"),
+                    "gate_passed": result.get("gate_passed"),
+                    "lift": replay_report.format_lift(
+                        (result.get("paired_lift") or {}).get("chars_saved_relative")
+                    ),
+                    "rows": replay_report.method_rows(report["before"], result),
+                }
+            )
+        return self.render(
+            request,
+            "replay.html",
+            replay_name=name,
+            description=replay_report.describe(report),
+            methods=methods,
+            reach=replay_report.format_reach(report["reach"]) if report.get("reach") else None,
+            reactions=report.get("reactions") or {},
+            chart=bool(report.get("chart"))
+            and (self.data_dir / "replays" / name / "report.png").is_file(),
+        )
 
     def replay_chart(self, request: Request) -> Response:
         name = request.path_params["name"]
         path = self.data_dir / "replays" / name / "report.png"
-        if not REPLAY_NAME.match(name) or not path.is_file():
+        if not replay_report.REPLAY_NAME.match(name) or not path.is_file():
             raise PageError(404, f"no replay chart named {name!r}")
         return FileResponse(path, media_type="image/png")
-
-
-def _replay_summary(name: str, report: dict[str, Any]) -> dict[str, Any]:
-    before = report["before"]
-    methods = []
-    for method, result in (report.get("methods") or {}).items():
-        lift = (result.get("paired_lift") or {}).get("chars_saved_relative")
-        after = result.get("after") or {}
-        methods.append(
-            {
-                "method": method,
-                "adapter": result.get("adapter"),
-                "after": after.get("chars_saved_per_completion"),
-                "lift": lift,
-            }
-        )
-    return {
-        "name": name,
-        "model": report.get("model"),
-        "root": report.get("split", {}).get("root"),
-        "positions": before.get("completions"),
-        "before": before.get("chars_saved_per_completion"),
-        "methods": methods,
-        "chart": bool(report.get("chart")),
-    }
 
 
 def _diff(suggested: str, final: str | None) -> list[tuple[str, str]]:
@@ -415,6 +426,7 @@ def create_app(engine: Engine, token: str, data_dir: Path) -> Starlette:
         Route("/runs/{run_id:int}", dashboard.run),
         Route("/adapters", dashboard.adapters_page),
         Route("/adapters/{action:str}", dashboard.adapter_action, methods=["POST"]),
+        Route("/replays/{name}", dashboard.replay),
         Route("/replays/{name}/report.png", dashboard.replay_chart),
     ]
     middleware = [Middleware(BaseHTTPMiddleware, dispatch=dashboard.check_access)]

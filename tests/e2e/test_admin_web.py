@@ -4,6 +4,7 @@ real LSP session wrote, served by a real ``ghostloop admin serve`` process."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import re
 import socket
@@ -22,6 +23,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from feedback.database import open_engine
+from feedback.replay_report import (
+    Position,
+    Scored,
+    chart,
+    compare,
+    format_lift,
+    method_rows,
+)
 from feedback.schema import AdapterVersion
 from ghostloop.settings import Settings
 from tests.adapters import publish_adapter
@@ -252,3 +261,92 @@ def test_the_token_is_made_once_and_a_restart_keeps_it(isolated_data_dir: Path, 
     assert missing.status_code == 404 and "no completion has id" in missing.text
     bad = httpx.get(second.url + "/completions?since=soon", headers=bearer(token))
     assert bad.status_code == 400 and "bad filter" in bad.text
+
+
+def write_replay(data_dir: Path, name: str) -> dict:
+    """A replay's stored report as ``ghostloop replay`` writes it, from the report's own code
+    over 40 positions where the night saved 2 more characters at every line start."""
+    positions = [
+        Position(f"m.py:{i}:4", "m.py", i, 4, "line_start" if i % 2 else "mid_line", "x = 1")
+        for i in range(40)
+    ]
+    before = [Scored(float(i % 5), i % 5 == 4, 12, False, 90.0, True, None) for i in range(40)]
+    after = [
+        Scored(s.chars_saved + 2 * (p.kind == "line_start"), s.exact, 12, False, 95.0, True, "v3")
+        for s, p in zip(before, positions, strict=True)
+    ]
+    work = data_dir / "replays" / name
+    work.mkdir(parents=True)
+    result = {**compare(positions, before, after), "adapter": "v3", "gate_passed": False}
+    report = {
+        "before": result.pop("before"),
+        "methods": {"sft": {**result, "message": "published v3 ungated", "seconds": 61.0}},
+        "model": "tiny-llama",
+        "backend": "torch",
+        "gated": False,
+        "split": {
+            "seed": 3,
+            "root": "/src/repo",
+            "train_files": ["a.py"],
+            "held_out_files": ["m.py"],
+            "train_positions": 40,
+            "held_out_positions": 40,
+        },
+        "reactions": {"baseline, held-out half": {"accepted": 12, "rejected": 28}},
+        "seconds": 300.0,
+    }
+    passes = [("base model", report["before"]), ("sft: v3", result["after"])]
+    report["chart"] = str(chart(passes, work / "report.png"))
+    (work / "report.json").write_text(json.dumps(report))
+    return report
+
+
+async def test_a_replay_report_reads_in_full_in_the_browser(
+    isolated_data_dir: Path, browser: Browser, dashboard_for
+):
+    report = write_replay(isolated_data_dir, "night-1")
+    broken = isolated_data_dir / "replays" / "broken"
+    broken.mkdir()
+    (broken / "report.json").write_text('{"before": ')  # a report cut short by a full disk
+    dashboard = dashboard_for(f"sqlite:///{isolated_data_dir / 'ghostloop.db'}")
+    token = (isolated_data_dir / "admin-token").read_text().strip()
+    context = await browser.new_context()
+    page = await context.new_page()
+    await log_in(page, dashboard, token)
+
+    rows = page.locator("#replays tr")
+    await expect(rows.filter(has_text="broken").locator(".error")).to_contain_text(
+        "is not a readable replay report"
+    )
+    lift = report["methods"]["sft"]["paired_lift"]["chars_saved_relative"]
+    night = rows.filter(has_text="night-1")
+    after = report["methods"]["sft"]["after"]["chars_saved_per_completion"]
+    await expect(night).to_contain_text(f"sft: {after:.2f} ({lift[0] * 100:+.1f} %")
+    await night.locator("a", has_text="night-1").click()
+    await expect(page).to_have_url(re.compile("/replays/night-1$"))
+    await expect(page.locator("h1")).to_contain_text("Replay night-1")
+    await expect(page.locator("#replay-split")).to_contain_text(
+        "tiny-llama, served with torch, over /src/repo: 1 files to train on (40 positions"
+    )
+    await expect(page.locator("#method-sft")).to_contain_text(f"{format_lift(lift)}")
+    table = page.locator("table[data-method=sft]")
+    for row in method_rows(report["before"], report["methods"]["sft"]):
+        cells = table.locator("tr", has=page.locator(f"td:text-is('{row.label}')")).locator("td")
+        await expect(cells).to_have_text([row.label, row.before, row.after, row.lift])
+    line_start = table.locator("tr.part", has_text="line start (20)").locator("td").nth(3)
+    await expect(line_start).to_have_text(re.compile(r"^\+2\.000 \[\+2\.000, \+2\.000\]$"))
+    await expect(page.locator("#reactions")).to_contain_text("accepted 12, rejected 28")
+    image = page.locator("#replay-chart")
+    await expect(image).to_be_visible()
+    assert await image.evaluate("img => img.complete && img.naturalWidth > 0")
+
+    for path, status, words in (
+        ("/replays/broken", 422, "is not a readable replay report"),
+        ("/replays/night-2", 404, "no replay named 'night-2'"),
+        ("/replays/no%20such", 404, "no replay named 'no such'"),
+    ):
+        answer = await page.goto(dashboard.url + path)
+        assert answer is not None and answer.status == status, path
+        await expect(page.locator(".error")).to_contain_text(words)
+    await context.close()
+    assert (broken / "report.json").read_text() == '{"before": '  # left as it was

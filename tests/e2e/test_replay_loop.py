@@ -6,6 +6,7 @@ report checked against the store: every figure recomputed here from the rows by 
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from starlette.testclient import TestClient
 
 from feedback.admin_web.app import create_app
 from feedback.database import open_engine
+from feedback.replay_report import format_table, method_rows
 from feedback.schema import Completion, FeedbackEvent, TrainingRun
 from feedback.store import events_by_completion
 from ghostloop.onnx_backend import INT8_FILE
@@ -209,6 +211,43 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
     chart = dashboard.get("/replays/first-night/report.png")
     assert chart.status_code == 200 and chart.content[:4] == b"\x89PNG"
     assert dashboard.get("/replays/..%2F..%2Fetc/report.png").status_code == 404
+    # ... and the whole report on its own page, each method's table as the terminal prints it
+    page = dashboard.get("/replays/first-night")
+    assert page.status_code == 200
+    assert 'href="/replays/first-night"' in overview.text
+    for method in ("sft", "dpo"):
+        table = page.text[page.text.index(f'data-method="{method}"') :]
+        table = table[: table.index("</table>")]
+        for row in method_rows(report["before"], report["methods"][method]):
+            cells = (row.label, row.before, row.after, row.lift)
+            assert "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells[1:]) in table
+    assert dashboard.get("/replays/second-night").status_code == 404
+
+    # in a terminal: the list, and the report in full as the replay printed it
+    env = {**os.environ, "GHOSTLOOP_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "ghostloop", "replays", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert row["name"] == "first-night" and row["positions"] == 40
+    assert {m["method"]: m["lift"] for m in row["methods"]} == {
+        # none where the base model saved nothing: a lift relative to zero is no figure
+        method: report["methods"][method]["paired_lift"].get("chars_saved_relative")
+        for method in ("sft", "dpo")
+    }
+    shown = subprocess.run(
+        [sys.executable, "-m", "ghostloop", "replays", "show", "first-night"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert format_table(report) in shown.stdout
+    assert report["split"]["root"] in shown.stdout
 
 
 def test_replay_on_onnxruntime_int8_exports_and_swaps_the_adapter(tmp_path, tiny_model_dir):

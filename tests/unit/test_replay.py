@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from feedback.metrics import judge
 from feedback.replay_report import (
     Position,
     Scored,
+    StoredReplayError,
+    UnknownReplayError,
     compare,
     format_table,
     kept_length,
+    method_rows,
     paired_lift,
     reach,
+    stored_names,
+    stored_report,
     summary,
 )
 from lsp_server.replay import ReplayError, _offset, choose_positions, source_files, split_files
@@ -217,3 +226,80 @@ def test_the_demo_walks_fewer_training_positions_than_it_holds_out():
     replay = parser.parse_args(["replay", "somewhere"])
     assert (replay.positions, replay.train_positions) == (400, None)  # as many as held out
     assert parser.parse_args(["demo", "--train-positions", "400"]).train_positions == 400
+
+
+def small_report() -> dict:
+    positions = [
+        Position(f"f.py:{i}:0", "f.py", i, 0, "line_start" if i % 2 else "mid_line", "x = 1")
+        for i in range(8)
+    ]
+    before = [scored(4 if i % 2 else 0, 10) for i in range(8)]
+    after = [scored(6 if i % 2 else 2, 8) for i in range(8)]
+    result = {**compare(positions, before, after), "adapter": "v1"}
+    return {"before": result.pop("before"), "methods": {"sft": result}, "model": "tiny"}
+
+
+def test_the_terminal_and_the_dashboard_read_the_same_rows():
+    """One method's block, line by line: each metric before, after and its paired lift,
+    under the headline its relative lift, the length kept both times and the two kinds."""
+    report = small_report()
+    rows = method_rows(report["before"], report["methods"]["sft"])
+    labels = [row.label for row in rows]
+    assert labels == [
+        "chars saved / completion",
+        "relative (headline)",
+        "kept both times (4)",
+        "line start (4)",
+        "mid line (4)",
+        "exact-line acceptance",
+        "retained / suggested",
+        "mean suggestion chars",
+        "empty suggestions",
+        "latency p50 / p95 (ms)",
+    ]
+    headline, relative, kept, line_start, mid_line = rows[:5]
+    assert headline.before.startswith("2.00 [") and headline.after.startswith("4.00 [")
+    assert headline.lift.startswith("+2.000 [")
+    assert relative.lift.startswith("+100.0% [") and relative.part and not headline.part
+    assert (kept.before, kept.after) == ("10.0", "8.0") and kept.lift.startswith("-20.0% [")
+    assert line_start.after.startswith("6.00 [") and mid_line.before.startswith("0.00 [")
+    assert rows[-1].before == "100 / 100"
+    table = format_table(report)
+    for row in rows:
+        assert row.label in table and row.after in table and row.lift in table
+    unrun = method_rows(report["before"], {"adapter": None, "after": None})
+    assert unrun[0].after == "-" and unrun[0].lift == "-"
+
+
+def test_a_stored_report_is_found_by_name_and_a_bad_one_is_refused(tmp_path: Path):
+    replays = tmp_path / "replays"
+    for name, text in (
+        ("older", json.dumps(small_report())),
+        ("newer", json.dumps(small_report())),
+        ("corrupt", '{"before": {"completions": 8'),
+        ("foreign", json.dumps({"before": {"completions": "many", "intervals": {}}})),
+        ("bad-method", json.dumps({**small_report(), "methods": {"sft": {"after": [1]}}})),
+        ("bad-kind", json.dumps({**small_report(), "methods": {"sft": {"by_kind": {"x": 1}}}})),
+    ):
+        (replays / name).mkdir(parents=True)
+        (replays / name / "report.json").write_text(text)
+    (replays / "no-report").mkdir()
+    ages = ("newer", "corrupt", "foreign", "bad-method", "bad-kind", "older")
+    for age, name in enumerate(ages):
+        os.utime(replays / name / "report.json", (1e9 - age, 1e9 - age))
+    assert stored_names(tmp_path) == list(ages)
+    assert stored_names(tmp_path, limit=2) == ["newer", "corrupt"]
+    assert stored_names(tmp_path / "elsewhere") == []
+    assert stored_report(tmp_path, "older") == small_report()
+    for name in ("absent", "no-report", "..", ".", "../replays/older", ""):
+        with pytest.raises(UnknownReplayError, match="'ghostloop replays' lists them"):
+            stored_report(tmp_path, name)
+    for name, why in (
+        ("corrupt", "Expecting"),
+        ("foreign", "'before' has no number 'completions'"),
+        ("bad-method", "method 'sft' has unreadable 'after' figures"),
+        ("bad-kind", "'int' object is not subscriptable"),
+    ):
+        with pytest.raises(StoredReplayError, match="run the replay again") as raised:
+            stored_report(tmp_path, name)
+        assert why in str(raised.value) and not isinstance(raised.value, UnknownReplayError)

@@ -321,18 +321,25 @@ def show_replays(data_dir: Path, args: argparse.Namespace) -> int:
     """The replays stored under the data dir (``ghostloop replay``), or one in full: the same
     report it printed when it ran. StoredReplayError for an unknown or unreadable one."""
     if args.action == "show":
-        if not args.name:
-            raise AdminInputError("name a replay: ghostloop replays show NAME")
-        report = replay_report.stored_report(data_dir, args.name)
+        if len(args.names) != 1:
+            raise AdminInputError("name one replay: ghostloop replays show NAME")
+        (name,) = args.names
+        report = replay_report.stored_report(data_dir, name)
         if args.json:
             sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
             return 0
-        chart = data_dir / "replays" / args.name / "report.png"
-        print(f"replay {args.name}: {replay_report.describe(report)}\n")
+        chart = data_dir / "replays" / name / "report.png"
+        print(f"replay {name}: {replay_report.describe(report)}\n")
         print(replay_report.format_table(report))
         if chart.is_file():
             print(f"\nchart {chart}")
         return 0
+    if args.action == "pool":
+        return _pool_replays(data_dir, args)
+    if args.names:
+        raise AdminInputError(
+            f"unexpected {args.names[0]!r}: 'replays show NAME' or 'replays pool'"
+        )
     rows: list[dict[str, Any]] = []
     for name in replay_report.stored_names(data_dir, args.limit):
         try:
@@ -374,4 +381,28 @@ def show_replays(data_dir: Path, args: argparse.Namespace) -> int:
             nights,
         )
     _emit(table, 3 * len(rows) + 6)
+    return 0
+
+
+def _pool_replays(data_dir: Path, args: argparse.Namespace) -> int:
+    """Several replays' held-out positions pooled: the lift of a recipe over other splits
+    of a repository (``ghostloop replay --seed``) or over other repositories."""
+    names = list(dict.fromkeys(args.names))
+    if len(names) < 2:
+        raise AdminInputError("name two or more replays: ghostloop replays pool NAME NAME ...")
+    parts, nights, methods = [], [], set()
+    for name in names:
+        report = replay_report.stored_report(data_dir, name)
+        parts.append(replay_report.stored_scores(name, report, args.method))
+        methods.add(args.method or next(iter(replay_report.methods_of(report))))
+        nights.append(name)
+    result = replay_report.pooled(parts)
+    if args.json:
+        summary = {"replays": names, "methods": sorted(methods)}
+        sys.stdout.write(json.dumps({**summary, **result}) + "\n")
+        return 0
+    count = sum(len(part[0]) for part in parts)
+    print(f"pooled: {len(names)} replays, {count} held-out positions: {', '.join(nights)}\n")
+    method = " / ".join(sorted(methods))
+    print(replay_report.format_table({**result, "method": method, "adapter": "a night each"}))
     return 0

@@ -22,9 +22,12 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from feedback.canary import chars_saved
+from feedback.database import StoreError, open_engine
 from feedback.schema import Completion
 from feedback.store import events_by_completion
 
@@ -135,13 +138,33 @@ def _metric(columns: Mapping[str, np.ndarray], name: str, rows: np.ndarray) -> n
     raise ValueError(f"unknown metric {name!r}")
 
 
+def _resample(n: int, seed: int, groups: Sequence[int] | None = None) -> np.ndarray:
+    """ROUNDS bootstrap resamples of n positions (shape ROUNDS x n). With ``groups`` (one
+    label per position: which replay it came from) each group is resampled within itself,
+    a stratified bootstrap: pooled replays keep their sizes in every round."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        return rng.integers(0, n, size=(ROUNDS, n))
+    if len(groups) != n:
+        raise ValueError(f"one group per position: {len(groups)} groups, {n} positions")
+    labels = np.asarray(groups)
+    parts = []
+    for label in dict.fromkeys(groups):  # in order of first appearance
+        members = np.flatnonzero(labels == label)
+        parts.append(members[rng.integers(0, len(members), size=(ROUNDS, len(members)))])
+    return np.concatenate(parts, axis=1)
+
+
 def _interval(point: float, rounds: np.ndarray) -> list[float]:
     low, high = np.percentile(rounds, [2.5, 97.5])
     return [round(point, 4), round(float(low), 4), round(float(high), 4)]
 
 
-def summary(scores: Sequence[Scored], seed: int = 0) -> dict[str, Any]:
-    """The figures of one pass (DESIGN.md's M) with 95 % bootstrap intervals."""
+def summary(
+    scores: Sequence[Scored], seed: int = 0, groups: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """The figures of one pass (DESIGN.md's M) with 95 % bootstrap intervals (stratified by
+    ``groups`` when given)."""
     n = len(scores)
     latencies = [s.latency_ms for s in scores if s.latency_ms is not None]
     result: dict[str, Any] = {
@@ -154,7 +177,7 @@ def summary(scores: Sequence[Scored], seed: int = 0) -> dict[str, Any]:
         return {**result, **dict.fromkeys(METRICS, 0.0), "intervals": {}}
     columns = _columns(scores)
     everything = np.arange(n)[None, :]
-    rows = np.random.default_rng(seed).integers(0, n, size=(ROUNDS, n))
+    rows = _resample(n, seed, groups)
     intervals = {}
     for name in METRICS:
         point = float(_metric(columns, name, everything)[0])
@@ -174,16 +197,19 @@ def _paired_columns(
 
 
 def paired_lift(
-    before: Sequence[Scored], after: Sequence[Scored], seed: int = 0
+    before: Sequence[Scored],
+    after: Sequence[Scored],
+    seed: int = 0,
+    groups: Sequence[int] | None = None,
 ) -> dict[str, list[float]]:
     """After minus before over the same positions: [estimate, low, high] per metric, plus
-    the headline's relative lift (after / before - 1)."""
+    the headline's relative lift (after / before - 1). ``groups``: see ``_resample``."""
     a, b = _paired_columns(before, after)
     n = len(before)
     if not n:
         return {}
     everything = np.arange(n)[None, :]
-    rows = np.random.default_rng(seed).integers(0, n, size=(ROUNDS, n))
+    rows = _resample(n, seed, groups)
     lifts: dict[str, list[float]] = {}
     for name in METRICS:
         point = float(_metric(b, name, everything)[0] - _metric(a, name, everything)[0])
@@ -281,27 +307,34 @@ def compare(
     before: Sequence[Scored],
     after: Sequence[Scored] | None,
     seed: int = 0,
+    groups: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """before, after and paired lift, overall and split into line starts and mid-line."""
+    """before, after and paired lift, overall and split into line starts and mid-line.
+    ``groups``: which replay each position came from, when several are pooled."""
     report: dict[str, Any] = {
-        "before": summary(before, seed),
+        "before": summary(before, seed, groups),
         "after": None,
         "paired_lift": None,
         "kept_length": None,
     }
     if after is not None:
-        report["after"] = summary(after, seed)
-        report["paired_lift"] = paired_lift(before, after, seed)
+        report["after"] = summary(after, seed, groups)
+        report["paired_lift"] = paired_lift(before, after, seed, groups)
         report["kept_length"] = kept_length(before, after, seed)
     by_kind = {}
     for kind in ("line_start", "mid_line"):
         chosen = [i for i, p in enumerate(positions) if p.kind == kind]
+        part_groups = [groups[i] for i in chosen] if groups is not None else None
         part_before = [before[i] for i in chosen]
-        part = {"before": summary(part_before, seed), "after": None, "paired_lift": None}
+        part = {
+            "before": summary(part_before, seed, part_groups),
+            "after": None,
+            "paired_lift": None,
+        }
         if after is not None:
             part_after = [after[i] for i in chosen]
-            part["after"] = summary(part_after, seed)
-            part["paired_lift"] = paired_lift(part_before, part_after, seed)
+            part["after"] = summary(part_after, seed, part_groups)
+            part["paired_lift"] = paired_lift(part_before, part_after, seed, part_groups)
         by_kind[kind] = part
     report["by_kind"] = by_kind
     return report
@@ -607,3 +640,64 @@ def format_lift(lift: Sequence[float] | None) -> str:
         return "-"
     estimate, low, high = (f"{100 * v:+.1f} %" for v in lift)
     return f"{estimate} [{low}, {high}]"
+
+
+def stored_scores(
+    name: str, report: Mapping[str, Any], method: str | None = None
+) -> tuple[list[Position], list[Scored], list[Scored]]:
+    """A stored replay's held-out positions and each one's score before and after
+    ``method``'s night (default: the report's first method), read back from the replay's
+    own store as the report was computed. StoredReplayError when they cannot be."""
+    results = methods_of(report)
+    chosen = method or next(iter(results))
+    if chosen not in results:
+        raise StoredReplayError(
+            f"replay {name!r} has no method {chosen!r}: it ran {', '.join(results)}"
+        )
+    served = report.get("served") or {}
+    after_ids = results[chosen].get("served")
+    if after_ids is None and chosen == report.get("method"):
+        after_ids = served.get("after")
+    if not after_ids or not report.get("positions") or not served.get("before"):
+        raise StoredReplayError(
+            f"replay {name!r} has no held-out walk after {chosen}'s night to pool "
+            "(nothing was published, or the report predates per-position records)"
+        )
+    url = str(report.get("store") or "")
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoredReplayError(f"replay {name!r} names no readable store ({url!r})") from None
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        raise StoredReplayError(
+            f"replay {name!r}'s store {parsed.database} is gone: its figures can no longer "
+            "be pooled (the report itself still reads with 'ghostloop replays show')"
+        )
+    try:
+        positions = [Position(**row) for row in report["positions"]]
+        engine = open_engine(url)
+        try:
+            with Session(engine) as session:
+                before = load_scores(session, positions, served["before"])
+                after = load_scores(session, positions, after_ids)
+        finally:
+            engine.dispose()
+    except (StoreError, SQLAlchemyError, UnsettledError, TypeError) as error:
+        raise StoredReplayError(f"replay {name!r}'s store cannot be read back: {error}") from None
+    return positions, before, after
+
+
+def pooled(
+    parts: Sequence[tuple[Sequence[Position], Sequence[Scored], Sequence[Scored]]], seed: int = 0
+) -> dict[str, Any]:
+    """Several replays' held-out positions as one sample (other splits of a repository,
+    other repositories): their figures and lifts as ``compare`` gives them, the bootstrap
+    resampling each replay's positions within it. One replay's lift is one draw; this is
+    how a recipe's lift is told from one split's luck."""
+    if len(parts) < 2:
+        raise ValueError("pooling needs at least two replays")
+    positions = [p for part in parts for p in part[0]]
+    before = [s for part in parts for s in part[1]]
+    after = [s for part in parts for s in part[2]]
+    groups = [index for index, part in enumerate(parts) for _ in part[0]]
+    return compare(positions, before, after, seed, groups)

@@ -568,10 +568,18 @@ def _add_inspection(commands: Any) -> None:
         parser.add_argument("--json", action="store_true", help="JSON lines for scripts")
         parser.set_defaults(run=_inspect)
     replays = commands.add_parser(
-        "replays", help="stored replay reports (ghostloop replay); 'replays show NAME'"
+        "replays",
+        help="stored replay reports (ghostloop replay); 'replays show NAME', "
+        "'replays pool NAME NAME...'",
     )
-    replays.add_argument("action", nargs="?", choices=["show"], help="show one report in full")
-    replays.add_argument("name", nargs="?", help="with show: the replay's name")
+    replays.add_argument(
+        "action",
+        nargs="?",
+        choices=["show", "pool"],
+        help="show one report in full, or pool several replays' held-out positions",
+    )
+    replays.add_argument("names", nargs="*", help="with show: a replay; with pool: two or more")
+    replays.add_argument("--method", help="with pool: whose night (default: each one's first)")
     replays.add_argument("--limit", type=int, default=30, help="newest N replays (default 30)")
     replays.add_argument("--json", action="store_true", help="JSON lines for scripts")
     replays.set_defaults(run=_replays)

@@ -249,6 +249,43 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
     assert format_table(report) in shown.stdout
     assert report["split"]["root"] in shown.stdout
 
+    # pooled with another replay (here the same one under a second name), the figures are
+    # read back from the replay's store and come out as the report has them
+    second = work.parent / "second-night"
+    second.mkdir()
+    (second / "report.json").write_bytes((work / "report.json").read_bytes())
+    pool_command = [sys.executable, "-m", "ghostloop", "replays", "pool", "first-night"]
+    pooled = subprocess.run(
+        [*pool_command, "second-night"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert pooled.returncode == 0, pooled.stderr
+    assert "pooled: 2 replays, 80 held-out positions" in pooled.stdout
+    for method in ("sft", "dpo"):
+        done = subprocess.run(
+            [*pool_command, "second-night", "--method", method, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        both = json.loads(done.stdout)
+        assert both["before"]["completions"] == 80 and both["methods"] == [method]
+        figures = report["methods"][method]
+        for name in ("chars_saved_per_completion", "exact_line_acceptance"):
+            assert both["before"][name] == report["before"][name]
+            assert both["after"][name] == figures["after"][name]
+            assert both["paired_lift"][name][0] == figures["paired_lift"][name][0]
+    alone = subprocess.run(
+        pool_command,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert alone.returncode == 2 and "two or more replays" in alone.stderr
+
 
 def test_replay_on_onnxruntime_int8_exports_and_swaps_the_adapter(tmp_path, tiny_model_dir):
     """--backend: both servers and the night on onnxruntime, whatever the environment says;

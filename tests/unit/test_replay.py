@@ -19,9 +19,11 @@ from feedback.replay_report import (
     kept_length,
     method_rows,
     paired_lift,
+    pooled,
     reach,
     stored_names,
     stored_report,
+    stored_scores,
     summary,
 )
 from lsp_server.replay import ReplayError, _offset, choose_positions, source_files, split_files
@@ -303,3 +305,62 @@ def test_a_stored_report_is_found_by_name_and_a_bad_one_is_refused(tmp_path: Pat
         with pytest.raises(StoredReplayError, match="run the replay again") as raised:
             stored_report(tmp_path, name)
         assert why in str(raised.value) and not isinstance(raised.value, UnknownReplayError)
+
+
+def test_pooled_replays_resample_each_replay_within_itself():
+    """Two splits as one sample: the point figures are the pooled means, every bootstrap
+    round keeps each replay's size (a stratified bootstrap), and one replay is no pool."""
+    first = [Position(f"a.py:{i}:0", "a.py", i, 0, "line_start", "x") for i in range(30)]
+    second = [Position(f"b.py:{i}:4", "b.py", i, 4, "mid_line", "y") for i in range(10)]
+    parts = [
+        (first, [scored(2, 10) for _ in first], [scored(3, 10) for _ in first]),
+        (second, [scored(10, 10) for _ in second], [scored(8, 10) for _ in second]),
+    ]
+    result = pooled(parts)
+    assert result["before"]["completions"] == 40
+    assert result["before"]["chars_saved_per_completion"] == pytest.approx((60 + 100) / 40)
+    assert result["after"]["chars_saved_per_completion"] == pytest.approx((90 + 80) / 40)
+    # every position's change is fixed within its replay, so with the sizes kept in each
+    # round the pooled change has no spread at all; an unstratified bootstrap would have
+    lift = result["paired_lift"]["chars_saved_per_completion"]
+    assert lift == pytest.approx([10 / 40] * 3)
+    everything = [p for part in parts for p in part[0]]
+    before = [s for part in parts for s in part[1]]
+    after = [s for part in parts for s in part[2]]
+    loose = paired_lift(before, after)["chars_saved_per_completion"]
+    assert loose[1] < lift[1] and loose[2] > lift[2]
+    assert result["by_kind"]["mid_line"]["paired_lift"]["chars_saved_per_completion"][0] == -2
+    plain = compare(everything, before, after)
+    for name in ("chars_saved_per_completion", "exact_line_acceptance", "mean_suggestion_chars"):
+        assert result["after"][name] == plain["after"][name]  # only the intervals differ
+    with pytest.raises(ValueError, match="at least two replays"):
+        pooled(parts[:1])
+
+
+def test_a_replay_whose_store_is_gone_cannot_be_pooled(tmp_path: Path):
+    report = {
+        **small_report(),
+        "method": "sft",
+        "positions": [
+            {
+                "key": "f.py:1:0",
+                "path": "f.py",
+                "line": 1,
+                "character": 0,
+                "kind": "line_start",
+                "truth": "x = 1",
+            }
+        ],
+        "served": {"before": {"f.py:1:0": "c1"}, "after": {"f.py:1:0": "c2"}},
+        "store": f"sqlite:///{tmp_path / 'gone.db'}",
+    }
+    with pytest.raises(StoredReplayError, match=r"gone\.db is gone"):
+        stored_scores("night", report)
+    assert not (tmp_path / "gone.db").exists(), "looking made no empty store"
+    with pytest.raises(StoredReplayError, match="has no method 'dpo': it ran sft"):
+        stored_scores("night", report, "dpo")
+    unpublished = {**report, "served": {"before": {"f.py:1:0": "c1"}, "after": None}}
+    with pytest.raises(StoredReplayError, match="no held-out walk after sft's night"):
+        stored_scores("night", unpublished)
+    with pytest.raises(StoredReplayError, match="names no readable store"):
+        stored_scores("night", {**report, "store": "nonsense"})

@@ -336,10 +336,8 @@ def show_replays(data_dir: Path, args: argparse.Namespace) -> int:
         return 0
     if args.action == "pool":
         return _pool_replays(data_dir, args)
-    if args.names:
-        raise AdminInputError(
-            f"unexpected {args.names[0]!r}: 'replays show NAME' or 'replays pool'"
-        )
+    if args.limit < 1:
+        raise AdminInputError(f"--limit must be at least 1, got {args.limit}")
     rows: list[dict[str, Any]] = []
     for name in replay_report.stored_names(data_dir, args.limit):
         try:

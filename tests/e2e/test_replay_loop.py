@@ -285,6 +285,20 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
         text=True,
     )
     assert alone.returncode == 2 and "two or more replays" in alone.stderr
+    for bad, words in (
+        (["show"], "name one replay"),
+        (["show", "third-night"], "no replay named 'third-night'"),
+        (["first-night"], "invalid choice: 'first-night'"),
+        (["--limit", "0"], "--limit must be at least 1"),
+        (["pool", "first-night", "third-night"], "no replay named 'third-night'"),
+    ):
+        refused = subprocess.run(
+            [sys.executable, "-m", "ghostloop", "replays", *bad],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert refused.returncode == 2 and words in refused.stderr, (bad, refused.stderr)
 
 
 def test_replay_on_onnxruntime_int8_exports_and_swaps_the_adapter(tmp_path, tiny_model_dir):

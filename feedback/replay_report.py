@@ -682,7 +682,7 @@ def stored_scores(
                 after = load_scores(session, positions, after_ids)
         finally:
             engine.dispose()
-    except (StoreError, SQLAlchemyError, UnsettledError, TypeError) as error:
+    except (StoreError, SQLAlchemyError, UnsettledError, TypeError, AttributeError) as error:
         raise StoredReplayError(f"replay {name!r}'s store cannot be read back: {error}") from None
     return positions, before, after
 

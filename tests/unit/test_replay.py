@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from feedback.database import open_engine, upgrade
 from feedback.metrics import judge
 from feedback.replay_report import (
     Position,
@@ -364,3 +365,13 @@ def test_a_replay_whose_store_is_gone_cannot_be_pooled(tmp_path: Path):
         stored_scores("night", unpublished)
     with pytest.raises(StoredReplayError, match="names no readable store"):
         stored_scores("night", {**report, "store": "nonsense"})
+    # a store that is there but does not hold what the report says was served
+    url = f"sqlite:///{tmp_path / 'kept.db'}"
+    engine = open_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    with pytest.raises(StoredReplayError, match="served completions are not in the store"):
+        stored_scores("night", {**report, "store": url})
+    listed = {**report, "store": url, "served": {"before": ["c1"], "after": {"f.py:1:0": "c2"}}}
+    with pytest.raises(StoredReplayError, match="store cannot be read back"):
+        stored_scores("night", listed)

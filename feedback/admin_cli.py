@@ -328,10 +328,10 @@ def show_replays(data_dir: Path, args: argparse.Namespace) -> int:
         if args.json:
             sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
             return 0
-        chart = data_dir / "replays" / name / "report.png"
+        chart = replay_report.stored_chart(data_dir, name)
         print(f"replay {name}: {replay_report.describe(report)}\n")
         print(replay_report.format_table(report))
-        if chart.is_file():
+        if chart is not None:
             print(f"\nchart {chart}")
         return 0
     if args.action == "pool":

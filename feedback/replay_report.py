@@ -535,6 +535,12 @@ def stored_names(data_dir: Path, limit: int | None = None) -> list[str]:
     return [name for _, name in found[:limit]]
 
 
+def stored_chart(data_dir: Path, name: str) -> Path | None:
+    """The chart of replay ``name`` (``report.png`` beside its report), if it has one."""
+    path = _replays_dir(data_dir) / name / "report.png"
+    return path if REPLAY_NAME.match(name) and path.is_file() else None
+
+
 def stored_report(data_dir: Path, name: str) -> dict[str, Any]:
     """The stored report of replay ``name``; StoredReplayError when there is no such replay
     or its report is not one (a corrupt or foreign file)."""

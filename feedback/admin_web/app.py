@@ -385,13 +385,13 @@ class Dashboard:
             reach=replay_report.format_reach(report["reach"]) if report.get("reach") else None,
             reactions=report.get("reactions") or {},
             chart=bool(report.get("chart"))
-            and (self.data_dir / "replays" / name / "report.png").is_file(),
+            and replay_report.stored_chart(self.data_dir, name) is not None,
         )
 
     def replay_chart(self, request: Request) -> Response:
         name = request.path_params["name"]
-        path = self.data_dir / "replays" / name / "report.png"
-        if not replay_report.REPLAY_NAME.match(name) or not path.is_file():
+        path = replay_report.stored_chart(self.data_dir, name)
+        if path is None:
             raise PageError(404, f"no replay chart named {name!r}")
         return FileResponse(path, media_type="image/png")
 

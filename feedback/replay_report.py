@@ -229,20 +229,24 @@ def paired_lift(
 
 
 def kept_length(
-    before: Sequence[Scored], after: Sequence[Scored], seed: int = 0
+    before: Sequence[Scored],
+    after: Sequence[Scored],
+    seed: int = 0,
+    groups: Sequence[int] | None = None,
 ) -> dict[str, Any] | None:
     """Suggestion length where the suggestion saved typing in both passes, paired.
 
     The guard against a model that learns to stop early: over all positions the mean length
     also falls when wrong suggestions (rejected before and after) get shorter, which costs
     nothing; here only suggestions the developer kept both times count, so a fall means
-    useful suggestions were cut short. None when no position was kept in both passes."""
+    useful suggestions were cut short. None when no position was kept in both passes.
+    ``groups``: see ``_resample`` (the kept positions resampled within their replay)."""
     a, b = _paired_columns(before, after)
     kept = np.flatnonzero((a["saved"] > 0) & (b["saved"] > 0))
     if not len(kept):
         return None
     old, new = a["suggested"][kept], b["suggested"][kept]
-    rows = np.random.default_rng(seed).integers(0, len(kept), size=(ROUNDS, len(kept)))
+    rows = _resample(len(kept), seed, None if groups is None else [groups[int(i)] for i in kept])
     ratio = new[rows].mean(axis=-1) / old[rows].mean(axis=-1) - 1
     return {
         "positions": len(kept),
@@ -320,7 +324,7 @@ def compare(
     if after is not None:
         report["after"] = summary(after, seed, groups)
         report["paired_lift"] = paired_lift(before, after, seed, groups)
-        report["kept_length"] = kept_length(before, after, seed)
+        report["kept_length"] = kept_length(before, after, seed, groups)
     by_kind = {}
     for kind in ("line_start", "mid_line"):
         chosen = [i for i, p in enumerate(positions) if p.kind == kind]

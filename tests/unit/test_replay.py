@@ -314,8 +314,8 @@ def test_pooled_replays_resample_each_replay_within_itself():
     first = [Position(f"a.py:{i}:0", "a.py", i, 0, "line_start", "x") for i in range(30)]
     second = [Position(f"b.py:{i}:4", "b.py", i, 4, "mid_line", "y") for i in range(10)]
     parts = [
-        (first, [scored(2, 10) for _ in first], [scored(3, 10) for _ in first]),
-        (second, [scored(10, 10) for _ in second], [scored(8, 10) for _ in second]),
+        (first, [scored(2, 10) for _ in first], [scored(3, 12) for _ in first]),
+        (second, [scored(10, 10) for _ in second], [scored(8, 8) for _ in second]),
     ]
     result = pooled(parts)
     assert result["before"]["completions"] == 40
@@ -332,6 +332,10 @@ def test_pooled_replays_resample_each_replay_within_itself():
     assert loose[1] < lift[1] and loose[2] > lift[2]
     assert result["by_kind"]["mid_line"]["paired_lift"]["chars_saved_per_completion"][0] == -2
     plain = compare(everything, before, after)
+    # the length kept both times too: 10 -> 12 in one replay, 10 -> 8 in the other
+    assert result["kept_length"]["relative"] == pytest.approx([440 / 400 - 1] * 3)
+    wide = plain["kept_length"]["relative"]
+    assert wide[0] == pytest.approx(0.1) and wide[1] < 0.09 and wide[2] > 0.11
     for name in ("chars_saved_per_completion", "exact_line_acceptance", "mean_suggestion_chars"):
         assert result["after"][name] == plain["after"][name]  # only the intervals differ
     with pytest.raises(ValueError, match="at least two replays"):

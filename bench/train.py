@@ -1,7 +1,9 @@
 """Training throughput per method, and the wall time of one nightly run.
 
 1. examples/s and tokens/s of sft, dpo and rrhf on the same logged examples (one epoch,
-   the configured model; SmolLM2-135M by default, CPU here, GPU in bf16 when there is one);
+   the configured model; SmolLM2-135M by default, CPU here, GPU in bf16 when there is one),
+   and of sft with the likelihood term on the prompt's tokens (``context_loss_weight``),
+   with its time per example as a ratio to plain sft's measured in the same run;
 2. the wall time of ``ghostloop train`` (the configured method, sft by default) over N
    logged completions (default 1,000) including the gate, which generates on the
    held-out fifth with both the base model and the candidate.
@@ -11,6 +13,7 @@ the true rest of the line typed instead (what a developer keeps). Everything liv
 temporary data directory with its own SQLite store.
 
     PYTHONPATH=. python bench/train.py [--examples 32] [--completions 1000] [--threads N]
+        [--methods sft,dpo,rrhf]
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def logged_positions(count: int) -> list[tuple[str, str, str]]:
     return [c for c in chosen if c[2].strip()][:count]
 
 
-def method_throughput(settings: Settings, count: int, work: Path) -> None:
+def method_throughput(settings: Settings, count: int, work: Path, methods: list[str]) -> None:
     positions = logged_positions(count)
     examples = [
         Example(
@@ -69,16 +72,27 @@ def method_throughput(settings: Settings, count: int, work: Path) -> None:
         )
         for i, (prefix, suffix, kept) in enumerate(positions)
     ]
-    one_epoch = dataclasses.replace(settings, epochs=1)
-    for method in METHODS:
-        loaded = load_model(one_epoch)
-        model = peft_model(loaded, one_epoch, None)
-        outcome = METHODS[method](loaded, one_epoch, model, examples, work / method)
+    one_epoch = dataclasses.replace(settings, epochs=1, context_loss_weight=0.0)
+    runs = [(method, method, one_epoch) for method in methods]
+    if "sft" in methods:
+        weighted = dataclasses.replace(one_epoch, context_loss_weight=1.0)
+        runs.append(("sft+context", "sft", weighted))
+    seconds: dict[str, float] = {}
+    for name, method, chosen in runs:
+        loaded = load_model(chosen)
+        model = peft_model(loaded, chosen, None)
+        outcome = METHODS[method](loaded, chosen, model, examples, work / name)
+        seconds[name] = outcome.seconds
         print(
-            f"{method:5} {outcome.examples_per_s:7.2f} examples/s {outcome.tokens_per_s:8.1f} "
+            f"{name:11} {outcome.examples_per_s:7.2f} examples/s {outcome.tokens_per_s:8.1f} "
             f"tokens/s ({outcome.examples} examples, {outcome.tokens} tokens, "
             f"{outcome.seconds:.1f} s; loss {outcome.loss_before:.3f} -> {outcome.loss_after:.3f})",
             flush=True,
+        )
+    if "sft+context" in seconds:
+        print(
+            f"sft+context / sft training time: {seconds['sft+context'] / seconds['sft']:.2f}x "
+            "(the output layer on every prompt token)"
         )
 
 
@@ -106,9 +120,17 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=32, help="examples per method")
     parser.add_argument("--completions", type=int, default=1000, help="for the nightly run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores)")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="methods to time, e.g. sft (default: all)"
+    )
     parser.add_argument("--skip-methods", action="store_true")
     parser.add_argument("--skip-nightly", action="store_true")
     args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        known = ", ".join(METHODS)
+        parser.error(f"--methods: {', '.join(unknown) or 'none given'}; known: {known}")
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         base = load_settings()
@@ -125,7 +147,7 @@ def main() -> None:
         )
         del loaded
         if not args.skip_methods:
-            method_throughput(settings, args.examples, Path(tmp) / "work")
+            method_throughput(settings, args.examples, Path(tmp) / "work", methods)
         if not args.skip_nightly:
             nightly(settings, args.completions)
 

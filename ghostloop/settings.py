@@ -237,6 +237,13 @@ class Settings:
         default=1,
         metadata=_help("training processes (accelerate launch): the GPUs to use, or CPU processes"),
     )
+    context_loss_weight: float = field(
+        default=0.0,
+        metadata=_help(
+            "sft: weight of a likelihood term on the prompt's own tokens (the code before the "
+            "cursor in the developer's files) beside the one on the kept text; 0 = kept text only"
+        ),
+    )
     dpo_beta: float = field(default=0.1, metadata=_help("DPO's beta"))
     nll_weight: float = field(
         default=1.0,
@@ -360,6 +367,10 @@ class Settings:
         for name in ("eval_share", "max_user_share"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise SettingsError(f"{name}={getattr(self, name)} must be in (0, 1]")
+        if not 0.0 <= self.context_loss_weight <= 100.0:
+            raise SettingsError(
+                f"context_loss_weight={self.context_loss_weight} must be in [0, 100]"
+            )
         if not 0.0 <= self.canary_share < 1.0:
             raise SettingsError(f"canary_share={self.canary_share} must be in [0, 1)")
         if not 0.5 <= self.canary_confidence < 1.0:

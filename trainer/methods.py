@@ -141,23 +141,66 @@ def _ensure_pad_token(loaded: LoadedModel) -> None:
 
 
 # -- sft -------------------------------------------------------------------------------
-def completion_loss(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+def completion_loss(
+    model: Any, inputs: dict[str, Any], context_weight: float = 0.0
+) -> tuple[torch.Tensor, Any]:
     """Mean cross-entropy of the labelled tokens, with logits computed only where a label
     follows. A line completion labels ~10 of ~270 tokens, and the output layer (28M of
     SmolLM2's 135M weights, then a 49k-wide softmax) run on every prompt token was about a
-    fifth of each training step's work."""
+    fifth of each training step's work.
+
+    With ``context_weight`` and ``context_labels`` in the batch (the prompt's own tokens),
+    the mean cross-entropy of those is added with that weight: the kept text and the code
+    around it each count as one term, however many tokens each has."""
     targets = inputs["labels"][:, 1:]
-    keep = (targets != -100).any(dim=0).nonzero().flatten()
+    context = inputs.get("context_labels")
+    labelled = targets != -100
+    if context is not None and context_weight:
+        context = context[:, 1:]
+        labelled = labelled | (context != -100)
+    keep = labelled.any(dim=0).nonzero().flatten()
     outputs = model(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],
         logits_to_keep=keep,
     )
-    picked = targets[:, keep]
-    loss = torch.nn.functional.cross_entropy(
-        outputs.logits.flatten(0, 1).float(), picked.flatten(), ignore_index=-100
-    )
+    logits = outputs.logits.flatten(0, 1).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[:, keep].flatten(), ignore_index=-100)
+    if context is not None and context_weight:
+        around = torch.nn.functional.cross_entropy(
+            logits, context[:, keep].flatten(), ignore_index=-100
+        )
+        loss = loss + context_weight * around
     return loss, outputs
+
+
+def _with_context_labels(collate: Any) -> Any:
+    """``collate`` (TRL's, which pads input ids and labels and drops nothing it does not
+    know of only because it never sees it) with the rows' ``context_labels`` padded as the
+    labels are: -100 on the right."""
+
+    def collate_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        context = [torch.tensor(row["context_labels"]) for row in rows]
+        batch = collate([{k: v for k, v in row.items() if k != "context_labels"} for row in rows])
+        padded = torch.nn.utils.rnn.pad_sequence(context, batch_first=True, padding_value=-100)
+        if padded.shape != batch["labels"].shape:
+            raise RuntimeError(
+                f"context labels {tuple(padded.shape)} do not line up with the labels "
+                f"{tuple(batch['labels'].shape)}: the collator pads differently than expected"
+            )
+        batch["context_labels"] = padded
+        return batch
+
+    return collate_rows
+
+
+def _sft_only(settings: Settings, method: str) -> None:
+    if settings.context_loss_weight:
+        log.warning(
+            "context_loss_weight=%s is for sft only: %s trains without the context term",
+            settings.context_loss_weight,
+            method,
+        )
 
 
 def _completion_sft_trainer() -> type:
@@ -167,6 +210,8 @@ def _completion_sft_trainer() -> type:
         """SFTTrainer (data, collation, devices) with ``completion_loss``: TRL computes the
         logits of every prompt token and has no switch for labelled positions only."""
 
+        context_weight = 0.0
+
         def compute_loss(
             self,
             model: Any,
@@ -174,7 +219,7 @@ def _completion_sft_trainer() -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            loss, outputs = completion_loss(model, inputs)
+            loss, outputs = completion_loss(model, inputs, self.context_weight)
             return (loss, outputs) if return_outputs else loss
 
     return CompletionSFTTrainer
@@ -185,15 +230,17 @@ def train_sft(
 ) -> TrainOutcome:
     from trl import SFTConfig
 
+    weight = settings.context_loss_weight
     rows = []
     for example in examples:
         encoded = encode(loaded, settings, example)
-        rows.append(
-            {
-                "input_ids": encoded.prompt_ids + encoded.chosen_ids,
-                "labels": [-100] * len(encoded.prompt_ids) + encoded.chosen_ids,
-            }
-        )
+        row = {
+            "input_ids": encoded.prompt_ids + encoded.chosen_ids,
+            "labels": [-100] * len(encoded.prompt_ids) + encoded.chosen_ids,
+        }
+        if weight:
+            row["context_labels"] = encoded.prompt_ids + [-100] * len(encoded.chosen_ids)
+        rows.append(row)
     if not rows:
         raise TooLittleData("sft has no examples")
     dataset = Dataset.from_list(rows)
@@ -204,10 +251,15 @@ def train_sft(
         max_length=None,
         packing=False,
         prediction_loss_only=True,  # the loss probe needs no logits kept
+        # the context labels reach the loss only if the trainer keeps their column
+        remove_unused_columns=not weight,
     )
     trainer = _completion_sft_trainer()(
         model=model, args=config, train_dataset=dataset, processing_class=loaded.tokenizer.hf
     )
+    if weight:
+        trainer.context_weight = weight
+        trainer.data_collator = _with_context_labels(trainer.data_collator)
     return _run(trainer, "sft", model, dataset, sum(len(r["input_ids"]) for r in rows))
 
 
@@ -261,6 +313,7 @@ def train_dpo(
 ) -> TrainOutcome:
     from trl import DPOConfig
 
+    _sft_only(settings, "dpo")
     rows = []
     for example in examples:
         encoded = encode(loaded, settings, example)
@@ -429,6 +482,7 @@ def rrhf_rows(
 def train_rrhf(
     loaded: LoadedModel, settings: Settings, model: Any, examples: Sequence[Example], work: Path
 ) -> TrainOutcome:
+    _sft_only(settings, "rrhf")
     rows = rrhf_rows(loaded, settings, model, examples)
     ranked = [r for r in rows if len(set(r["scores"])) > 1]
     if len(ranked) < 2:

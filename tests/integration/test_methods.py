@@ -178,6 +178,57 @@ def test_the_completion_loss_equals_the_full_loss_on_a_padded_batch(settings: Se
     assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(got, expected, strict=True))
 
 
+def test_the_context_term_adds_the_prompt_tokens_own_loss_with_its_weight(settings: Settings):
+    """With context labels, the loss is the kept text's mean cross-entropy plus the weight
+    times the prompt tokens' mean cross-entropy, each as the model's own loss computes it."""
+    import torch
+
+    loaded = load_model(settings)
+    model = peft_model(loaded, settings, None)
+    model.eval()
+    rows = [encode(loaded, settings, e) for e in stdlib_examples(3)]
+    width = max(len(r.prompt_ids) + len(r.chosen_ids) for r in rows)
+    ids = torch.zeros((3, width), dtype=torch.long)
+    mask = torch.zeros((3, width), dtype=torch.long)
+    labels = torch.full((3, width), -100)
+    context = torch.full((3, width), -100)
+    for index, row in enumerate(rows):
+        tokens = row.prompt_ids + row.chosen_ids
+        ids[index, : len(tokens)] = torch.tensor(tokens)
+        mask[index, : len(tokens)] = 1
+        labels[index, len(row.prompt_ids) : len(tokens)] = torch.tensor(row.chosen_ids)
+        context[index, : len(row.prompt_ids)] = torch.tensor(row.prompt_ids)
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with torch.no_grad():
+        kept = model(**inputs).loss
+        around = model(input_ids=ids, attention_mask=mask, labels=context).loss
+        alone, _ = completion_loss(model, {**inputs, "context_labels": context}, 0.0)
+        both, _ = completion_loss(model, {**inputs, "context_labels": context}, 0.5)
+    assert torch.allclose(alone, kept, atol=1e-5)  # weight 0: the context is not looked at
+    assert torch.allclose(both, kept + 0.5 * around, atol=1e-5)
+    assert around > 0 and not torch.allclose(both, kept, atol=1e-3)
+
+
+def test_sft_trains_on_the_context_term_when_it_is_weighted(settings: Settings, tmp_path: Path):
+    """The collated batches carry the context labels to the loss, in training and in the
+    loss probe: weighted, every logged loss holds the prompt tokens' term (about the
+    random model's ln(vocabulary) again), and training lowers it."""
+    loaded = load_model(settings)
+    outcomes = {}
+    for weight in (0.0, 1.0):
+        outcomes[weight] = METHODS["sft"](
+            loaded,
+            dataclasses.replace(settings, context_loss_weight=weight),
+            peft_model(load_model(settings), settings, None),
+            stdlib_examples(12),
+            tmp_path / f"work-{weight}",
+        )
+    alone, both = outcomes[0.0], outcomes[1.0]
+    assert both.loss_after < both.loss_before, both.history
+    assert both.loss_before > alone.loss_before + 3.0, (alone.loss_before, both.loss_before)
+    assert min(both.history) > max(alone.history) + 3.0, (alone.history, both.history)
+
+
 @pytest.mark.parametrize("prompt_length", [0, 1, 40])
 def test_sequence_logprobs_score_each_completion_token_after_the_prompt(
     settings: Settings, prompt_length: int
@@ -229,3 +280,16 @@ def test_the_prompt_run_once_scores_as_the_prompt_run_per_completion(
     assert torch.allclose(summed, expected, atol=1e-4), (summed, expected)
     assert float(summed[3]) == 0.0  # nothing to score
     assert (float(summed[1]) < 0.0) == bool(prompt)  # without a prompt the first is not scored
+
+
+@pytest.mark.parametrize("method", ["dpo", "rrhf"])
+def test_the_context_term_is_named_as_ignored_by_the_ranking_methods(
+    settings: Settings, method: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    loaded = load_model(settings)
+    weighted = dataclasses.replace(settings, context_loss_weight=1.0)
+    with pytest.raises(TooLittleData):  # one example: nothing to rank, after the warning
+        METHODS[method](
+            loaded, weighted, peft_model(loaded, weighted, None), stdlib_examples(1), tmp_path
+        )
+    assert f"context_loss_weight=1.0 is for sft only: {method} trains without" in caplog.text

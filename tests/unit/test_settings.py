@@ -31,6 +31,9 @@ def test_bad_values_name_the_setting():
         load_settings({"GHOSTLOOP_BACKEND": "tensorflow"})
     with pytest.raises(SettingsError, match="deadline_ms=0"):
         Settings(deadline_ms=0)
+    with pytest.raises(SettingsError, match=r"context_loss_weight=-1.0 must be in \[0, 100\]"):
+        load_settings({"GHOSTLOOP_CONTEXT_LOSS_WEIGHT": "-1"})
+    assert load_settings({"GHOSTLOOP_CONTEXT_LOSS_WEIGHT": "0.5"}).context_loss_weight == 0.5
 
 
 def test_missing_explicit_config_file_is_an_error(tmp_path: Path):

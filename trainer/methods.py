@@ -175,8 +175,8 @@ def completion_loss(
 
 
 def _with_context_labels(collate: Any) -> Any:
-    """``collate`` (TRL's, which pads input ids and labels and drops nothing it does not
-    know of only because it never sees it) with the rows' ``context_labels`` padded as the
+    """``collate`` (TRL's, which pads the input ids and the labels and knows nothing of a
+    third column) with each row's ``context_labels`` taken out before it and padded as the
     labels are: -100 on the right."""
 
     def collate_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:

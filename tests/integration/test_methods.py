@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from ghostloop.postprocess import CursorContext
 from ghostloop.settings import Settings
 from ghostloop.suggest import prompt_for
 from trainer.data import (
+    Encoded,
     encode,
     pad_id,
     prompt_once_logprobs,
@@ -148,6 +150,25 @@ def test_training_prompts_are_the_served_prompts_nearest_part_with_the_same_end(
         assert training_prompt(loaded, same, context) == served
 
 
+def padded_batch(rows: list[Encoded]) -> dict[str, Any]:
+    """Prompt plus kept text per row, right-padded: ids, mask, the kept text's labels and
+    the prompt tokens' (context) labels, -100 elsewhere."""
+    import torch
+
+    width = max(len(r.prompt_ids) + len(r.chosen_ids) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    context = torch.full((len(rows), width), -100)
+    for index, row in enumerate(rows):
+        tokens = row.prompt_ids + row.chosen_ids
+        ids[index, : len(tokens)] = torch.tensor(tokens)
+        mask[index, : len(tokens)] = 1
+        labels[index, len(row.prompt_ids) : len(tokens)] = torch.tensor(row.chosen_ids)
+        context[index, : len(row.prompt_ids)] = torch.tensor(row.prompt_ids)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "context_labels": context}
+
+
 def test_the_completion_loss_equals_the_full_loss_on_a_padded_batch(settings: Settings):
     """Logits only where a label follows: the same loss and gradients as computing them all."""
     import torch
@@ -155,17 +176,9 @@ def test_the_completion_loss_equals_the_full_loss_on_a_padded_batch(settings: Se
     loaded = load_model(settings)
     model = peft_model(loaded, settings, None)
     model.eval()  # no LoRA dropout: both passes see the same network
-    rows = [encode(loaded, settings, e) for e in stdlib_examples(3)]
-    width = max(len(r.prompt_ids) + len(r.chosen_ids) for r in rows)
-    ids = torch.zeros((3, width), dtype=torch.long)
-    mask = torch.zeros((3, width), dtype=torch.long)
-    labels = torch.full((3, width), -100)
-    for index, row in enumerate(rows):
-        tokens = row.prompt_ids + row.chosen_ids
-        ids[index, : len(tokens)] = torch.tensor(tokens)
-        mask[index, : len(tokens)] = 1
-        labels[index, len(row.prompt_ids) : len(tokens)] = torch.tensor(row.chosen_ids)
-    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    inputs = padded_batch([encode(loaded, settings, e) for e in stdlib_examples(3)])
+    del inputs["context_labels"]
+    width = inputs["input_ids"].shape[1]
     full = model(**inputs).loss
     full.backward()
     expected = [p.grad.clone() for p in model.parameters() if p.requires_grad]
@@ -186,19 +199,9 @@ def test_the_context_term_adds_the_prompt_tokens_own_loss_with_its_weight(settin
     loaded = load_model(settings)
     model = peft_model(loaded, settings, None)
     model.eval()
-    rows = [encode(loaded, settings, e) for e in stdlib_examples(3)]
-    width = max(len(r.prompt_ids) + len(r.chosen_ids) for r in rows)
-    ids = torch.zeros((3, width), dtype=torch.long)
-    mask = torch.zeros((3, width), dtype=torch.long)
-    labels = torch.full((3, width), -100)
-    context = torch.full((3, width), -100)
-    for index, row in enumerate(rows):
-        tokens = row.prompt_ids + row.chosen_ids
-        ids[index, : len(tokens)] = torch.tensor(tokens)
-        mask[index, : len(tokens)] = 1
-        labels[index, len(row.prompt_ids) : len(tokens)] = torch.tensor(row.chosen_ids)
-        context[index, : len(row.prompt_ids)] = torch.tensor(row.prompt_ids)
-    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    inputs = padded_batch([encode(loaded, settings, e) for e in stdlib_examples(3)])
+    context = inputs.pop("context_labels")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
         kept = model(**inputs).loss
         around = model(input_ids=ids, attention_mask=mask, labels=context).loss

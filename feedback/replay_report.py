@@ -367,8 +367,19 @@ def chart(passes: Sequence[tuple[str, Mapping[str, Any]]], path: Path) -> Path:
     axes.bar(labels, values, yerr=errors, capsize=6, color=["#8a8f98", "#2f7ed8"][: len(labels)])
     axes.set_ylabel("characters saved per completion")
     axes.set_title("held-out positions, 95 % intervals")
-    for index, value in enumerate(values):
-        axes.annotate(f"{value:.2f}", (index, value), ha="center", va="bottom", fontsize=9)
+    # each value above its interval's cap, not across the error bar
+    for index, (value, interval) in enumerate(zip(values, intervals, strict=True)):
+        axes.annotate(
+            f"{value:.2f}",
+            (index, max(value, interval[2])),
+            xytext=(0, 4),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
+    top = max([max(v, i[2]) for v, i in zip(values, intervals, strict=True)] + [0.0])
+    axes.set_ylim(0, top * 1.15 or 1.0)
     figure.tight_layout()
     figure.savefig(path, format="png")
     pyplot.close(figure)

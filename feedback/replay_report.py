@@ -368,18 +368,18 @@ def chart(passes: Sequence[tuple[str, Mapping[str, Any]]], path: Path) -> Path:
     axes.set_ylabel("characters saved per completion")
     axes.set_title("held-out positions, 95 % intervals")
     # each value above its interval's cap, not across the error bar
-    for index, (value, interval) in enumerate(zip(values, intervals, strict=True)):
+    caps = [max(v, i[2]) for v, i in zip(values, intervals, strict=True)]
+    for index, (value, cap) in enumerate(zip(values, caps, strict=True)):
         axes.annotate(
             f"{value:.2f}",
-            (index, max(value, interval[2])),
+            (index, cap),
             xytext=(0, 4),
             textcoords="offset points",
             ha="center",
             va="bottom",
             fontsize=9,
         )
-    top = max([max(v, i[2]) for v, i in zip(values, intervals, strict=True)] + [0.0])
-    axes.set_ylim(0, top * 1.15 or 1.0)
+    axes.set_ylim(0, max([*caps, 0.0]) * 1.15 or 1.0)
     figure.tight_layout()
     figure.savefig(path, format="png")
     pyplot.close(figure)

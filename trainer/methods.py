@@ -153,9 +153,9 @@ def completion_loss(
     the mean cross-entropy of those is added with that weight: the kept text and the code
     around it each count as one term, however many tokens each has."""
     targets = inputs["labels"][:, 1:]
-    context = inputs.get("context_labels")
+    context = inputs.get("context_labels") if context_weight else None
     labelled = targets != -100
-    if context is not None and context_weight:
+    if context is not None:
         context = context[:, 1:]
         labelled = labelled | (context != -100)
     keep = labelled.any(dim=0).nonzero().flatten()
@@ -166,7 +166,7 @@ def completion_loss(
     )
     logits = outputs.logits.flatten(0, 1).float()
     loss = torch.nn.functional.cross_entropy(logits, targets[:, keep].flatten(), ignore_index=-100)
-    if context is not None and context_weight:
+    if context is not None:
         around = torch.nn.functional.cross_entropy(
             logits, context[:, keep].flatten(), ignore_index=-100
         )

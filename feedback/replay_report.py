@@ -456,8 +456,9 @@ def _cell(m: Mapping[str, Any] | None, name: str, pattern: str) -> str:
     return f"{pattern.format(m[name])} [{pattern.format(low)}, {pattern.format(high)}]"
 
 
-def _change(values: Sequence[float] | None, pattern: str = "{:+.3f}") -> str:
-    if values is None:
+def format_interval(values: Sequence[float] | None, pattern: str = "{:+.3f}") -> str:
+    """A change and its interval, (estimate, low, high): '+0.482 [+0.050, +0.920]'."""
+    if not values:
         return "-"
     estimate, low, high = (pattern.format(v) for v in values)
     return f"{estimate} [{low}, {high}]"
@@ -482,12 +483,12 @@ def method_rows(before: Mapping[str, Any], result: Mapping[str, Any]) -> list[Re
                 label,
                 _cell(before, name, pattern),
                 _cell(after, name, pattern),
-                _change(lift.get(name)),
+                format_interval(lift.get(name)),
             )
         )
         if name != "chars_saved_per_completion":
             continue
-        relative = _change(lift.get("chars_saved_relative"), "{:+.1%}")
+        relative = format_lift(lift.get("chars_saved_relative"))
         rows.append(ReportRow("relative (headline)", "", "", relative, part=True))
         kept = result.get("kept_length")
         if kept:
@@ -496,7 +497,7 @@ def method_rows(before: Mapping[str, Any], result: Mapping[str, Any]) -> list[Re
                     f"kept both times ({kept['positions']})",
                     f"{kept['before']:.1f}",
                     f"{kept['after']:.1f}",
-                    _change(kept["relative"], "{:+.1%}"),
+                    format_lift(kept["relative"]),
                     part=True,
                 )
             )
@@ -506,7 +507,7 @@ def method_rows(before: Mapping[str, Any], result: Mapping[str, Any]) -> list[Re
                     f"{kind.replace('_', ' ')} ({part['before']['completions']})",
                     _cell(part["before"], name, pattern),
                     _cell(part.get("after"), name, pattern),
-                    _change((part.get("paired_lift") or {}).get(name)),
+                    format_interval((part.get("paired_lift") or {}).get(name)),
                     part=True,
                 )
             )
@@ -656,11 +657,9 @@ def describe(report: Mapping[str, Any]) -> str:
 
 
 def format_lift(lift: Sequence[float] | None) -> str:
-    """A relative lift and its interval in words: '+8.9 % [+0.9 %, +18.0 %]'."""
-    if not lift:
-        return "-"
-    estimate, low, high = (f"{100 * v:+.1f} %" for v in lift)
-    return f"{estimate} [{low}, {high}]"
+    """A relative lift and its interval, as every report, page and the README write it:
+    '+8.9 % [+0.9 %, +18.0 %]'."""
+    return format_interval(None if not lift else [100 * v for v in lift], "{:+.1f} %")
 
 
 def stored_scores(

@@ -134,11 +134,10 @@ def _demo_backend(settings: Settings) -> str:
     GPU, or without onnxruntime installed, what the settings say."""
     import importlib.util
 
-    if importlib.util.find_spec("onnxruntime") is not None and settings.device != "cuda":
-        import torch
+    from ghostloop.models import wants_cuda
 
-        if settings.device == "cpu" or not torch.cuda.is_available():
-            return "onnxruntime"
+    if importlib.util.find_spec("onnxruntime") is not None and not wants_cuda(settings):
+        return "onnxruntime"
     return backend_name(settings)
 
 

@@ -23,6 +23,16 @@ from ghostloop.postprocess import CompletionMode, cut_block
 from ghostloop.prompts import Prompt
 
 
+def cache_keyword(model: Any) -> str:
+    """The keyword a transformers model takes its KV cache by: ``cache`` since 5.2x, where
+    ``past_key_values`` is deprecated (removed in 5.40), ``past_key_values`` before it (the
+    GPU image has 5.17). A peft model is asked through the model it wraps, whose signature
+    its own ``**kwargs`` hides."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 class Forward(Protocol):
     """One backend's forward pass over a growing sequence; returns next-token logits."""
 
@@ -138,9 +148,7 @@ class TorchForward:
         self._reuse = reuse
         self._fed: list[int] = []
         self.reused = 0
-        # transformers renamed past_key_values to cache (5.2x); the GPU image has 5.17.
-        parameters = inspect.signature(model.forward).parameters
-        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_arg = cache_keyword(model)
 
     def _run(self, ids: Sequence[int]) -> torch.Tensor:
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self._device)

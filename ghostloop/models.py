@@ -136,6 +136,13 @@ def resolve_model(settings: Settings) -> tuple[str, str]:
     return spec, spec
 
 
+def wants_cuda(settings: Settings) -> bool:
+    """Whether the settings ask for the GPU: device=cuda, or auto with a CUDA GPU visible."""
+    import torch
+
+    return settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+
+
 def _pick_device(settings: Settings) -> tuple[str, Any]:
     import torch
 
@@ -143,10 +150,7 @@ def _pick_device(settings: Settings) -> tuple[str, Any]:
         raise ModelNotFoundError(
             "device=cuda but no CUDA GPU is visible; set GHOSTLOOP_DEVICE=auto"
         )
-    use_cuda = settings.device == "cuda" or (
-        settings.device == "auto" and torch.cuda.is_available()
-    )
-    return ("cuda", torch.bfloat16) if use_cuda else ("cpu", torch.float32)
+    return ("cuda", torch.bfloat16) if wants_cuda(settings) else ("cpu", torch.float32)
 
 
 def _stop_ids(tokenizer: Any, config: Any, template: PromptTemplate) -> frozenset[int]:

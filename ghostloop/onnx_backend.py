@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ghostloop.adapters import AdapterError
-from ghostloop.decoding import CachedPrefix, reusable
+from ghostloop.decoding import CachedPrefix, cache_keyword, reusable
 from ghostloop.lora import LoraWeights
 
 log = logging.getLogger(__name__)
@@ -330,6 +330,7 @@ class _WithCache(nn.Module):
         super().__init__()
         self.model: Any = model
         self.layers = layers
+        self.cache_keyword = cache_keyword(model.model)
 
     def forward(
         self,
@@ -347,15 +348,14 @@ class _WithCache(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_keyword: cache},  # extended in place
         )
         hidden = out.last_hidden_state[:, -1, :]  # (batch, hidden): 2-D, so Gemm(transB)
         logits = nn.functional.linear(hidden, self.model.lm_head.weight)
-        present = out.past_key_values
         flat: list[torch.Tensor] = []
         for layer in range(self.layers):
-            keys, values = _layer_kv(present, layer)
+            keys, values = _layer_kv(cache, layer)
             flat += [keys, values]
         return (logits, *flat)
 

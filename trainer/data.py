@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+from transformers import DynamicCache
 
+from ghostloop.decoding import cache_keyword
 from ghostloop.models import LoadedModel
 from ghostloop.postprocess import CursorContext
 from ghostloop.prompts import Prompt
@@ -158,13 +160,14 @@ def prompt_once_logprobs(
     lengths = torch.tensor([len(c) for c in completions], device=device)
     with torch.no_grad():
         prompt = torch.tensor([list(prompt_ids)], device=device)
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        keyword = cache_keyword(model)
+        cache = DynamicCache()  # filled in place by the prompt's pass
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{keyword: cache})
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
         summed = torch.stack([first[c[0]] if c else first.new_zeros(()) for c in completions])
         fed = int(lengths.max()) - 1  # each token but a completion's last predicts the next
         if fed <= 0:
             return summed, lengths
-        cache = out.past_key_values
         cache.batch_repeat_interleave(count)
         ids = torch.full((count, fed), pad_id, dtype=torch.long, device=device)
         targets = torch.full((count, fed), pad_id, dtype=torch.long, device=device)
@@ -176,7 +179,7 @@ def prompt_once_logprobs(
                 ids[index, :steps] = torch.tensor(completion[:-1], device=device)
                 targets[index, :steps] = torch.tensor(completion[1:], device=device)
                 mask[index, len(prompt_ids) : len(prompt_ids) + steps] = 1
-        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits.float()
+        logits = model(input_ids=ids, attention_mask=mask, **{keyword: cache}).logits.float()
         token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1))
         positions = torch.arange(fed, device=device).unsqueeze(0)
         scored = token_logps.squeeze(-1) * (positions < (lengths - 1).unsqueeze(1))

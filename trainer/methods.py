@@ -112,9 +112,25 @@ def training_arguments(
         "disable_tqdm": False,  # the progress bar with its ETA
         # TRL turns activation checkpointing on by default: it trades compute for memory,
         # and a small model on a CPU has memory to spare but no compute.
-        "gradient_checkpointing": on_gpu,
+        **activation_checkpointing(on_gpu),
         **extra,
     }
+
+
+def activation_checkpointing(on: bool) -> dict[str, Any]:
+    """The training option that turns activation checkpointing on or off, by the name the
+    installed transformers takes: ``activation_checkpointing`` since 5.2x (where
+    ``gradient_checkpointing`` is a deprecated alias, removed in v6), the old name before."""
+    if "activation_checkpointing" in _argument_names():
+        return {"activation_checkpointing": on}
+    return {"gradient_checkpointing": on}
+
+
+def _argument_names() -> set[str]:
+    """The options the installed transformers' TrainingArguments takes."""
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
 def by_length() -> dict[str, Any]:
@@ -122,10 +138,7 @@ def by_length() -> dict[str, Any]:
     shuffled, then sorted within groups of up to a quarter of the data). Batched at random,
     15 % of the tokens a demo's night computed were padding (prompts of 28 to 512 tokens,
     404 on average, in batches of 4); older transformers call the option group_by_length."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    if "train_sampling_strategy" in names:
+    if "train_sampling_strategy" in _argument_names():
         return {"train_sampling_strategy": "group_by_length"}
     return {"group_by_length": True}
 

@@ -61,6 +61,8 @@ def _templates() -> Jinja2Templates:
     environment.filters["num"] = lambda v, f="{:.2f}": "-" if v is None else f.format(v)
     environment.filters["when"] = lambda v: "" if v is None else f"{logs.aware(v):%Y-%m-%d %H:%M}"
     environment.filters["pretty"] = lambda v: json.dumps(v, indent=2, default=str)
+    environment.filters["lift"] = replay_report.format_lift
+    environment.filters["interval"] = lambda v: replay_report.format_interval(v, "{:+.2f}")
     return Jinja2Templates(env=environment)
 
 

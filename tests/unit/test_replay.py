@@ -169,7 +169,7 @@ def test_the_printed_report_shows_kept_length():
     assert report["kept_length"]["positions"] == 6
     assert compare(positions, before, None)["kept_length"] is None
     table = format_table({**report, "method": "sft", "adapter": "v1"})
-    assert "kept both times (6)" in table and "-20.0%" in table
+    assert "kept both times (6)" in table and "-20.0 %" in table
 
 
 def test_reach_counts_the_untyped_characters_the_training_half_holds_word_for_word():
@@ -263,8 +263,8 @@ def test_the_terminal_and_the_dashboard_read_the_same_rows():
     headline, relative, kept, line_start, mid_line = rows[:5]
     assert headline.before.startswith("2.00 [") and headline.after.startswith("4.00 [")
     assert headline.lift.startswith("+2.000 [")
-    assert relative.lift.startswith("+100.0% [") and relative.part and not headline.part
-    assert (kept.before, kept.after) == ("10.0", "8.0") and kept.lift.startswith("-20.0% [")
+    assert relative.lift.startswith("+100.0 % [") and relative.part and not headline.part
+    assert (kept.before, kept.after) == ("10.0", "8.0") and kept.lift.startswith("-20.0 % [")
     assert line_start.after.startswith("6.00 [") and mid_line.before.startswith("0.00 [")
     assert rows[-1].before == "100 / 100"
     table = format_table(report)

@@ -7,6 +7,7 @@ completion's own rules (end of line, end of block). Backends only supply ``Forwa
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import time
@@ -29,7 +30,13 @@ def cache_keyword(model: Any) -> str:
     GPU image has 5.17). A peft model is asked through the model it wraps, whose signature
     its own ``**kwargs`` hides."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
+    return _cache_keyword_of(base.__class__)
+
+
+@functools.cache
+def _cache_keyword_of(model_type: Any) -> str:
+    """Per model class, read once: ``TorchForward`` asks for every request."""
+    parameters = inspect.signature(model_type.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 

@@ -27,7 +27,16 @@ from feedback.replay_report import (
     stored_scores,
     summary,
 )
-from lsp_server.replay import ReplayError, _offset, choose_positions, source_files, split_files
+from ghostloop.settings import Settings, load_settings
+from lsp_server.replay import (
+    Replay,
+    ReplayError,
+    ReplayOptions,
+    _offset,
+    choose_positions,
+    source_files,
+    split_files,
+)
 from tests.training_data import write_repo
 
 
@@ -379,3 +388,13 @@ def test_a_replay_whose_store_is_gone_cannot_be_pooled(tmp_path: Path):
     listed = {**report, "store": url, "served": {"before": ["c1"], "after": {"f.py:1:0": "c2"}}}
     with pytest.raises(StoredReplayError, match="store cannot be read back"):
         stored_scores("night", listed)
+
+
+def test_a_busy_machine_does_not_cut_the_replays_suggestions_short(tmp_path, monkeypatch):
+    """The walk's suggestions are the model's alone: the servers' settings carry no deadline
+    a slow moment could reach, whatever the environment says."""
+    monkeypatch.setenv("GHOSTLOOP_DEADLINE_MS", "1")
+    replay = Replay(Settings(), ReplayOptions(root=tmp_path, work_dir=tmp_path), out=None)  # type: ignore[arg-type]
+    served = load_settings(environ=replay.env("replay-train"))
+    assert served.deadline_ms >= 600_000
+    assert load_settings().deadline_ms == 1  # the user's own servers keep their setting

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -394,7 +395,7 @@ def test_a_busy_machine_does_not_cut_the_replays_suggestions_short(tmp_path, mon
     """The walk's suggestions are the model's alone: the servers' settings carry no deadline
     a slow moment could reach, whatever the environment says."""
     monkeypatch.setenv("GHOSTLOOP_DEADLINE_MS", "1")
-    replay = Replay(Settings(), ReplayOptions(root=tmp_path, work_dir=tmp_path), out=None)  # type: ignore[arg-type]
+    replay = Replay(Settings(), ReplayOptions(root=tmp_path, work_dir=tmp_path), io.StringIO())
     served = load_settings(environ=replay.env("replay-train"))
     assert served.deadline_ms >= 600_000
     assert load_settings().deadline_ms == 1  # the user's own servers keep their setting

@@ -73,6 +73,10 @@ def survival_ratio(inserted: str, now: str) -> float:
     """Share of ``inserted`` still standing in ``now``: 1 untouched, 0 rewritten or gone."""
     if not inserted:
         return 0.0
+    if abs(len(now) - len(inserted)) >= len(inserted):
+        # the distance is at least the length difference: nothing is left, and the
+        # quadratic edit distance against a region grown huge is not worth computing
+        return 0.0
     return max(0.0, 1.0 - levenshtein(inserted, now) / len(inserted))
 
 

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +30,8 @@ DEMO_TRAIN_POSITIONS = 160
 
 
 def _setup_logging(settings: Settings) -> None:
-    # stdout is the LSP channel: logs go to stderr only.
+    # stdout is the LSP channel: logs go to stderr (serve on stdio hands them to the editor
+    # as window/logMessage once a session is initialized: lsp_server.client_log).
     logging.basicConfig(
         stream=sys.stderr,
         level=settings.log_level,
@@ -42,7 +44,7 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from lsp_server.server import create_server
+    from lsp_server.server import create_server, serve_stdio
 
     if args.tcp and args.stdio:
         print("ghostloop serve: choose --tcp or --stdio, not both", file=sys.stderr)
@@ -54,8 +56,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.host != "127.0.0.1" or args.port != 2087:
         print("ghostloop serve: --host and --port go with --tcp", file=sys.stderr)
         return 2
-    create_server(settings).start_io()
-    return 0
+    return serve_stdio(create_server(settings))
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
@@ -597,4 +598,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ghostloop: {error}", file=sys.stderr)
         return 2
     _setup_logging(settings)
-    return int(args.run(args, settings))
+    try:
+        code = int(args.run(args, settings))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`ghostloop logs --json | head`): stop quietly, as Python's
+        # docs advise, with stdout pointed at devnull so the flush at exit cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code

@@ -466,7 +466,11 @@ class BatchDecoding:
         self._members[number] = (decoder, forward)
         token = None
         if not decoder.done:
-            logits = forward.prefill(decoder.input_ids)
+            try:
+                logits = forward.prefill(decoder.input_ids)
+            except Exception:  # this prompt fails alone; the batch goes on without it
+                del self._members[number]
+                raise
             decoder.prefilled()
             token = decoder.advance(logits)
         if token is None:

@@ -161,7 +161,13 @@ class Settings:
         default=True,
         metadata=_help("record suggestions and their fate; false = store nothing of your code"),
     )
-    log_level: str = field(default="INFO", metadata=_help("DEBUG | INFO | WARNING | ERROR"))
+    log_level: str = field(
+        default="INFO",
+        metadata=_help(
+            "DEBUG | INFO | WARNING | ERROR (logs go to stderr, and on stdio to the editor as "
+            "window/logMessage once a session is initialized; DEBUG adds every LSP message)"
+        ),
+    )
     tcp_auth: str = field(
         default="auto",
         metadata=_help(
@@ -181,7 +187,9 @@ class Settings:
     )
     max_message_bytes: int = field(
         default=16 * 2**20,
-        metadata=_help("serve --tcp: a longer LSP message closes its connection"),
+        metadata=_help(
+            "a longer LSP message is refused: on TCP its connection closes, on stdio it is skipped"
+        ),
     )
     max_open_documents: int = field(
         default=500, metadata=_help("documents one connection may hold open at once")

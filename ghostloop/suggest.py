@@ -40,7 +40,7 @@ class Suggestion:
     generation: Generation
 
 
-Done = Callable[[Suggestion], None]
+Done = Callable[[Suggestion | Exception], None]  # a suggestion, or why it failed alone
 
 
 def prompt_for(loaded: LoadedModel, settings: Settings, context: CursorContext) -> Prompt:
@@ -124,8 +124,6 @@ class SuggestionBatch:
         """Prefill ``context``'s prompt on ``forward``; ``done`` gets its suggestion."""
         mode = completion_mode(context, self._settings.max_lines)
         prompt = prompt_for(self._loaded, self._settings, context)
-        self._parts[self._added] = (context, prompt, mode, done)  # join numbers them alike
-        self._added += 1
         decoder = Decoder(
             self._loaded,
             prompt,
@@ -133,7 +131,14 @@ class SuggestionBatch:
             max_new_tokens=self._settings.max_new_tokens,
             should_stop=should_stop,
         )
-        self._decoding.join(decoder, forward)
+        number = self._added  # join numbers them alike, a join that fails included
+        self._parts[number] = (context, prompt, mode, done)
+        self._added += 1
+        try:
+            self._decoding.join(decoder, forward)
+        except Exception:  # a cursor that cannot join fails alone (the caller is told)
+            self._parts.pop(number, None)
+            raise
 
     def step(self) -> bool:
         """One token for every running suggestion; whether any still runs."""
@@ -141,7 +146,11 @@ class SuggestionBatch:
 
     def _finished(self, number: int, generation: Generation) -> None:
         context, prompt, mode, done = self._parts.pop(number)
-        text = finish_suggestion(generation.text, context, mode)
+        try:
+            text = finish_suggestion(generation.text, context, mode)
+        except Exception as error:  # its own error, not the batch's
+            done(error)
+            return
         done(Suggestion(text, prompt, mode, generation))
 
 
@@ -159,7 +168,12 @@ def suggest_batch(
     found: dict[int, Suggestion] = {}
 
     def keeper(number: int) -> Done:
-        return lambda suggestion: found.__setitem__(number, suggestion)
+        def keep(suggestion: Suggestion | Exception) -> None:
+            if isinstance(suggestion, Exception):
+                raise suggestion
+            found[number] = suggestion
+
+        return keep
 
     with SuggestionBatch(loaded, settings, adapter=adapter) as batch:
         for number, (context, forward, stop) in enumerate(

@@ -65,9 +65,12 @@ class AdapterWatcher:
         if self.settings.adapter_poll_s > 0:
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop polling and wait for a check in progress (it may be loading weights)."""
         self._stopped.set()
         self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
     def _run(self) -> None:
         while not self._stopped.is_set():

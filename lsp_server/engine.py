@@ -215,11 +215,18 @@ class CompletionEngine:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Cancel what runs and waits, and wait for the worker to end: a process that
+        exits while the worker is inside torch or onnxruntime can abort in their C++
+        teardown ("terminate called without an active exception")."""
         self._queue.close()
         with self._lock:
             for job in self._latest.values():
                 job.cancel("shutdown")
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("the inference worker did not stop within %.0f s", timeout_s)
 
     @property
     def loaded(self) -> Any:
@@ -390,12 +397,16 @@ class CompletionEngine:
         def join(batch: SuggestionBatch, running: _Running) -> None:
             pending[id(running)] = running
 
-            def done(found: Suggestion) -> None:
+            def done(found: Suggestion | Exception) -> None:
                 del pending[id(running)]
                 self._deliver(running, found)
 
             forward = cast(TorchForward, running.forward)  # the torch backend's
-            batch.add(running.job.context, forward, running.should_stop, done)
+            try:
+                batch.add(running.job.context, forward, running.should_stop, done)
+            except Exception as error:  # a bad input fails its own request, not the batch
+                if pending.pop(id(running), None) is not None:
+                    self._deliver(running, error)
 
         lora = adapter if isinstance(adapter, LoraWeights) else None
         batch = SuggestionBatch(loaded, settings, adapter=lora)

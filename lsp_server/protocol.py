@@ -21,12 +21,29 @@ Client -> server
   ``{"adapter": str | null, "canary": {...} | null, "swaps": int, "last_read_ms": float |
   null, "refused": [{"version": str, "reason": str}], "error": str | null}``.
 
+- request ``ghostloop/documentState``: ``{"textDocument": {"uri": str}}``. Result:
+  ``{"uri": str, "version": int | null, "length": int (UTF-16 code units), "sha256":
+  str (of the text as UTF-8), "outOfSync": str | null}``: what the server holds for an
+  open document, so a client (or ``bench/fuzz.py``) can check that it is the editor's
+  text. ``outOfSync`` says why an edit did not apply; such a document gets no completions
+  until its whole text arrives again (didOpen, or a didChange without a range).
+
+Framing and malformed input (stdio and TCP): a frame whose Content-Length is absurd, or
+whose body is not a JSON object, is skipped on stdio (reading goes on at the next header)
+and closes the connection on TCP. A request whose params do not parse is answered with
+``-32602``; a notification whose params do not parse is dropped with a warning in the
+client's log. The server's own log reaches the editor as ``window/logMessage`` at each
+line's level once the session is initialized (stdio), never as a pop-up.
+
 Error codes a client can meet
 - ``-32800`` RequestCancelled: the client cancelled the request.
 - ``-32802`` ServerCancelled: a newer completion request for the same document
   superseded this one.
-- ``-32602`` InvalidParams: the document is not open, the position is outside it or
-  splits a character, the document is binary or too large, a command's arguments are bad.
+- ``-32602`` InvalidParams: the document is not open or out of sync, the position is
+  outside it or splits a character, the document is binary, too large or holds a lone
+  surrogate, a command's arguments are bad.
+- ``-32600`` InvalidRequest: not a JSON-RPC 2.0 message, or a second ``initialize``
+  (which changes nothing).
 - ``-32001`` ModelUnavailable: the configured model could not be loaded; the message says
   how to fix it.
 - ``-32003`` Unauthorized (team server, ``serve --tcp``): ``initialize`` without a valid
@@ -38,12 +55,24 @@ Error codes a client can meet
 
 from __future__ import annotations
 
+from typing import Any
+
 from pygls.exceptions import JsonRpcException
 
 ACCEPT_COMMAND = "ghostloop.accept"
 STATUS_REQUEST = "ghostloop/status"
 RELOAD_ADAPTERS_REQUEST = "ghostloop/reloadAdapters"
 FEEDBACK_NOTIFICATION = "ghostloop/feedback"
+DOCUMENT_STATE_REQUEST = "ghostloop/documentState"
+
+
+def param(params: Any, name: str) -> Any:
+    """Field ``name`` of a custom method's params: pygls hands them over as a named tuple
+    (``Object``) when they parse as one, as a plain dict otherwise; None if absent."""
+    if isinstance(params, dict):
+        return params.get(name)
+    return getattr(params, name, None)
+
 
 MODEL_UNAVAILABLE = -32001
 SERVER_CANCELLED = -32802

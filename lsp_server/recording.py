@@ -121,6 +121,7 @@ class FeedbackLog:
         self.fates = fates or FateBook()
         self._last_served: dict[str, str] = {}  # document uri -> completion id
         self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def open(
@@ -138,7 +139,13 @@ class FeedbackLog:
         return cls(settings, open_recorder(settings, busy), schedule, metrics)
 
     def close(self) -> None:
+        """The session ends: accepted suggestions are measured once more from the last text
+        (``SurvivalTracker.final``), then the recorder writes what it holds. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self.recorder is not None:
+            self.survival.final()
             self.recorder.close()
 
     def status(self) -> dict[str, Any]:
@@ -233,9 +240,12 @@ class FeedbackLog:
         window_s: float | None = None,
         survival_ratio: float | None = None,
         text: str | None = None,
+        final: bool = False,
     ) -> None:
-        if self.metrics is not None:
-            self.metrics.event(kind, window_s=window_s, survival_ratio=survival_ratio)
+        if self.metrics is not None:  # a final check's window is any time: not a label
+            self.metrics.event(
+                kind, window_s=None if final else window_s, survival_ratio=survival_ratio
+            )
         if kind not in ("survival", "typed_instead", "written"):
             self.fates.update(completion_id, kind)
         if self.recorder is None:

@@ -2,64 +2,86 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import unquote
 
-import cattrs
 from lsprotocol import types
-from pygls.exceptions import JsonRpcException, JsonRpcServerNotInitialized
+from pygls.exceptions import JsonRpcInvalidRequest, JsonRpcServerNotInitialized
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol, lsp_method
+from pygls.workspace import TextDocument
 
 from feedback.prometheus import ServerMetrics
 from ghostloop import __version__
 from ghostloop.settings import Settings
 from lsp_server.adapter_watch import AdapterWatcher
+from lsp_server.client_log import ClientLog
 from lsp_server.engine import CompletionEngine
+from lsp_server.positions import PositionError, apply_change
 from lsp_server.recording import FeedbackLog
+from lsp_server.transport import (
+    FrameLimits,
+    ProtocolViolation,
+    StdoutWriter,
+    dispatch,
+    parse_message,
+    read_messages,
+    stdin_reader,
+)
 
 if TYPE_CHECKING:
     from lsp_server.team import Connection, Team
 
 log = logging.getLogger(__name__)
-_ANSWERED = object()
 
 
 class GhostloopProtocol(LanguageServerProtocol):
-    """pygls's protocol, but a request whose params do not parse gets an error response.
+    """pygls's protocol with the document rules of the LSP rather than of Python.
 
-    pygls 2.1 logs such a request and never answers it, which leaves the client waiting.
-    It also cannot read a request without ``params``, which JSON-RPC allows.
+    - A request may omit ``params``, which JSON-RPC allows (Neovim does for nil).
+    - A second ``initialize`` is refused and changes nothing (pygls made a new, empty
+      workspace for it, dropping every open document).
+    - ``didChange`` is applied with the LSP's line breaks (``lsp_server.positions``), not
+      ``str.splitlines``; an edit whose range is not in the document leaves it out of
+      sync, and it gets no completions until the client sends its whole text again.
+    - A connection holds at most ``max_open_documents``.
     """
+
+    def __init__(self, server: Any, converter: Any) -> None:
+        super().__init__(server, converter)
+        self.initialized = False
+        self.out_of_sync: dict[str, str] = {}  # uri -> why its text is not the client's
 
     def structure_message(self, data: dict[str, Any]) -> Any:
         if "method" in data and "params" not in data:
-            # JSON-RPC lets a request omit params (Neovim does for nil); pygls needs the key.
             data = {**data, "params": None}
-        try:
-            return super().structure_message(data)
-        except JsonRpcException as error:
-            if "id" not in data or "method" not in data:
-                raise
-            cause = error.__cause__
-            details = (
-                "; ".join(cattrs.transform_error(cause))
-                if isinstance(cause, cattrs.ClassValidationError)
-                else str(cause)
-            )
-            self._send_response(
-                data["id"],
-                error=types.ResponseError(
-                    code=error.code,
-                    message=f"invalid params for {data['method']}: {details}",
-                ),
-            )
-            return _ANSWERED
+        return super().structure_message(data)
 
-    def handle_message(self, message: Any) -> None:
-        if message is not _ANSWERED:
-            super().handle_message(message)
+    def document(self, uri: str) -> TextDocument | None:
+        """The open document ``uri`` (pygls keys them by the unquoted URI)."""
+        return self.workspace.text_documents.get(unquote(uri))
+
+    def encoding(self) -> str:
+        """The position encoding agreed at initialize (utf-16 unless the client chose)."""
+        negotiated = self.workspace.position_encoding or "utf-16"
+        return str(getattr(negotiated, "value", negotiated))  # an enum member or a plain str
+
+    @lsp_method(types.INITIALIZE)
+    def lsp_initialize(
+        self, params: types.InitializeParams
+    ) -> Generator[Any, Any, types.InitializeResult]:
+        if self.initialized:
+            raise JsonRpcInvalidRequest(
+                "this session is initialized already; to start over send shutdown and "
+                "exit, then start a new session"
+            )
+        result = yield from super().lsp_initialize(params)
+        self.initialized = True
+        return result
 
     @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
     def lsp_text_document__did_open(
@@ -71,7 +93,7 @@ class GhostloopProtocol(LanguageServerProtocol):
         documents = self.workspace.text_documents
         cap = server.settings.max_open_documents
         uri = params.text_document.uri
-        if uri not in documents and len(documents) >= cap:
+        if self.document(uri) is None and len(documents) >= cap:
             message = (
                 f"{len(documents)} documents are open on this connection, the most "
                 f"max_open_documents={cap} allows: {uri} gets no completions until "
@@ -82,7 +104,46 @@ class GhostloopProtocol(LanguageServerProtocol):
                 types.ShowMessageParams(type=types.MessageType.Warning, message=message)
             )
             return
+        self.out_of_sync.pop(uri, None)
         yield from super().lsp_text_document__did_open(params)
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(
+        self, params: types.DidChangeTextDocumentParams
+    ) -> Generator[Any, Any, None]:
+        uri = params.text_document.uri
+        document = self.document(uri)
+        if document is None:
+            log.warning("didChange for %s, which is not open: ignored (send didOpen first)", uri)
+            return
+        text = document.source
+        for number, change in enumerate(params.content_changes):
+            if isinstance(change, types.TextDocumentContentChangeWholeDocument):
+                text = change.text
+                self.out_of_sync.pop(uri, None)
+            elif uri not in self.out_of_sync:
+                try:
+                    text = apply_change(text, change, self.encoding())
+                except PositionError as error:
+                    version = params.text_document.version
+                    why = f"change {number} of version {version} did not apply: {error}"
+                    self.out_of_sync[uri] = why
+                    log.warning(
+                        "%s is out of sync: %s; it gets no completions until it is reopened",
+                        uri,
+                        why,
+                    )
+        document.apply_change(types.TextDocumentContentChangeWholeDocument(text=text))
+        document.version = params.text_document.version
+        if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_CHANGE)) is not None:
+            yield handler, (params,), None
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
+    def lsp_text_document__did_close(
+        self, params: types.DidCloseTextDocumentParams
+    ) -> Generator[Any, Any, None]:
+        self.out_of_sync.pop(params.text_document.uri, None)
+        yield from super().lsp_text_document__did_close(params)
 
 
 class GhostloopServer(LanguageServer):
@@ -103,6 +164,7 @@ class GhostloopServer(LanguageServer):
         self.client_info: types.ClientInfo | None = None
         self.root_uri: str | None = None
         self.metrics = ServerMetrics()
+        self.closed = False
         # On a team server (lsp_server.team) each connection has its own server object;
         # these say which connection and what the connections share.
         self.team: Team | None = None
@@ -115,6 +177,35 @@ class GhostloopServer(LanguageServer):
     def queue_key(self, uri: str) -> str:
         """Whose turn a job takes: the document's alone, or its connection's on a team."""
         return uri if self.connection is None else self.connection.id
+
+    @property
+    def session(self) -> GhostloopProtocol:
+        """This connection's protocol: its documents and their sync state."""
+        assert isinstance(self.protocol, GhostloopProtocol)
+        return self.protocol
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        """A failed notification handler: logged (a warning in the editor's log), never a
+        pop-up; failed requests are answered with their error already."""
+        log.warning("%s: %s", getattr(source, "__name__", source), error)
+
+    def close_session(self) -> None:
+        """The session ends (shutdown, exit, or the client went away): what accepted
+        suggestions kept is measured once more and recorded, then everything stops. A
+        team connection releases its own work only. Safe to call more than once."""
+        if self.team is not None and self.connection is not None:
+            self.team.release(self)
+            return
+        if self.closed:
+            return
+        self.closed = True
+        if self.adapters_or_none is not None:
+            self.adapters_or_none.stop()
+        if self.engine_or_none is not None:
+            self.engine_or_none.stop()
+        if self.feedback_or_none is not None:
+            self.feedback_or_none.close()  # everything recorded is in the store or the journal
+        self.metrics.close()
 
     @property
     def engine(self) -> CompletionEngine:
@@ -144,6 +235,12 @@ def start_serving(
     def read_adapters() -> None:  # once the model is loaded: the adapters in force
         watcher.check()
 
+    # A progress bar on stderr is no log line: an editor shows each of its redraws as an
+    # error (vscode-languageclient logs stderr at error level).
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
     engine = CompletionEngine(settings, prepare=read_adapters)
     watcher = AdapterWatcher(settings, engine)
     engine.start()
@@ -170,3 +267,39 @@ def create_server(settings: Settings) -> GhostloopServer:
     for module in (lifecycle, documents, inline_completion, completion, commands, feedback, status):
         module.register(server)
     return server
+
+
+def serve_stdio(
+    server: GhostloopServer, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None
+) -> int:
+    """Serve one client on stdio until ``exit`` (exit code 0 after shutdown, 1 without,
+    as the LSP asks) or the end of its input (0). Frames are read by ``lsp_server.transport``;
+    once initialized, the server's log goes to the editor (``lsp_server.client_log``)."""
+    writer = StdoutWriter(stdout)
+    server.protocol.set_writer(writer)  # type: ignore[arg-type]
+    limits = FrameLimits(server.settings.max_message_bytes)
+
+    async def main() -> None:
+        reader = stdin_reader(stdin or sys.stdin.buffer)
+        live = lambda: server.session.initialized and not writer.closed  # noqa: E731
+        with ClientLog(server.window_log_message, live):
+            async for body in read_messages(reader, limits, resync=True):
+                try:
+                    data = parse_message(body)
+                except ProtocolViolation as violation:
+                    log.warning("ignored a message: %s", violation)
+                    continue
+                dispatch(server.protocol, data)
+                await asyncio.sleep(0)  # let answers and other work through between messages
+
+    try:
+        asyncio.run(main())
+    except SystemExit as requested:  # pygls's exit handler
+        code = int(requested.code or 0)
+    except KeyboardInterrupt:
+        code = 130
+    else:
+        code = 0  # the client closed the stream: it has gone, nothing failed here
+    finally:
+        server.close_session()
+    return code

@@ -11,7 +11,7 @@ from pygls.exceptions import JsonRpcInvalidParams, JsonRpcRequestCancelled
 from ghostloop.models import ModelNotFoundError
 from ghostloop.postprocess import CursorContext
 from lsp_server.engine import CompletionResult, JobCancelled
-from lsp_server.positions import PositionError, offset_at
+from lsp_server.positions import PositionError, lone_surrogate_line, offset_at
 from lsp_server.protocol import ACCEPT_COMMAND, ModelUnavailable, ServerCancelled
 from lsp_server.server import GhostloopServer
 
@@ -29,9 +29,15 @@ class Cursor:
 def cursor_at(server: GhostloopServer, uri: str, position: types.Position) -> Cursor:
     """The cursor for a request, or an InvalidParams error saying what is wrong."""
     server.engine  # noqa: B018 - raises ServerNotInitialized before initialize
-    document = server.workspace.text_documents.get(uri)
+    session = server.session
+    document = session.document(uri)
     if document is None:
         raise JsonRpcInvalidParams(f"document {uri} is not open; send textDocument/didOpen first")
+    if (why := session.out_of_sync.get(uri)) is not None:
+        raise JsonRpcInvalidParams(
+            f"document {uri} is out of sync with the editor ({why}); close and reopen it, "
+            "or send its whole text in a didChange"
+        )
     text = document.source
     limit = server.settings.max_document_chars
     if len(text) > limit:
@@ -44,8 +50,12 @@ def cursor_at(server: GhostloopServer, uri: str, position: types.Position) -> Cu
             f"document {uri} looks binary (it contains NUL characters); "
             "Ghostloop completes text files only"
         )
-    negotiated = server.workspace.position_encoding or "utf-16"
-    encoding = str(getattr(negotiated, "value", negotiated))  # an enum member or a plain str
+    if (line := lone_surrogate_line(text)) is not None:
+        raise JsonRpcInvalidParams(
+            f"document {uri} holds a lone UTF-16 surrogate on line {line} (half of a "
+            "character, not text); Ghostloop completes valid Unicode text only"
+        )
+    encoding = session.encoding()
     try:
         offset = offset_at(text, position.line, position.character, encoding)
     except PositionError as error:

@@ -13,6 +13,7 @@ and offsets.
 from __future__ import annotations
 
 import functools
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,7 +95,9 @@ def written(text: str, start: int, end: int) -> str:
 
 
 Schedule = Callable[[float, Callable[[], None]], object]
-Record = Callable[..., None]  # record(completion_id, kind, window_s=, survival_ratio=, text=)
+# record(completion_id, kind, window_s=, survival_ratio=, text=, final=): final says the
+# check was made when the session or document ended, at whatever time it had reached
+Record = Callable[..., None]
 
 
 @dataclass
@@ -103,6 +106,8 @@ class _Tracked:
     region: Region
     multiline: bool
     inserted: str = ""
+    accepted_at: float | None = None  # clock time of the accept
+    rejected_at: float | None = None  # clock time of the reject or dismissal
 
 
 class SurvivalTracker:
@@ -113,11 +118,17 @@ class SurvivalTracker:
     """
 
     def __init__(
-        self, windows_s: tuple[float, ...], schedule: Schedule, record: Record, capacity: int = 512
+        self,
+        windows_s: tuple[float, ...],
+        schedule: Schedule,
+        record: Record,
+        capacity: int = 512,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.windows_s = windows_s
         self._schedule = schedule
         self._record = record
+        self._clock = clock
         self._capacity = capacity
         self._texts: dict[str, str] = {}
         # the one window whose check also records the line as written (labels use it)
@@ -148,7 +159,25 @@ class SurvivalTracker:
         self._texts[uri] = text
 
     def closed(self, uri: str) -> None:
-        for completion_id in [c for c, t in self._tracked.items() if t.uri == uri]:
+        """The document closed: its suggestions are measured once more (``final``)."""
+        self.final(uri)
+
+    def final(self, uri: str | None = None) -> None:
+        """The session ends (or ``uri`` closes) before every window has come: each accepted
+        suggestion's survival, and what was typed where one was rejected, is measured
+        once more from the last text there is, recorded at the time it reached
+        (``window_s``: seconds since the accept or reject), and its later checks dropped.
+        Without this the last minutes of every session never reached the store."""
+        now = self._clock()
+        for completion_id, tracked in list(self._tracked.items()):
+            if uri is not None and tracked.uri != uri:
+                continue
+            if tracked.accepted_at is not None:
+                window = round(max(0.0, now - tracked.accepted_at), 1)
+                self._measure_survival(completion_id, tracked, window, with_line=True, final=True)
+            elif tracked.rejected_at is not None:
+                window = round(max(0.0, now - tracked.rejected_at), 1)
+                self._measure_typed(completion_id, tracked, window, final=True)
             self._forget(completion_id)
 
     def accepted(self, completion_id: str, inserted: str) -> None:
@@ -156,11 +185,14 @@ class SurvivalTracker:
         if tracked is None:
             return
         tracked.inserted = inserted
+        tracked.accepted_at = self._clock()
         for window in self.windows_s:
             self._schedule(window, functools.partial(self._check_survival, completion_id, window))
 
     def rejected(self, completion_id: str) -> None:
-        if completion_id in self._tracked:
+        tracked = self._tracked.get(completion_id)
+        if tracked is not None:
+            tracked.rejected_at = self._clock()
             first = self.windows_s[0]
             self._schedule(first, functools.partial(self._check_typed, completion_id, first))
 
@@ -171,29 +203,49 @@ class SurvivalTracker:
         tracked = self._tracked.get(completion_id)
         if tracked is None:
             return
+        with_line = window_s == self._written_window
+        self._measure_survival(completion_id, tracked, window_s, with_line=with_line, final=False)
+        if window_s == self.windows_s[-1]:
+            self._forget(completion_id)
+
+    def _measure_survival(
+        self,
+        completion_id: str,
+        tracked: _Tracked,
+        window_s: float,
+        *,
+        with_line: bool,
+        final: bool,
+    ) -> None:
+        """Record what of the accepted text stands now (and ``with_line``, the line as
+        written there, which the labels read beside the check nearest two minutes)."""
         now = self._region_text(tracked)
-        if window_s == self._written_window:
+        if with_line:
             region = tracked.region
             line = written(self._texts.get(tracked.uri, ""), region.start, region.end)
-            self._record(completion_id, "written", window_s=window_s, text=line)
+            self._record(completion_id, "written", window_s=window_s, text=line, final=final)
         self._record(
             completion_id,
             "survival",
             window_s=window_s,
             survival_ratio=round(survival_ratio(tracked.inserted, now), 4),
             text=now,
+            final=final,
         )
-        if window_s == self.windows_s[-1]:
-            self._forget(completion_id)
 
     def _check_typed(self, completion_id: str, window_s: float) -> None:
         tracked = self._tracked.get(completion_id)
         if tracked is None:
             return
+        self._measure_typed(completion_id, tracked, window_s, final=False)
+        self._forget(completion_id)
+
+    def _measure_typed(
+        self, completion_id: str, tracked: _Tracked, window_s: float, *, final: bool
+    ) -> None:
         text = self._texts.get(tracked.uri, "")
         typed = typed_instead(text, tracked.region.start, tracked.multiline)
-        self._record(completion_id, "typed_instead", window_s=window_s, text=typed)
-        self._forget(completion_id)
+        self._record(completion_id, "typed_instead", window_s=window_s, text=typed, final=final)
 
     def _forget(self, completion_id: str) -> None:
         tracked = self._tracked.pop(completion_id, None)

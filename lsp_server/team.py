@@ -30,7 +30,6 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,10 +47,16 @@ from lsp_server.engine import CompletionEngine
 from lsp_server.protocol import RateLimited, Unauthorized
 from lsp_server.recording import FateBook, FeedbackLog, open_recorder
 from lsp_server.server import GhostloopServer, create_server, start_serving
+from lsp_server.transport import (
+    FrameLimits,
+    ProtocolViolation,
+    dispatch,
+    parse_message,
+    read_messages,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_HEADER_BYTES = 8192
 TOKEN_RECHECK_S = 60.0  # a revoked token stops working within this long
 # settings a client may choose for itself on a team server; the rest are the admin's
 CLIENT_SETTINGS = ("telemetry",)
@@ -64,10 +69,6 @@ TOKEN_HELP = (
 
 class StartRefused(RuntimeError):
     """The team server will not start as configured; the message says what to change."""
-
-
-class ProtocolViolation(Exception):
-    """The bytes a client sent are not LSP messages within the server's limits."""
 
 
 def is_loopback(host: str) -> bool:
@@ -391,90 +392,28 @@ class Team:
         )
 
 
-async def read_messages(reader: asyncio.StreamReader, settings: Settings) -> AsyncIterator[bytes]:
-    """LSP message bodies as they arrive whole; raises ProtocolViolation or TimeoutError.
-
-    A message must arrive whole within ``message_timeout_s`` of its first byte; between
-    messages the connection may be silent for ``idle_timeout_s`` (0: for ever). The
-    Content-Length is checked as soon as the headers are in, before the body is read.
-    """
-    buffer = bytearray()
-    started = 0.0
-    while True:
-        timeout: float | None = settings.idle_timeout_s or None
-        if buffer:  # a message has begun: what is left of its time (wait_for ends at <= 0)
-            timeout = settings.message_timeout_s - (time.monotonic() - started)
-        try:
-            chunk = await asyncio.wait_for(reader.read(65536), timeout)
-        except TimeoutError:
-            if buffer:
-                raise ProtocolViolation(
-                    f"a message did not arrive whole within message_timeout_s="
-                    f"{settings.message_timeout_s:g}"
-                ) from None
-            raise
-        if not chunk:
-            if buffer:
-                log.info("connection closed in the middle of a message")
-            return
-        if not buffer:
-            started = time.monotonic()
-        buffer += chunk
-        while buffer:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEADER_BYTES:
-                    raise ProtocolViolation("message headers longer than 8 KiB (not LSP?)")
-                break
-            length = _content_length(bytes(buffer[:end]), settings.max_message_bytes)
-            total = end + 4 + length
-            if len(buffer) < total:
-                break
-            body = bytes(buffer[end + 4 : total])
-            del buffer[:total]
-            started = time.monotonic()
-            yield body
-
-
-def _content_length(headers: bytes, limit: int) -> int:
-    length: int | None = None
-    for line in headers.split(b"\r\n"):
-        name, colon, value = line.partition(b":")
-        if not colon or not name.strip() or not name.isascii():
-            raise ProtocolViolation(f"not an LSP header line: {line[:40]!r}")
-        if name.strip().lower() == b"content-length":
-            try:
-                length = int(value.strip())
-            except ValueError:
-                raise ProtocolViolation(f"bad Content-Length {value[:20]!r}") from None
-    if length is None or length < 0:
-        raise ProtocolViolation("a message without a Content-Length header")
-    if length > limit:
-        raise ProtocolViolation(f"a message of {length} bytes, over max_message_bytes={limit}")
-    return length
-
-
 async def _serve_connection(
     team: Team, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     connection, server = team.connect(writer)
-    protocol = server.protocol
+    settings = team.settings
+    limits = FrameLimits(
+        settings.max_message_bytes,
+        message_timeout_s=settings.message_timeout_s,
+        idle_timeout_s=settings.idle_timeout_s or None,
+    )
     try:
-        async for body in read_messages(reader, team.settings):
-            if connection.user is None:
-                # nothing but initialize (with its token) is read before admission
-                raw = _json(body)
-                method = raw.get("method") if isinstance(raw, dict) else None
-                if method == "exit":
-                    break
-                if method != "initialize":
-                    if isinstance(raw, dict) and "id" in raw and method:
-                        _answer_error(writer, raw["id"], "initialize first, with your token")
-                    continue
-            message = _json(body, protocol.structure_message)
-            if getattr(message, "method", None) == "exit":
+        async for body in read_messages(reader, limits):
+            data = parse_message(body)
+            method = data.get("method")
+            if method == "exit":
                 break  # this client leaves; the server goes on for the others
-            protocol.handle_message(message)
+            if connection.user is None and method != "initialize":
+                # nothing but initialize (with its token) is read before admission
+                if "id" in data and isinstance(method, str):
+                    _answer_error(writer, data["id"], "initialize first, with your token")
+                continue
+            dispatch(server.protocol, data)
             if connection.refused:
                 await asyncio.sleep(0.05)  # let the error response go out first
                 break
@@ -486,18 +425,15 @@ async def _serve_connection(
         connection.refused = f"idle for idle_timeout_s={team.settings.idle_timeout_s:g}"
     except (ConnectionError, ssl.SSLError) as error:
         connection.refused = f"{type(error).__name__}"
+    except asyncio.CancelledError:
+        # The server stops (SIGINT, SIGTERM): this connection ends with it. Ending the task
+        # normally spares asyncio's stream callback a traceback about a cancelled task.
+        connection.refused = "the server is stopping"
     finally:
         team.disconnect(server)
         with contextlib.suppress(Exception):
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), 2)
-
-
-def _json(body: bytes, hook: Any = None) -> Any:
-    try:
-        return json.loads(body, object_hook=hook)
-    except ValueError:
-        raise ProtocolViolation("a message body that is not JSON") from None
 
 
 def _answer_error(writer: asyncio.StreamWriter, message_id: Any, message: str) -> None:

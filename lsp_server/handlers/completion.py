@@ -14,7 +14,9 @@ from lsp_server.positions import code_units
 from lsp_server.server import GhostloopServer
 from lsp_server.suggestions import accept_command, cursor_at, suggest
 
-_WORD_AT_END = re.compile(r"\w+\Z")
+# Only a run's first character may start the match: r"\w+\Z" alone tried every position
+# of a long word and was quadratic in the line (a 60k-character line blocked the loop 11 s).
+_WORD_AT_END = re.compile(r"(?<!\w)\w+\Z")
 LABEL_CHARS = 80
 
 

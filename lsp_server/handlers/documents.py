@@ -1,9 +1,16 @@
-"""didChange / didClose: pygls keeps the text; we follow suggestions' regions through it."""
+"""didChange / didClose: the protocol keeps the text; we follow suggestions' regions
+through it. ghostloop/documentState: what the server holds, for clients to check."""
 
 from __future__ import annotations
 
-from lsprotocol import types
+import hashlib
+from typing import Any
 
+from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
+
+from lsp_server.positions import code_units
+from lsp_server.protocol import DOCUMENT_STATE_REQUEST, param
 from lsp_server.server import GhostloopServer
 
 
@@ -11,7 +18,7 @@ def register(server: GhostloopServer) -> None:
     @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def did_change(ls: GhostloopServer, params: types.DidChangeTextDocumentParams) -> None:
         uri = params.text_document.uri
-        document = ls.workspace.text_documents.get(uri)
+        document = ls.session.document(uri)
         if document is not None and ls.feedback_or_none is not None:
             ls.feedback_or_none.changed(uri, document.source)
 
@@ -21,3 +28,22 @@ def register(server: GhostloopServer) -> None:
             ls.feedback_or_none.closed(params.text_document.uri)
         if ls.engine_or_none is not None:
             ls.engine_or_none.forget(ls.job_key(params.text_document.uri))
+
+    @server.feature(DOCUMENT_STATE_REQUEST)
+    def document_state(ls: GhostloopServer, params: Any) -> dict[str, Any]:
+        uri = param(param(params, "textDocument"), "uri")
+        if not isinstance(uri, str):
+            raise JsonRpcInvalidParams(
+                f"{DOCUMENT_STATE_REQUEST} takes {{textDocument: {{uri: string}}}}, got {params!r}"
+            )
+        held = ls.session.document(uri)
+        if held is None:
+            raise JsonRpcInvalidParams(f"document {uri} is not open")
+        text = held.source
+        return {
+            "uri": uri,
+            "version": held.version,
+            "length": code_units(text, "utf-16"),
+            "sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+            "outOfSync": ls.session.out_of_sync.get(uri),
+        }

@@ -11,7 +11,7 @@ from typing import Any
 
 from lsprotocol import types
 
-from lsp_server.protocol import FEEDBACK_NOTIFICATION
+from lsp_server.protocol import FEEDBACK_NOTIFICATION, param
 from lsp_server.recording import FEEDBACK_KINDS
 from lsp_server.server import GhostloopServer
 from lsp_server.suggestions import served_to
@@ -20,16 +20,10 @@ log = logging.getLogger(__name__)
 OPEN_FATES = (None, "pending", "shown")
 
 
-def _field(params: Any, name: str) -> Any:
-    if isinstance(params, dict):
-        return params.get(name)
-    return getattr(params, name, None)
-
-
 def register(server: GhostloopServer) -> None:
     @server.feature(FEEDBACK_NOTIFICATION)
     def feedback(ls: GhostloopServer, params: Any) -> None:
-        completion_id, kind = _field(params, "completionId"), _field(params, "kind")
+        completion_id, kind = param(params, "completionId"), param(params, "kind")
         problem = None
         if not isinstance(completion_id, str) or kind not in FEEDBACK_KINDS:
             problem = (

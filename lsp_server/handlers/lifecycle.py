@@ -65,13 +65,4 @@ def register(server: GhostloopServer) -> None:
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: GhostloopServer, params: None) -> None:
-        if ls.team is not None and ls.connection is not None:
-            ls.team.release(ls)  # this connection's work only; the engine serves the others
-            return
-        if ls.adapters_or_none is not None:
-            ls.adapters_or_none.stop()
-        if ls.engine_or_none is not None:
-            ls.engine_or_none.stop()
-        if ls.feedback_or_none is not None:
-            ls.feedback_or_none.close()  # everything recorded is in the store or the journal
-        ls.metrics.close()
+        ls.close_session()

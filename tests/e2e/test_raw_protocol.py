@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import sys
@@ -18,24 +19,48 @@ class RawServer:
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
         self._ids = itertools.count(1)
+        self.notifications: list[dict[str, Any]] = []  # what came while awaiting responses
 
     @classmethod
-    async def start(cls, model: Path) -> RawServer:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ghostloop",
-            "serve",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=server_env(model),
-        )
+    async def start(cls, model: Path, stderr: Path | None = None, **env: str) -> RawServer:
+        """The server; its stderr goes to the file ``stderr`` if given (else the test's)."""
+        with open(stderr, "wb") if stderr else contextlib.nullcontext() as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "ghostloop",
+                "serve",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=server_env(model, **env),
+            )
         return cls(process)
 
     def send(self, message: dict[str, Any]) -> None:
-        body = json.dumps({"jsonrpc": "2.0", **message}).encode()
+        self.send_body(json.dumps({"jsonrpc": "2.0", **message}).encode())
+
+    def send_body(self, body: bytes) -> None:
+        self.send_bytes(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    def send_bytes(self, data: bytes) -> None:
         assert self.process.stdin is not None
-        self.process.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.process.stdin.write(data)
+
+    async def initialize(self, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """initialize and initialized; returns once the model is ready."""
+        init = await self.request(
+            "initialize",
+            {"processId": None, "capabilities": {}, "initializationOptions": options or {}},
+        )
+        self.send({"method": "initialized", "params": {}})
+        while (await self.request("ghostloop/status", None))["result"]["state"] == "starting":
+            await asyncio.sleep(0.05)
+        return init
+
+    def open(self, uri: str, text: str) -> None:
+        document = {"uri": uri, "languageId": "python", "version": 1, "text": text}
+        self.send({"method": "textDocument/didOpen", "params": {"textDocument": document}})
 
     async def receive(self) -> dict[str, Any]:
         assert self.process.stdout is not None
@@ -53,6 +78,7 @@ class RawServer:
             message = await asyncio.wait_for(self.receive(), 60)
             if message.get("id") == msg_id:
                 return message
+            self.notifications.append(message)
 
     async def stop(self) -> None:
         await self.request("shutdown", None)

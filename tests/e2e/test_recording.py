@@ -73,6 +73,11 @@ async def test_session_is_recorded_exactly(start_server: StartServer, database_u
             (dismissed, "shown", None),
             (dismissed, "dismissed", None),
             (superseded, "rejected", None),
+            # the session ended before the first window: measured once more at its end
+            (taken_id, "written", None),
+            (taken_id, "survival", None),
+            (dismissed, "typed_instead", None),
+            (superseded, "typed_instead", None),
         ]
     )
     row = rows[taken_id]

@@ -321,6 +321,15 @@ async def test_vscode_ghost_text_word_accept_full_accept_and_dismiss(vscode: Edi
         kinds = [e.kind for e in events if e.completion_id == event.completion_id]
         assert kinds[0] == "shown" and sum(k in DECISIONS for k in kinds) == 1, kinds
     assert {c.client_name for c in completions.values()} == {"code-server"}
+    # The Ghostloop log: the server's lines at their level (a completion's is info, none of
+    # a healthy session is an error), and the messages ghostloop.trace.server asked for.
+    log = "".join(
+        path.read_text(errors="replace")
+        for path in (vscode.workspace.parent / "user" / "logs").rglob("*Ghostloop*.log")
+    )
+    assert re.search(r"\[info\].*completion_id=", log), log[-3000:]
+    assert "[error]" not in log, log[-3000:]
+    assert "Sending request 'textDocument/inlineCompletion" in log, log[-3000:]
 
 
 @pytest.mark.slow

@@ -190,17 +190,26 @@ def test_a_cancelled_completion_leaves_the_others_as_they_were(endless_model_dir
         assert found[number].generation.token_ids == expected[number]
 
 
-def test_the_engine_decodes_documents_that_wait_at_once_together(tiny):
-    loaded, settings = tiny
+def held_engine(
+    loaded: LoadedModel, settings: Settings
+) -> tuple[CompletionEngine, threading.Event, Settings]:
+    """A started engine (batches of 8) that serves nothing until the event is set, so
+    every request submitted before is queued before the first is served."""
     settings = Settings(**{**vars(settings), "batch_size": 8})
     release = threading.Event()
 
     def load_later(_settings: Settings) -> LoadedModel:
-        release.wait(30)  # every request is queued before the first is served
+        release.wait(30)
         return loaded
 
     engine = CompletionEngine(settings, loader=load_later)
     engine.start()
+    return engine, release, settings
+
+
+def test_the_engine_decodes_documents_that_wait_at_once_together(tiny):
+    engine, release, settings = held_engine(*tiny)
+    loaded = tiny[0]
     cursors = contexts()
     jobs = [engine.submit(f"doc{n}", context) for n, context in enumerate(cursors)]
     jobs.append(engine.submit("doc0", cursors[0]))  # supersedes the first job of doc0
@@ -371,3 +380,27 @@ def test_a_batch_lets_go_of_each_completion_as_it_ends(tiny):
     gc.collect()
     assert len(ended) == 2 and len(batch) == 0
     assert [ref() for ref in refs] == [None, None]
+
+
+def test_a_bad_document_in_a_batch_fails_alone_and_every_job_is_answered(tiny):
+    """A cursor the tokenizer cannot read (a lone surrogate) joins a batch, at its start
+    and between steps: it gets its own error, the others their suggestions, and no job
+    taken from the queue goes unanswered."""
+    engine, release, settings = held_engine(*tiny)
+    loaded = tiny[0]
+    cursors = contexts()
+    bad = CursorContext("def f():\n    return '\ud800", "")
+    jobs = [engine.submit("bad-first", bad)]
+    jobs += [engine.submit(f"doc{n}", context) for n, context in enumerate(cursors)]
+    jobs.append(engine.submit("bad-last", bad))
+    release.set()
+    errors = [job.future.exception(30) for job in jobs]  # times out if one is never answered
+    later = [engine.submit("bad-again", bad), engine.submit("good-again", cursors[2])]
+    later_errors = [job.future.exception(30) for job in later]
+    engine.stop()
+    assert all(job.future.done() for job in jobs + later)
+    assert errors[0] is not None and errors[-1] is not None and later_errors[0] is not None
+    assert errors[1:-1] == [None] * len(cursors) and later_errors[1] is None
+    assert [job.future.result().text for job in jobs[1:-1]] == [
+        suggest(loaded, settings, c).text for c in cursors
+    ]

@@ -1,19 +1,25 @@
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from feedback.metrics import levenshtein, survival_ratio
 from lsp_server.survival import Region, SurvivalTracker, changed_span, typed_instead, written
 
 
 def tracker_with(
-    *windows: float,
+    *windows: float, clock: list[float] | None = None
 ) -> tuple[SurvivalTracker, list[Any], list[tuple[str, str, dict[str, Any]]]]:
-    """A tracker whose checks run when the test calls them, and what it recorded."""
+    """A tracker whose checks run when the test calls them, and what it recorded; its
+    clock reads ``clock[0]``."""
     scheduled: list[Any] = []
     recorded: list[tuple[str, str, dict[str, Any]]] = []
+    now = clock if clock is not None else [0.0]
     tracker = SurvivalTracker(
         windows,
         lambda delay, call: scheduled.append(call),
         lambda cid, kind, **fields: recorded.append((cid, kind, fields)),
+        clock=lambda: now[0],
     )
     return tracker, scheduled, recorded
 
@@ -139,3 +145,58 @@ def test_a_second_suggestion_made_for_an_older_text_keeps_the_first_region_right
         ("first", "survival", "one"),
         ("second", "typed_instead", "b = 2"),
     ]
+
+
+def test_the_session_end_measures_what_every_window_would_have():
+    """The editor closes 12.5 s after an accept and 3 s after a reject: both are measured
+    from the last text, at the time they reached, and their later checks find nothing."""
+    clock = [100.0]
+    tracker, scheduled, recorded = tracker_with(30.0, 120.0, clock=clock)
+    tracker.served("u", "kept", "total = \n", 8, multiline=False)
+    tracker.changed("u", "total = sum(items)\n")
+    tracker.accepted("kept", "sum(items)")
+    tracker.served("u", "other", "total = sum(items)\n", 19, multiline=False)
+    clock[0] = 109.5
+    tracker.rejected("other")
+    tracker.changed("u", "total = sum(prices)\n")
+    tracker.changed("u", "total = sum(prices)\nx = 1")
+    tracker.served("v", "elsewhere", "y = ", 4, multiline=False)  # never taken: nothing
+    clock[0] = 112.5
+    tracker.final()
+    assert [(c, k, f["window_s"], f["text"], f["final"]) for c, k, f in recorded] == [
+        ("kept", "written", 12.5, "sum(prices)", True),
+        ("kept", "survival", 12.5, "sum(prices)", True),
+        ("other", "typed_instead", 3.0, "x = 1", True),
+    ]
+    for check in scheduled:
+        check()
+    assert len(recorded) == 3
+
+
+def test_closing_a_document_measures_its_suggestions_only():
+    clock = [0.0]
+    tracker, scheduled, recorded = tracker_with(30.0, clock=clock)
+    for uri in ("a", "b"):
+        tracker.served(uri, f"in-{uri}", "x = ", 4, multiline=False)
+        tracker.changed(uri, "x = 1")
+        tracker.accepted(f"in-{uri}", "1")
+    clock[0] = 5.0
+    tracker.closed("a")
+    assert [(c, k) for c, k, _ in recorded] == [("in-a", "written"), ("in-a", "survival")]
+    scheduled[1]()  # b's own window still comes
+    assert recorded[-1][0] == "in-b" and recorded[-1][2]["window_s"] == 30.0
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    inserted=st.text(alphabet="ab ", max_size=12),
+    now=st.text(alphabet="ab ", max_size=30),
+)
+def test_survival_is_the_edit_distance_rule_whatever_the_lengths(inserted: str, now: str):
+    expected = max(0.0, 1.0 - levenshtein(inserted, now) / len(inserted)) if inserted else 0.0
+    assert survival_ratio(inserted, now) == expected
+
+
+def test_a_region_grown_huge_is_measured_without_the_quadratic_distance():
+    # a paste of 2 MB into an accepted region: nothing of it is left, found at once
+    assert survival_ratio("return total", "x" * 2_000_000) == 0.0

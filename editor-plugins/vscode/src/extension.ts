@@ -4,6 +4,8 @@
 
 import { readFileSync } from "node:fs";
 import * as net from "node:net";
+import * as readline from "node:readline";
+import type { Readable } from "node:stream";
 import * as tls from "node:tls";
 import * as vscode from "vscode";
 import {
@@ -26,6 +28,7 @@ import {
   SettingsError,
   type TcpLaunch,
 } from "./settings";
+import { stderrLevel } from "./serverLog";
 import { describe, type ServerStatus, type State } from "./status";
 
 const ACCEPT_COMMAND = "ghostloop.accept"; // the server's command (lsp_server/protocol.py)
@@ -217,6 +220,11 @@ class Ghostloop implements vscode.Disposable {
     return {
       documentSelector: [{ scheme: "file" }, { scheme: "untitled" }],
       outputChannel: this.log,
+      traceOutputChannel: traceChannel(this.log),
+      stdioOptions: {
+        stdout: (input, channel) => lines(input, (line) => channel.info(line)),
+        stderr: (input, channel) => lines(input, (line) => channel[stderrLevel(line)](line)),
+      },
       initializationOptions: initializationOptionsFor(settings, token),
       middleware: {
         provideInlineCompletionItems: async (document, position, context, token, next) => {
@@ -507,4 +515,33 @@ export async function deactivate(): Promise<void> {
   if (instance) {
     await instance.shutdown().catch(() => undefined);
   }
+}
+
+function lines(input: Readable, each: (line: string) => void): void {
+  readline
+    .createInterface({ input, crlfDelay: Infinity, terminal: false, historySize: 0 })
+    .on("line", each);
+}
+
+/**
+ * The Ghostloop log as vscode-languageclient's trace channel. The client (10+) traces
+ * through `trace()`, and only while the channel's own level is Trace, so
+ * `ghostloop.trace.server` alone showed nothing: here the setting decides, and the
+ * messages are written at info level.
+ */
+function traceChannel(log: vscode.LogOutputChannel): vscode.LogOutputChannel {
+  const wanted = (): boolean =>
+    vscode.workspace.getConfiguration("ghostloop").get<string>("trace.server", "off") !== "off";
+  return new Proxy(log, {
+    get(target, property) {
+      if (property === "logLevel") {
+        return wanted() ? vscode.LogLevel.Trace : target.logLevel;
+      }
+      if (property === "trace") {
+        return (message: string, ...args: unknown[]) => target.info(message, ...args);
+      }
+      const value: unknown = Reflect.get(target, property, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
 }

@@ -486,12 +486,20 @@ async def fuzz_stdio(env: dict[str, str], count: int, seed: int, hang_s: float) 
     client = Client(peer, random.Random(seed), framing_attacks=True)
     await initialize(peer, client)
     await drive(peer, client, count, hang_s, lambda: process.returncode is None)
+    if process.returncode is None and not report.hangs:
+        try:
+            await shutdown(peer, client)
+            code = await asyncio.wait_for(process.wait(), 120)
+        except TimeoutError:
+            report.hangs += 1
+            report.note("shutdown and exit were not answered")
+        else:
+            if code != 0:
+                report.crashes += 1
+                report.note(f"exit code {code} after shutdown and exit")
     if process.returncode is None:
-        await shutdown(peer, client)
-        code = await asyncio.wait_for(process.wait(), 120)
-        if code != 0:
-            report.crashes += 1
-            report.note(f"exit code {code} after shutdown and exit")
+        process.kill()
+        await process.wait()
     return report
 
 
@@ -528,10 +536,17 @@ async def fuzz_tcp(env: dict[str, str], count: int, seed: int, hang_s: float) ->
         report.note(f"the team server ended with {process.returncode}")
     else:
         process.send_signal(2)  # SIGINT, as an admin's ctrl-c
-        code = await asyncio.wait_for(process.wait(), 120)
-        if code != 0:
-            report.crashes += 1
-            report.note(f"the team server ended with {code} on SIGINT")
+        try:
+            code = await asyncio.wait_for(process.wait(), 120)
+        except TimeoutError:
+            report.hangs += 1
+            report.note("the team server did not stop on SIGINT")
+            process.kill()
+            await process.wait()
+        else:
+            if code != 0:
+                report.crashes += 1
+                report.note(f"the team server ended with {code} on SIGINT")
     return report
 
 

@@ -161,7 +161,9 @@ async def test_a_two_megabyte_line_does_not_hold_up_another_document(tiny_model_
     server = await RawServer.start(tiny_model_dir)
     await server.initialize()
     huge, small = "file:///workspace/huge.py", "file:///workspace/small.py"
-    line = "x = " + "a" * 1_999_000  # one line, under max_document_chars
+    # one line under max_document_chars, a long word run ended by a non-word character:
+    # the run every start of a regex anchored at the line's end scanned to the end
+    line = "a" * 1_999_000 + "("
     server.open(huge, line)
     server.open(small, TEXT)
     end = {"line": 0, "character": len(line)}

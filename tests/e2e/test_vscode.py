@@ -321,6 +321,11 @@ async def test_vscode_ghost_text_word_accept_full_accept_and_dismiss(vscode: Edi
         kinds = [e.kind for e in events if e.completion_id == event.completion_id]
         assert kinds[0] == "shown" and sum(k in DECISIONS for k in kinds) == 1, kinds
     assert {c.client_name for c in completions.values()} == {"code-server"}
+    # Taken seconds before the server stopped, long before the first survival window: the
+    # session's end measured what each accepted suggestion kept.
+    for event in (word_event, tab_event):
+        row = completions[event.completion_id]
+        assert row.survival_ratio is not None and row.chars_saved is not None, row
     # The Ghostloop log: the server's lines at their level (a completion's is info, none of
     # a healthy session is an error), and the messages ghostloop.trace.server asked for.
     log = "".join(

@@ -4,7 +4,7 @@ One set of rules serves the nightly gate, the replay and the admin views, so tha
 figure means the same everywhere. The headline is characters saved per completion: the
 characters of a suggestion that still stand in the code (0 for a reject). The ratio of
 retained to suggested characters is reported beside it, never alone: a model can raise it
-by suggesting less (FIELD-NOTES, lab run).
+by suggesting less (docs/architecture.md, the lab run).
 """
 
 from __future__ import annotations

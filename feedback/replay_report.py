@@ -7,7 +7,7 @@ server suggested nothing has no row: it counts as an empty suggestion that saved
 
 The headline is characters saved per completion; lifts are PAIRED over the same positions
 (each position's after minus its before, resampled together), which is what makes a
-20 % lift visible with a few hundred positions (FIELD-NOTES, lab run).
+20 % lift visible with a few hundred positions (docs/architecture.md, the lab run).
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ def reach(
     the whole training half could recall). ``share_of_saved``: those characters over what
     the base model saved, i.e. the most that recall could lift the headline by. A lift
     above it must come from the model generalising (style, names, idioms), which a small
-    model learns from one night's few hundred lines only weakly (README, "Does it help?").
+    model learns from one night's few hundred lines only weakly (docs/results.md).
     """
     if len(held_out) != len(before):
         raise ValueError(f"reach needs a score per position: {len(held_out)} vs {len(before)}")
@@ -657,7 +657,7 @@ def describe(report: Mapping[str, Any]) -> str:
 
 
 def format_lift(lift: Sequence[float] | None) -> str:
-    """A relative lift and its interval, as every report, page and the README write it:
+    """A relative lift and its interval, as every report, page and doc write it:
     '+8.9 % [+0.9 %, +18.0 %]'."""
     return format_interval(None if not lift else [100 * v for v in lift], "{:+.1f} %")
 

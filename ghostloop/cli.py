@@ -23,9 +23,8 @@ from ghostloop.settings import (
 )
 
 # The demo's training half: 160 positions, not the held-out half's 400. The night's time
-# grows with its examples and was most of the demo's time on a 2-core CPU; a night on 900
-# training positions saved no more typing held out than one on 400 (README, "Why not
-# +20 %").
+# grows with its examples and was most of the demo's time on a 2-core CPU; a night on more
+# training positions saved no more typing held out (docs/results.md, "Why not +20 %").
 DEMO_TRAIN_POSITIONS = 160
 
 
@@ -131,7 +130,7 @@ def _demo_backend(settings: Settings) -> str:
     """The demo serves with onnxruntime in fp32 on a CPU: the same suggestions as torch
     token for token (the same base-model figures on the demo's positions), its walks about
     twice as fast on a 2-core machine. Not the int8 copy, faster still: serving an adapter
-    in int8 lost most of its lift on the demo's positions (README, "Does it help?"). On a
+    in int8 lost most of its lift on the demo's positions (docs/results.md). On a
     GPU, or without onnxruntime installed, what the settings say."""
     import importlib.util
 

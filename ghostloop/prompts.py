@@ -1,7 +1,8 @@
 """Prompts as the model sees them: FIM templates, the context budget and token healing.
 
 The server and the trainer build prompts with these functions so that training sees
-exactly what serving sends (FIELD-NOTES: a prompt cut differently broke every fine-tune).
+exactly what serving sends (docs/architecture.md, "Token healing": a prompt cut
+differently broke every fine-tune).
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def heal_prefix(tokenizer: TextTokenizer, prefix: str) -> tuple[list[int], str]:
     The model then generates from a token boundary it saw in training, and the first
     generated token must start with the removed text. After indentation the removed text
     is one space: this tokenizer family merges a newline with the indentation that follows
-    and gives the next word its own leading space (FIELD-NOTES, token healing).
+    and gives the next word its own leading space (docs/architecture.md, "Token healing").
     """
     if _INDENT_AT_END.search(prefix):
         return tokenizer.encode_text(prefix[:-1]), prefix[-1]

@@ -210,6 +210,7 @@ class Settings:
         default="127.0.0.1", metadata=_help("address of the metrics endpoint (loopback only)")
     )
     # -- the nightly job (ghostloop train); defaults are what the lab run supports
+    # (docs/architecture.md) and the replays measured (docs/results.md)
     train_method: str = field(
         default="sft",
         metadata=_help("sft | dpo | rrhf: the method `ghostloop train` uses without --method"),
@@ -536,7 +537,7 @@ def load_settings(
 
 
 def settings_reference() -> list[tuple[str, str, str]]:
-    """(env var, default, help) for each setting: the README's table is made from it."""
+    """(env var, default, help) for each setting: docs/settings.md is made from it."""
     defaults = Settings()
     rows = []
     for f in dataclasses.fields(Settings):
@@ -545,7 +546,35 @@ def settings_reference() -> list[tuple[str, str, str]]:
             shown = "platform user data dir"
         elif f.name == "user":
             shown = "OS user"
+        elif default is None or isinstance(default, bool):
+            shown = str(default).lower()  # as the TOML file and the environment spell them
         else:
             shown = repr(default)
         rows.append((f"{ENV_PREFIX}{f.name.upper()}", shown, f.metadata.get("help", "")))
     return rows
+
+
+SETTINGS_DOC_INTRO = """\
+# Settings
+
+One settings object, read once. Sources, later ones win: defaults, the TOML file
+(`GHOSTLOOP_CONFIG`, or `~/.config/ghostloop/config.toml`; keys as below in snake_case,
+optionally under a `[ghostloop]` table), `GHOSTLOOP_*` environment variables, the
+client's `initializationOptions` (snake_case or camelCase). An unknown name or a bad value
+is an error that names the setting. `ghostloop config` prints the effective values.
+
+This page is generated from the settings' own help (`python -m ghostloop.settings >
+docs/settings.md`); a test fails when it is out of date.
+"""
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: the introduction and one table row per setting."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, default, text in settings_reference():
+        rows.append(f"| `{name}` | {default} | {text.replace('|', chr(92) + '|')} |")
+    return SETTINGS_DOC_INTRO + "\n" + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

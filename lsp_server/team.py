@@ -200,7 +200,7 @@ class Team:
         if exposed and settings.tls_cert is None:
             log.warning(
                 "no TLS on %s: tokens and code travel in clear text; set tls_cert and "
-                "tls_key, or put a TLS proxy in front (README: team server)",
+                "tls_key, or put a TLS proxy in front (docs/team.md)",
                 self.host,
             )
         self.engine, self.watcher = start_serving(settings, self.metrics)

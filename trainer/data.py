@@ -3,7 +3,8 @@
 The prompt is the server's (trimmed to ``train_context_tokens``, token-healed at its end
 exactly as served); the target is the healed text plus what the developer kept, tokenized
 on its own from that token boundary, so training sees the split the model sees when it
-serves (FIELD-NOTES: a prompt cut after indentation broke every fine-tune when done wrong).
+serves (docs/architecture.md, "Token healing": a prompt cut after indentation broke every
+fine-tune when done wrong).
 No end token is appended: a line completion ends with the newline that follows it, as the
 model writes it there (``encode_target``).
 """
@@ -82,9 +83,9 @@ def encode_completion(loaded: LoadedModel, healed: str, text: str) -> list[int]:
 def training_prompt(loaded: LoadedModel, settings: Settings, context: CursorContext) -> Prompt:
     """The served prompt cut to ``train_context_tokens`` at a line start: the same end (and
     healing) as served, on less context. Training costs grow with the prompt's length; by
-    default (0) the served prompt is trained on whole: on the `email` replay, the same
-    night on the served 512-token prompts saved 7 % more typing held out than on their
-    nearest 256 tokens (README, "Does it help?")."""
+    default (0) the served prompt is trained on whole: on the `email` replay, the night
+    on the served prompts saved more typing held out than on their nearest 256 tokens
+    (docs/results.md)."""
     served = prompt_for(loaded, settings, context)
     budget = settings.train_context_tokens
     if not budget or budget >= settings.context_tokens:

@@ -8,7 +8,7 @@ against what the developer kept (feedback.metrics). The candidate passes only wh
 characters saved per completion rise by the configured margin with a paired 95% interval
 above zero, and exact-line acceptance does not fall. Preference accuracy and likelihood
 margins are measured beside it and stored, never used alone: DPO raises them while the
-suggestions get worse (FIELD-NOTES).
+suggestions get worse (docs/architecture.md, the lab run).
 """
 
 from __future__ import annotations

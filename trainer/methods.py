@@ -1,7 +1,7 @@
 """The three ways a night of feedback becomes a LoRA adapter: sft, dpo and rrhf.
 
 - sft: likelihood on the kept text only, through TRL's SFTTrainer (the control, and the
-  only recipe that lifted held-out acceptance in the lab run, FIELD-NOTES).
+  only recipe that lifted held-out acceptance in the lab run, docs/architecture.md).
 - dpo: TRL's DPOTrainer with an NLL term on the kept text (``loss_type=["sigmoid",
   "sft"]``); with a peft model and no reference model, the reference is the same model
   with its adapter off.
@@ -311,8 +311,8 @@ def _tokenized_dpo_trainer() -> type:
 
         TRL appends an end token to every completion of a plain-text dataset and has no
         switch to turn that off; for line completions that teaches an end token after the
-        newline (FIELD-NOTES). Our rows are built as the server builds its prompts, so
-        they are used as they are.
+        newline (docs/architecture.md, "TRL and transformers 5"). Our rows are built as the
+        server builds its prompts, so they are used as they are.
         """
 
         def _prepare_dataset(self, dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
@@ -368,8 +368,9 @@ def rrhf_loss(
     """RRHF (Yuan et al., 2023) for one batch of prompts.
 
     Per prompt: length-normalised log-probabilities of its candidates; a hinge ranking
-    loss AVERAGED over the ordered pairs (summing over ~13 pairs swamped the NLL term in
-    the lab run); plus the NLL of the best candidate. The batch loss is the mean.
+    loss AVERAGED over the ordered pairs (a sum over a prompt's pairs swamped the NLL term
+    in the lab run, docs/architecture.md); plus the NLL of the best candidate. The batch
+    loss is the mean.
     """
     losses = []
     for row in rows:

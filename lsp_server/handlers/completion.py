@@ -1,7 +1,7 @@
 """textDocument/completion, for clients without inline completion (Eglot, Helix, ...).
 
 Such clients filter items by the word before the cursor, so the item replaces that word
-(``textEdit``) and its ``filterText`` starts with it (FIELD-NOTES, other clients).
+(``textEdit``) and its ``filterText`` starts with it (docs/architecture.md, "Clients").
 """
 
 from __future__ import annotations

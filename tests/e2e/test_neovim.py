@@ -331,7 +331,7 @@ def test_plugin_reaches_a_team_server_with_its_token_over_tls(
     neovim: Any, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """The token from $GHOSTLOOP_TOKEN; TLS through `openssl s_client` as the command (the
-    README's recipe: Neovim's own TCP client has no TLS)."""
+    recipe in docs/editors.md: Neovim's own TCP client has no TLS)."""
     server, token, ca = tls_team_server(tiny_model_dir, tmp_path, "frank")
     team_data = tmp_path / "team-data"
     monkeypatch.setenv("GHOSTLOOP_TOKEN", token)

@@ -32,7 +32,7 @@ def test_a_multi_line_suggestion_is_judged_against_as_many_lines():
 
 
 def test_a_shorter_suggestion_raises_the_ratio_but_saves_fewer_characters():
-    """The ratio rewards stopping early; characters saved does not (FIELD-NOTES)."""
+    """The ratio rewards stopping early; characters saved does not (docs/architecture.md)."""
     truths = ["result = compute(alpha, beta)", "if value is None:"]
     full = summarise([judge(t, t) for t in truths] + [judge("x = 1", "y = 2 + 3")])
     short = summarise([judge(t[: len(t) * 2 // 3], t) for t in truths] + [judge("", "y = 2")])

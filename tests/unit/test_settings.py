@@ -2,7 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from ghostloop.settings import Settings, SettingsError, load_settings, physical_cores
+from ghostloop.settings import (
+    Settings,
+    SettingsError,
+    load_settings,
+    physical_cores,
+    settings_markdown,
+)
 
 
 def test_environment_overrides_toml_file(tmp_path: Path):
@@ -51,3 +57,10 @@ def test_corrupt_config_file_is_an_error(tmp_path: Path):
 def test_threads_default_to_physical_cores():
     assert Settings().torch_threads == physical_cores() >= 1
     assert Settings(threads=3).torch_threads == 3
+
+
+def test_the_settings_page_is_generated_from_the_settings_themselves():
+    page = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
+    assert page.read_text(encoding="utf-8") == settings_markdown(), (
+        "docs/settings.md is out of date: python -m ghostloop.settings > docs/settings.md"
+    )

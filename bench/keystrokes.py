@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from feedback.metrics import percentile
 from ghostloop.corpus import stdlib_dir, typing_pauses
 from ghostloop.decoding import PrefixCaches, TorchForward, common_prefix
 from ghostloop.postprocess import CursorContext
@@ -55,11 +56,6 @@ class Run:
     decode_ms_per_token: list[float] = field(default_factory=list)
     prefilled: list[int] = field(default_factory=list)
     tokens: list[tuple[int, ...]] = field(default_factory=list)
-
-
-def percentile(values: Sequence[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 class LlamaCppForward:

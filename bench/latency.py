@@ -22,6 +22,7 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 
+from feedback.metrics import percentile
 from ghostloop.corpus import CursorSample, document_at, sample_positions, stdlib_dir
 from ghostloop.settings import Settings, load_settings
 from lsp_server.client import GhostloopClient
@@ -35,11 +36,6 @@ class Measured:
     document: str
     latency_ms: float
     tokens: int
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def samples(count: int) -> list[tuple[CursorSample, str]]:

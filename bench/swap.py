@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from feedback import adapters as adapter_rows
 from feedback.database import open_engine, upgrade
+from feedback.metrics import percentile
 from ghostloop import adapters as registry
 from ghostloop.corpus import stdlib_dir
 from ghostloop.models import resolve_model
@@ -94,11 +95,6 @@ def publish(settings: Settings, made: Path, base_model: str, version: str) -> fl
     committed = time.monotonic()
     engine.dispose()
     return committed
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def line(label: str, values: list[float]) -> str:

@@ -37,10 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from feedback.database import open_engine, upgrade
+from feedback.metrics import percentile
 from feedback.tokens import add_token
 from ghostloop.corpus import stdlib_dir, typing_pauses
 from ghostloop.settings import load_settings
 from lsp_server.client import GhostloopClient
+from lsp_server.positions import code_units
 
 # (module, first line typed): outside every test, replay and training corpus
 FILES = (
@@ -61,15 +63,6 @@ class Developer:
     name: str
     latencies_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
-
-
-def utf16_length(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
 
 
 def free_port() -> int:
@@ -119,7 +112,7 @@ async def type_along(
             client.open(uri, prefix + suffix)
             opened = True
         line = prefix.count("\n")
-        character = utf16_length(prefix[prefix.rfind("\n") + 1 :])
+        character = code_units(prefix[prefix.rfind("\n") + 1 :], "utf-16")
         try:
             suggestion = await client.inline(uri, line, character)
         except Exception as error:  # every failure is a figure here

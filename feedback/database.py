@@ -4,6 +4,7 @@ bringing its schema up to date with Alembic."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from alembic import command
 from alembic.config import Config
@@ -24,6 +25,26 @@ class StoreError(RuntimeError):
 
 def default_database_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'ghostloop.db'}"
+
+
+class StoreSettings(Protocol):
+    """What locates the store (``ghostloop.settings.Settings`` has it)."""
+
+    @property
+    def database_url(self) -> str: ...
+
+    @property
+    def data_dir(self) -> Path: ...
+
+
+def store_url(settings: StoreSettings) -> str:
+    """The configured database URL, or the SQLite file in the data dir."""
+    return settings.database_url or default_database_url(settings.data_dir)
+
+
+def open_store(settings: StoreSettings) -> Engine:
+    """The engine of the configured store (``open_engine`` of ``store_url``)."""
+    return open_engine(store_url(settings))
 
 
 def open_engine(url: str) -> Engine:

@@ -178,6 +178,13 @@ class Interval:
         return [self.estimate, self.low, self.high]
 
 
+def percentile(values: Sequence[float], share: float) -> float:
+    """The value at ``share`` (0-1) of the sorted values, nearest rank: the benchmarks'
+    p50, p95 and p99."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
 def _percentiles(values: list[float]) -> tuple[float, float]:
     values.sort()
     low = values[int(0.025 * (len(values) - 1))]

@@ -87,6 +87,7 @@ class RecorderStats:
     skipped: int = 0  # rows the database refuses for good (e.g. an event for no completion)
     corrupt_journal_lines: int = 0
     recovered: int = 0  # records a killed process left in its write-ahead segments
+    held: int = 0  # batches whose writing waited for a completion to finish generating
     database_up: bool = True
 
 
@@ -367,6 +368,8 @@ class Recorder:
 
     def _hold_back(self) -> None:
         deadline = time.monotonic() + self.max_hold_s
+        if self.hold is not None and self.hold():
+            self.stats.held += 1
         while self.hold is not None and self.hold() and time.monotonic() < deadline:
             time.sleep(HOLD_POLL_S)
 

@@ -145,15 +145,13 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
     from feedback.database import (
         StoreError,
         current_revision,
-        default_database_url,
         head_revision,
-        open_engine,
+        open_store,
         upgrade,
     )
 
-    url = settings.database_url or default_database_url(settings.data_dir)
     try:
-        engine = open_engine(url)
+        engine = open_store(settings)
         if args.db_command == "purge":
             return _purge(engine, args.older_than)
         if args.db_command == "upgrade":
@@ -171,12 +169,11 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
 
 def _users(args: argparse.Namespace, settings: Settings) -> int:
     """Access tokens for the team server: add prints the token once, list never does."""
-    from feedback.database import StoreError, default_database_url, open_engine, upgrade
+    from feedback.database import StoreError, open_store, upgrade
     from feedback.tokens import TokenError, add_token, list_tokens, revoke
 
-    url = settings.database_url or default_database_url(settings.data_dir)
     try:
-        engine = open_engine(url)
+        engine = open_store(settings)
         upgrade(engine)
         if args.users_command == "add":
             info, token = add_token(engine, args.name, note=args.note or "")
@@ -274,7 +271,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 def _inspect(args: argparse.Namespace, settings: Settings) -> int:
     """logs, stats, pairs and runs: read-only views of the store."""
     from feedback import admin_cli
-    from feedback.database import StoreError, default_database_url, open_engine, upgrade
+    from feedback.database import StoreError, open_store, upgrade
     from feedback.logs import UnknownCompletionError
 
     show = {
@@ -284,7 +281,7 @@ def _inspect(args: argparse.Namespace, settings: Settings) -> int:
         "runs": admin_cli.show_runs,
     }[args.command]
     try:
-        engine = open_engine(settings.database_url or default_database_url(settings.data_dir))
+        engine = open_store(settings)
         upgrade(engine)
         return show(engine, args)
     except admin_cli.AdminInputError as error:
@@ -324,10 +321,10 @@ def _adapters(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy.orm import Session
 
     from feedback import adapters
-    from feedback.database import StoreError, default_database_url, open_engine, upgrade
+    from feedback.database import StoreError, open_store, upgrade
 
     try:
-        engine = open_engine(settings.database_url or default_database_url(settings.data_dir))
+        engine = open_store(settings)
         upgrade(engine)
         if args.adapters_command == "check":
             with Session(engine) as session:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from feedback import adapters as adapter_rows
 from feedback import canary as canaries
-from feedback.database import StoreError, default_database_url, open_engine
+from feedback.database import StoreError, open_store
 from feedback.schema import AdapterVersion
 from ghostloop.adapters import AdapterError
 from ghostloop.lora import read_adapter
@@ -86,8 +86,7 @@ class AdapterWatcher:
     # -- checks
     def _database(self) -> Engine | None:
         if self._db is None:
-            url = self.settings.database_url or default_database_url(self.settings.data_dir)
-            self._db = open_engine(url)  # a bad URL raises StoreError; made once
+            self._db = open_store(self.settings)  # a bad URL raises StoreError; made once
         database = self._db.url.database
         sqlite = self._db.url.get_backend_name() == "sqlite"
         if sqlite and database and not Path(database).is_file():

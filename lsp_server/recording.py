@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from feedback.database import default_database_url, open_engine
+from feedback.database import open_store
 from feedback.prometheus import ServerMetrics
 from feedback.recorder import Recorder, StoreWrite
 from feedback.redaction import redact
@@ -46,9 +46,8 @@ def document_path(uri: str, root_uri: str | None) -> str:
 def open_recorder(settings: Settings, busy: Callable[[], bool] | None = None) -> Recorder:
     """The started recorder for the configured store, journaling in the data dir; while
     ``busy()`` (a completion is generating) it holds its writes back."""
-    url = settings.database_url or default_database_url(settings.data_dir)
     journal = settings.data_dir / "journal.jsonl"
-    recorder = Recorder(engine=open_engine(url), journal_path=journal, hold=busy)
+    recorder = Recorder(engine=open_store(settings), journal_path=journal, hold=busy)
     recorder.start()
     return recorder
 

@@ -37,7 +37,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 from sqlalchemy import Engine
 
-from feedback.database import StoreError, default_database_url, open_engine, upgrade
+from feedback.database import StoreError, open_store, upgrade
 from feedback.prometheus import ServerMetrics
 from feedback.recorder import Recorder
 from feedback.tokens import any_active, digest, user_for, user_for_digest
@@ -178,9 +178,8 @@ class Team:
         """Open the store and check the configuration; raises StartRefused."""
         settings = self.settings
         exposed = not is_loopback(self.host)
-        url = settings.database_url or default_database_url(settings.data_dir)
         try:
-            self.store = open_engine(url)
+            self.store = open_store(settings)
             upgrade(self.store)
         except StoreError as error:
             if exposed and settings.tcp_auth != "off":

@@ -28,7 +28,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from feedback import adapters as adapter_rows
-from feedback.database import default_database_url, open_engine, upgrade
+from feedback.database import open_store, upgrade
 from feedback.schema import PreferencePair, TrainingRun
 from ghostloop import adapters as registry
 from ghostloop import onnx_backend
@@ -188,8 +188,7 @@ def run_nightly(
         return NightlyResult(2, f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     try:
         with exclusive(settings.data_dir):
-            url = settings.database_url or default_database_url(settings.data_dir)
-            engine = open_engine(url)
+            engine = open_store(settings)
             try:
                 upgrade(engine)
                 return _run(settings, method, engine, from_scratch)

@@ -444,9 +444,9 @@ def serve(settings: Any, *, host: str, port: int) -> int:
     import uvicorn
 
     from feedback.admin_web.auth import TOKEN_FILE, TokenFileError, load_or_create_token
-    from feedback.database import default_database_url, open_engine, upgrade
+    from feedback.database import open_store, upgrade
 
-    engine = open_engine(settings.database_url or default_database_url(settings.data_dir))
+    engine = open_store(settings)
     upgrade(engine)
     try:
         token, created = load_or_create_token(settings.data_dir)

@@ -76,9 +76,22 @@ def test_each_method_lowers_its_loss_on_the_training_data(
 ):
     loaded = load_model(settings)
     model = peft_model(loaded, settings, None)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     outcome = METHODS[method](loaded, settings, model, stdlib_examples(12), tmp_path / "work")
     assert outcome.loss_after < outcome.loss_before, outcome.history
     assert outcome.examples == 24 and outcome.tokens > 0 and outcome.seconds > 0
+    # as TRL's own tests check: every LoRA parameter moved, and the base model did not
+    after = dict(model.named_parameters())
+    lora = [name for name in before if "lora_" in name]
+    assert lora and all(after[name].requires_grad for name in lora)
+    unmoved = [name for name in lora if after[name].detach().equal(before[name])]
+    assert not unmoved, unmoved
+    moved_base = [
+        name
+        for name in before
+        if "lora_" not in name and not after[name].detach().equal(before[name])
+    ]
+    assert not moved_base, moved_base
 
 
 def test_targets_are_built_as_the_server_prompts_with_healing_and_no_end_token(

@@ -259,7 +259,10 @@ def test_writes_wait_while_the_process_is_busy(engine: Engine, tmp_path: Path):
     )
     recorder.start()
     recorder.submit(completion_write("h" * 32))
-    time.sleep(0.5)  # an unheld writer stores it within milliseconds
+    deadline = time.monotonic() + 30
+    while not recorder.stats.held and time.monotonic() < deadline:  # the writer holds it
+        time.sleep(0.01)
+    assert recorder.stats.held == 1
     assert counts(engine) == (0, 0)
     generating.clear()
     assert recorder.flush()

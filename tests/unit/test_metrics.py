@@ -49,3 +49,15 @@ def test_intervals_cover_the_estimate_and_pair_by_position():
     assert not noise.excludes_zero()
     with pytest.raises(ValueError, match="equal lengths"):
         paired_interval([1.0], [])
+
+
+def test_percentile_is_the_nearest_rank():
+    from feedback.metrics import percentile
+
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert (percentile(values, 0.0), percentile(values, 0.5), percentile(values, 1.0)) == (
+        1.0,
+        3.0,
+        5.0,
+    )
+    assert percentile(list(range(101)), 0.99) == 99

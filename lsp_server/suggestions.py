@@ -13,7 +13,7 @@ from ghostloop.postprocess import CursorContext
 from lsp_server.engine import CompletionResult, JobCancelled
 from lsp_server.positions import PositionError, lone_surrogate_line, offset_at
 from lsp_server.protocol import ACCEPT_COMMAND, ModelUnavailable, ServerCancelled
-from lsp_server.server import GhostloopServer
+from lsp_server.session import GhostloopServer
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ import signal
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from lsprotocol import types
@@ -46,7 +45,9 @@ from lsp_server.adapter_watch import AdapterWatcher
 from lsp_server.engine import CompletionEngine
 from lsp_server.protocol import RateLimited, Unauthorized
 from lsp_server.recording import FateBook, FeedbackLog, open_recorder
-from lsp_server.server import GhostloopServer, create_server, start_serving
+from lsp_server.server import create_server
+from lsp_server.serving import start_serving
+from lsp_server.session import Connection, GhostloopServer
 from lsp_server.transport import (
     FrameLimits,
     ProtocolViolation,
@@ -103,21 +104,6 @@ class RateLimiter:
                 return 0.0
             self._buckets[user] = (tokens, now)
             return (1.0 - tokens) / self.rate
-
-
-@dataclass
-class Connection:
-    """One client's TCP connection."""
-
-    id: str
-    peer: str
-    loopback: bool
-    writer: asyncio.StreamWriter
-    user: str | None = None  # set once admitted
-    token_digest: str | None = None
-    token_checked_at: float = 0.0
-    refused: str | None = None  # why it is being closed
-    opened_at: float = field(default_factory=time.monotonic)
 
 
 class _GuardedWriter:

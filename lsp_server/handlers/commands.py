@@ -8,7 +8,7 @@ from typing import Any
 from pygls.exceptions import JsonRpcInvalidParams
 
 from lsp_server.protocol import ACCEPT_COMMAND
-from lsp_server.server import GhostloopServer
+from lsp_server.session import GhostloopServer
 from lsp_server.suggestions import served_to
 
 log = logging.getLogger(__name__)

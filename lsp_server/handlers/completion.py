@@ -11,7 +11,7 @@ import re
 from lsprotocol import types
 
 from lsp_server.positions import code_units
-from lsp_server.server import GhostloopServer
+from lsp_server.session import GhostloopServer
 from lsp_server.suggestions import accept_command, cursor_at, suggest
 
 # Only a run's first character may start the match: r"\w+\Z" alone tried every position

@@ -11,7 +11,7 @@ from pygls.exceptions import JsonRpcInvalidParams
 
 from lsp_server.positions import code_units
 from lsp_server.protocol import DOCUMENT_STATE_REQUEST, param
-from lsp_server.server import GhostloopServer
+from lsp_server.session import GhostloopServer
 
 
 def register(server: GhostloopServer) -> None:

@@ -13,7 +13,7 @@ from lsprotocol import types
 
 from lsp_server.protocol import FEEDBACK_NOTIFICATION, param
 from lsp_server.recording import FEEDBACK_KINDS
-from lsp_server.server import GhostloopServer
+from lsp_server.session import GhostloopServer
 from lsp_server.suggestions import served_to
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lsprotocol import types
 
-from lsp_server.server import GhostloopServer
+from lsp_server.session import GhostloopServer
 from lsp_server.suggestions import accept_command, cursor_at, suggest
 
 

@@ -11,7 +11,8 @@ from pygls.exceptions import JsonRpcInvalidParams
 
 from ghostloop.settings import SettingsError
 from lsp_server.recording import FeedbackLog
-from lsp_server.server import GhostloopServer, start_serving
+from lsp_server.serving import start_serving
+from lsp_server.session import GhostloopServer
 
 log = logging.getLogger(__name__)
 

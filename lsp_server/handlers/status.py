@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from lsp_server.protocol import RELOAD_ADAPTERS_REQUEST, STATUS_REQUEST, ModelUnavailable
-from lsp_server.server import GhostloopServer
+from lsp_server.session import GhostloopServer
 
 
 def register(server: GhostloopServer) -> None:

@@ -13,9 +13,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest_asyncio
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -27,6 +29,27 @@ from tests.unit.test_positions import reference_position
 
 TEXT = "def f(self):\n    return self.wor"
 END = {"line": 1, "character": 19}
+
+
+StartRaw = Callable[..., Awaitable[RawServer]]
+
+
+@pytest_asyncio.fixture
+async def start_raw(tiny_model_dir: Path) -> AsyncIterator[StartRaw]:
+    """Start ``ghostloop serve`` processes spoken to in raw frames; any still running when
+    the test ends (a failed one) is killed, not left spinning."""
+    started: list[RawServer] = []
+
+    async def start(**options: Any) -> RawServer:
+        server = await RawServer.start(tiny_model_dir, **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.process.returncode is None:
+            server.process.kill()
+            await server.process.wait()
 
 
 def at(uri: str, position: dict[str, int]) -> dict[str, Any]:
@@ -46,10 +69,10 @@ def log_messages(server: RawServer, kind: int | None = None) -> list[str]:
 
 
 async def test_bad_frames_and_messages_on_stdio_are_skipped_and_the_server_lives(
-    tiny_model_dir: Path, tmp_path: Path
+    start_raw: StartRaw, tmp_path: Path
 ):
     stderr = tmp_path / "stderr.log"
-    server = await RawServer.start(tiny_model_dir, stderr=stderr)
+    server = await start_raw(stderr=stderr)
     await server.initialize()
     uri = "file:///workspace/with%20space.py"  # pygls keeps documents by the unquoted URI
     server.open(uri, TEXT)
@@ -87,11 +110,11 @@ async def test_bad_frames_and_messages_on_stdio_are_skipped_and_the_server_lives
 
 
 async def test_edits_land_at_the_lsp_line_breaks_and_a_bad_one_is_reported(
-    tiny_model_dir: Path,
+    start_raw: StartRaw,
 ):
     """Form feeds, U+2028, NEL and a lone \\r: Python's splitlines splits at all of them,
     the LSP at \\r, \\n and \\r\\n only. The server's text must stay the client's."""
-    server = await RawServer.start(tiny_model_dir)
+    server = await start_raw()
     await server.initialize()
     uri = "file:///workspace/breaks.py"
     text = "a = 1\f# x\u2028y\rb = 2\x85c\r\nd = 😀\nreturn self.wor"
@@ -157,8 +180,8 @@ def _position(text: str, offset: int) -> dict[str, int]:
     return {"line": position.line, "character": position.character}
 
 
-async def test_a_two_megabyte_line_does_not_hold_up_another_document(tiny_model_dir: Path):
-    server = await RawServer.start(tiny_model_dir)
+async def test_a_two_megabyte_line_does_not_hold_up_another_document(start_raw: StartRaw):
+    server = await start_raw()
     await server.initialize()
     huge, small = "file:///workspace/huge.py", "file:///workspace/small.py"
     # one line under max_document_chars, a long word run ended by a non-word character:
@@ -185,14 +208,14 @@ async def test_a_two_megabyte_line_does_not_hold_up_another_document(tiny_model_
 
 
 async def test_the_session_end_keeps_what_accepted_suggestions_saved(
-    tiny_model_dir: Path, isolated_data_dir: Path
+    start_raw: StartRaw, isolated_data_dir: Path
 ):
     """Accepted a second before the editor closes (with shutdown, and without: the pipe
     just ends): each gets a survival figure at the time it reached and characters saved,
     and `ghostloop stats` counts them."""
     ids = []
     for polite in (True, False):
-        server = await RawServer.start(tiny_model_dir)
+        server = await start_raw()
         await server.initialize()
         uri = f"file:///workspace/end-{polite}.py"
         server.open(uri, TEXT)
@@ -284,25 +307,32 @@ def test_a_bad_notification_on_tcp_keeps_the_connection_and_sigint_ends_cleanly(
 ):
     for run in range(2):  # SIGINT after serving ended in SIGABRT one run in two
         server = TeamServer(tiny_model_dir, tmp_path / f"team-{run}")
-        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
-            _tcp_message(sock, {"id": 1, "method": "initialize", "params": {"capabilities": {}}})
-            assert "result" in _tcp_response(sock, 1)
-            _tcp_message(sock, {"method": "initialized", "params": {}})
-            _tcp_message(sock, {"method": "textDocument/didChange", "params": {"bad": True}})
-            _tcp_message(sock, {"method": "textDocument/didOpen"})  # no params at all
-            nested = {"x": {"jsonrpc": "2.0", "id": 9, "method": "exit"}}
-            _tcp_message(sock, {"id": 2, "method": "ghostloop/status", "params": nested})
-            assert _tcp_response(sock, 2)["result"]["state"] in ("starting", "ready")
-            uri = "file:///workspace/t.py"
-            document = {"uri": uri, "languageId": "python", "version": 1, "text": TEXT}
-            _tcp_message(
-                sock, {"method": "textDocument/didOpen", "params": {"textDocument": document}}
-            )
-            _tcp_message(
-                sock, {"id": 3, "method": "textDocument/inlineCompletion", "params": at(uri, END)}
-            )
-            assert "result" in _tcp_response(sock, 3)
-            server.process.send_signal(signal.SIGINT)
-            assert server.process.wait(60) == 0
-        log = server.log.read_text()
+        try:
+            log = _serve_badly_then_interrupt(server)
+        finally:
+            server.stop()  # a no-op once it has exited
         assert "terminate called" not in log and "Traceback" not in log, log[-3000:]
+
+
+def _serve_badly_then_interrupt(server: TeamServer) -> str:
+    """Bad notifications and JSON-RPC inside params on one connection, which must go on
+    being served; then SIGINT, which must end the server with exit code 0. Its log."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        _tcp_message(sock, {"id": 1, "method": "initialize", "params": {"capabilities": {}}})
+        assert "result" in _tcp_response(sock, 1)
+        _tcp_message(sock, {"method": "initialized", "params": {}})
+        _tcp_message(sock, {"method": "textDocument/didChange", "params": {"bad": True}})
+        _tcp_message(sock, {"method": "textDocument/didOpen"})  # no params at all
+        nested = {"x": {"jsonrpc": "2.0", "id": 9, "method": "exit"}}
+        _tcp_message(sock, {"id": 2, "method": "ghostloop/status", "params": nested})
+        assert _tcp_response(sock, 2)["result"]["state"] in ("starting", "ready")
+        uri = "file:///workspace/t.py"
+        document = {"uri": uri, "languageId": "python", "version": 1, "text": TEXT}
+        _tcp_message(sock, {"method": "textDocument/didOpen", "params": {"textDocument": document}})
+        _tcp_message(
+            sock, {"id": 3, "method": "textDocument/inlineCompletion", "params": at(uri, END)}
+        )
+        assert "result" in _tcp_response(sock, 3)
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(60) == 0
+    return server.log.read_text()

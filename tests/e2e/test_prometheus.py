@@ -43,9 +43,13 @@ async def test_metrics_count_requests_accepts_rejects_survival_and_the_adapter(
     client.protocol.notify(
         "ghostloop/feedback", {"completionId": thrown.command.arguments[0], "kind": "rejected"}
     )
-    await asyncio.sleep(0.6)  # the survival check of the accepted one
+    survival = 'ghostloop_survival_ratio_count{window_s="0.2"}'
     async with httpx.AsyncClient() as http:
-        response = await http.get(f"http://127.0.0.1:{port}/metrics")
+        for _ in range(600):  # until the accepted one's survival check has run
+            response = await http.get(f"http://127.0.0.1:{port}/metrics")
+            if f"\n{survival} " in response.text:
+                break
+            await asyncio.sleep(0.05)
     assert response.status_code == 200
     status = await client.protocol.send_request_async("ghostloop/status", None)
     assert status.metrics.url == f"http://127.0.0.1:{port}/metrics"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
 from lsprotocol import types
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from feedback.database import open_engine
@@ -159,6 +160,30 @@ def insert(
     )
 
 
+async def stored(
+    data_dir: Path, completion_id: str, kind: str, count: int, timeout_s: float = 60
+) -> None:
+    """Wait until the store holds ``count`` events of ``kind`` for ``completion_id``: the
+    survival checks run at their windows and the recorder writes them moments later."""
+    engine = open_engine(f"sqlite:///{data_dir / 'ghostloop.db'}")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            with Session(engine) as session:
+                found = session.scalar(
+                    select(func.count())
+                    .select_from(FeedbackEvent)
+                    .where(FeedbackEvent.completion_id == completion_id)
+                    .where(FeedbackEvent.kind == kind)
+                )
+            if (found or 0) >= count:
+                return
+            assert time.monotonic() < deadline, f"{count} {kind} events for {completion_id}"
+            await asyncio.sleep(0.05)
+    finally:
+        engine.dispose()
+
+
 async def test_survival_of_accepted_text_and_what_was_typed_after_a_rejection(
     start_server: StartServer, isolated_data_dir: Path
 ):
@@ -171,7 +196,8 @@ async def test_survival_of_accepted_text_and_what_was_typed_after_a_rejection(
     await client.workspace_execute_command_async(
         types.ExecuteCommandParams(command="ghostloop.accept", arguments=[kept_id])
     )
-    await asyncio.sleep(0.7)  # past the first window: the text stands as inserted
+    # the first window's check: the text stands as inserted
+    await stored(isolated_data_dir, kept_id, "survival", 1)
     cut = max(1, len(text) // 2)
     insert(client, uri, 3, line, character + cut, "ZZ", end=character + len(text))
     insert(client, uri, 4, line, character + cut + 2, " + 1")  # typed after the region
@@ -179,7 +205,8 @@ async def test_survival_of_accepted_text_and_what_was_typed_after_a_rejection(
     thrown = (await ask(client, "thrown.py")).command.arguments[0]
     client.protocol.notify("ghostloop/feedback", {"completionId": thrown, "kind": "rejected"})
     insert(client, "file:///workspace/thrown.py", 2, line, character, "s_list = []")
-    await asyncio.sleep(1.5)  # past the last window
+    await stored(isolated_data_dir, kept_id, "survival", 2)  # the last window's check
+    await stored(isolated_data_dir, thrown, "typed_instead", 1)
     await client.shutdown_session()
 
     engine = open_engine(f"sqlite:///{isolated_data_dir / 'ghostloop.db'}")

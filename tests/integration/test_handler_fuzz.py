@@ -24,7 +24,8 @@ from lsprotocol import types
 from lsprotocol.converters import get_converter
 
 from ghostloop.settings import Settings
-from lsp_server.server import GhostloopServer, create_server
+from lsp_server.server import create_server
+from lsp_server.session import GhostloopServer
 from lsp_server.transport import dispatch
 from tests.unit.test_positions import boundaries, reference_position
 

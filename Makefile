@@ -78,5 +78,5 @@ bench: $(STAMP)
 	$(PY) bench/latency.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .cache
 	rm -rf $(VSCODE)/node_modules $(VSCODE)/out $(VSCODE)/dist $(VSCODE)/ghostloop.vsix $(VSCODE)/e2e/node_modules

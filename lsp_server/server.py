@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
+import threading
 from typing import BinaryIO
 
 from ghostloop.settings import Settings
@@ -45,8 +47,10 @@ def serve_stdio(
     server: GhostloopServer, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None
 ) -> int:
     """Serve one client on stdio until ``exit`` (exit code 0 after shutdown, 1 without,
-    as the LSP asks) or the end of its input (0). Frames are read by ``lsp_server.transport``;
-    once initialized, the server's log goes to the editor (``lsp_server.client_log``)."""
+    as the LSP asks), the end of its input or SIGTERM (0); the session is closed either way
+    (``GhostloopServer.close_session``: what accepted suggestions kept is recorded).
+    Frames are read by ``lsp_server.transport``; once initialized, the server's log goes
+    to the editor (``lsp_server.client_log``)."""
     writer = StdoutWriter(stdout)
     server.protocol.set_writer(writer)  # type: ignore[arg-type]
     limits = FrameLimits(server.settings.max_message_bytes)
@@ -64,9 +68,14 @@ def serve_stdio(
                 dispatch(server.protocol, data)
                 await asyncio.sleep(0)  # let answers and other work through between messages
 
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(0)  # an editor's SIGTERM: end as at the end of input, below
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
     try:
         asyncio.run(main())
-    except SystemExit as requested:  # pygls's exit handler
+    except SystemExit as requested:  # pygls's exit handler, or SIGTERM
         code = int(requested.code or 0)
     except KeyboardInterrupt:
         code = 130

@@ -210,14 +210,14 @@ async def test_a_two_megabyte_line_does_not_hold_up_another_document(start_raw: 
 async def test_the_session_end_keeps_what_accepted_suggestions_saved(
     start_raw: StartRaw, isolated_data_dir: Path
 ):
-    """Accepted a second before the editor closes (with shutdown, and without: the pipe
-    just ends): each gets a survival figure at the time it reached and characters saved,
-    and `ghostloop stats` counts them."""
+    """Accepted a second before the editor closes (with shutdown, or without: the pipe
+    just ends, or the server is sent SIGTERM): each gets a survival figure at the time it
+    reached and characters saved, and `ghostloop stats` counts them."""
     ids = []
-    for polite in (True, False):
+    for ending in ("shutdown", "end of input", "SIGTERM"):
         server = await start_raw()
         await server.initialize()
-        uri = f"file:///workspace/end-{polite}.py"
+        uri = f"file:///workspace/end-{ending.replace(' ', '-')}.py"
         server.open(uri, TEXT)
         item = (await server.request("textDocument/inlineCompletion", at(uri, END)))["result"][
             "items"
@@ -235,11 +235,14 @@ async def test_the_session_end_keeps_what_accepted_suggestions_saved(
             {"command": "ghostloop.accept", "arguments": [completion_id, len(inserted)]},
         )
         assert "error" not in accepted
-        if polite:
+        if ending == "shutdown":
             await server.stop()
-        else:
+        elif ending == "end of input":
             assert server.process.stdin is not None
             server.process.stdin.close()
+            await asyncio.wait_for(server.process.wait(), 30)
+        else:
+            server.process.terminate()
             await asyncio.wait_for(server.process.wait(), 30)
         assert server.process.returncode == 0
         ids.append((completion_id, len(inserted)))
@@ -268,7 +271,7 @@ async def test_the_session_end_keeps_what_accepted_suggestions_saved(
     rows = [json.loads(line) for line in stats.stdout.splitlines() if line.strip()]
     total = sum(length for _, length in ids) / len(ids)
     assert any(
-        row.get("settled") == 2 and row.get("chars_saved_per_completion") == total for row in rows
+        row.get("settled") == 3 and row.get("chars_saved_per_completion") == total for row in rows
     ), rows
 
     # the reader of `ghostloop logs --json` goes away: no traceback, no complaint

@@ -71,7 +71,8 @@ def serve_stdio(
     def terminate(signum: int, frame: object) -> None:
         raise SystemExit(0)  # an editor's SIGTERM: end as at the end of input, below
 
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
         signal.signal(signal.SIGTERM, terminate)
     try:
         asyncio.run(main())
@@ -82,5 +83,7 @@ def serve_stdio(
     else:
         code = 0  # the client closed the stream: it has gone, nothing failed here
     finally:
+        if main_thread:  # a second SIGTERM must not cut the closing short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server.close_session()
     return code

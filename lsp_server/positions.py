@@ -61,10 +61,11 @@ def offset_at(text: str, line: int, character: int, encoding: str = "utf-16") ->
     if line < 0 or character < 0:
         raise PositionError(f"position {line}:{character} is negative")
     start, end = line_bounds(text, line)
-    if encoding == "utf-32" or (character <= end - start and text[start:end].isascii()):
+    line_text = text[start:end]
+    if encoding == "utf-32" or line_text.isascii():
         return min(start + character, end)
     codec, width = _CODECS.get(encoding, _CODECS["utf-16"])
-    encoded = text[start:end].encode(codec, "surrogatepass")
+    encoded = line_text.encode(codec, "surrogatepass")
     if character * width >= len(encoded):
         return end
     try:

@@ -252,7 +252,7 @@ class StdoutWriter:
         try:
             self._stream.write(data)
             self._stream.flush()
-        except (BrokenPipeError, ValueError, OSError):
+        except (ValueError, OSError):  # a closed file, a broken pipe
             self.closed = True
             log.info("the client stopped reading: nothing more is sent")
 

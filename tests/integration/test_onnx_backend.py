@@ -179,7 +179,7 @@ def test_the_int8_copy_quantizes_every_weight_in_blocks_and_runs(tiny, tmp_path:
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         quantized += attributes["N"] * attributes["K"]
         assert attributes["bits"] == 8
-        assert attributes["block_size"] == onnx_backend.INT8_BLOCK
+        assert attributes["block_size"] == onnx_backend.files.INT8_BLOCK
         assert attributes["accuracy_level"] == 4
         assert numpy_helper.to_array(stored[node.input[1]]).dtype.name == "uint8"
     assert quantized == sum(linear.weight.numel() for linear in linears)
@@ -195,7 +195,7 @@ def test_the_int8_copy_quantizes_every_weight_in_blocks_and_runs(tiny, tmp_path:
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "int8": True}))
     assert onnx_backend.quantized(path) == int8_path
-    assert json.loads(meta_path.read_text())["int8"] == onnx_backend.INT8_SCHEME
+    assert json.loads(meta_path.read_text())["int8"] == onnx_backend.files.INT8_SCHEME
     assert int8_path.stat().st_mtime_ns != made
 
     # so is one made from another export of the model (an older format, another adapter)
@@ -211,7 +211,7 @@ def test_the_int8_copy_quantizes_every_weight_in_blocks_and_runs(tiny, tmp_path:
     corrupt = int8_path.stat().st_mtime_ns
     assert onnx_backend.quantized(path) == int8_path
     assert int8_path.stat().st_mtime_ns != corrupt
-    assert json.loads(meta_path.read_text())["int8"] == onnx_backend.INT8_SCHEME
+    assert json.loads(meta_path.read_text())["int8"] == onnx_backend.files.INT8_SCHEME
 
     # an export without its side file is refused, and its int8 copy left as it was
     path.with_name(path.name + onnx_backend.META_SUFFIX).unlink()
@@ -235,7 +235,7 @@ def test_a_corrupt_or_foreign_export_is_refused_with_the_reason(tiny, tmp_path: 
         onnx_backend.load(broken / "model.onnx", model_name=loaded.name)
     meta_path = broken / "model.onnx.json"
     meta = json.loads(meta_path.read_text())
-    meta["sha256"] = onnx_backend._sha256(broken / "model.onnx")  # a consistent lie
+    meta["sha256"] = onnx_backend.files.sha256(broken / "model.onnx")  # a consistent lie
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(onnx_backend.OnnxExportError, match="onnxruntime cannot load"):
         onnx_backend.load(broken / "model.onnx", model_name=loaded.name)
@@ -335,8 +335,8 @@ def test_making_an_int8_copy_leaves_the_process_logging_as_it_was():
 
     script = (
         "import logging\n"
-        "from ghostloop import onnx_backend\n"
-        "onnx_backend._quantizer_class()\n"
+        "from ghostloop.onnx_backend import quantize\n"
+        "quantize._quantizer_class()\n"
         "root = logging.getLogger()\n"
         "node_log = logging.getLogger('onnxruntime.quantization.matmul_nbits_quantizer')\n"
         "print(len(root.handlers), logging.getLevelName(root.level),"

@@ -27,9 +27,9 @@ from pathlib import Path
 from lsprotocol import types
 from sqlalchemy import create_engine, text
 
+from evaluation.client import GhostloopClient
 from feedback.database import open_engine, upgrade
 from feedback.recorder import Recorder, StoreWrite
-from lsp_server.client import GhostloopClient
 
 PER_COMPLETION = 9  # shown, accepted and survival checks: a realistic mix per completion
 

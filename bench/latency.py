@@ -22,10 +22,10 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 
+from evaluation.client import GhostloopClient
 from feedback.metrics import percentile
 from ghostloop.corpus import CursorSample, document_at, sample_positions, stdlib_dir
 from ghostloop.settings import Settings, load_settings
-from lsp_server.client import GhostloopClient
 
 FILES = ("json/decoder.py", "textwrap.py", "shlex.py", "csv.py", "fnmatch.py")
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from evaluation.client import GhostloopClient
 from feedback import adapters as adapter_rows
 from feedback.database import open_engine, upgrade
 from feedback.metrics import percentile
@@ -35,7 +36,6 @@ from ghostloop import adapters as registry
 from ghostloop.corpus import stdlib_dir
 from ghostloop.models import resolve_model
 from ghostloop.settings import Settings
-from lsp_server.client import GhostloopClient
 
 RANK = 16
 SOURCE = "argparse.py"

@@ -36,12 +36,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evaluation.client import GhostloopClient
 from feedback.database import open_engine, upgrade
 from feedback.metrics import percentile
 from feedback.tokens import add_token
 from ghostloop.corpus import stdlib_dir, typing_pauses
 from ghostloop.settings import load_settings
-from lsp_server.client import GhostloopClient
 from lsp_server.positions import code_units
 
 # (module, first line typed): outside every test, replay and training corpus

@@ -19,7 +19,7 @@ from rich.text import Text
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from feedback import logs, replay_report, stats
+from feedback import logs, replays, stats
 from feedback.logs import LogFilter
 from feedback.schema import PreferencePair, TrainingRun
 
@@ -324,28 +324,26 @@ def show_replays(data_dir: Path, args: argparse.Namespace) -> int:
         if len(args.names) != 1:
             raise AdminInputError("name one replay: ghostloop replays show NAME")
         (name,) = args.names
-        report = replay_report.stored_report(data_dir, name)
+        report = replays.stored_report(data_dir, name)
         if args.json:
             sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
             return 0
-        chart = replay_report.stored_chart(data_dir, name)
-        print(f"replay {name}: {replay_report.describe(report)}\n")
-        print(replay_report.format_table(report))
+        chart = replays.stored_chart(data_dir, name)
+        print(f"replay {name}: {replays.describe(report)}\n")
+        print(replays.format_table(report))
         if chart is not None:
             print(f"\nchart {chart}")
         return 0
-    if args.action == "pool":
-        return _pool_replays(data_dir, args)
     if args.limit < 1:
         raise AdminInputError(f"--limit must be at least 1, got {args.limit}")
     rows: list[dict[str, Any]] = []
-    for name in replay_report.stored_names(data_dir, args.limit):
+    for name in replays.stored_names(data_dir, args.limit):
         try:
-            report = replay_report.stored_report(data_dir, name)
-        except replay_report.StoredReplayError as error:
+            report = replays.stored_report(data_dir, name)
+        except replays.StoredReplayError as error:
             rows.append({"name": name, "problem": str(error)})
             continue
-        rows.append(replay_report.overview_row(name, report))
+        rows.append(replays.overview_row(name, report))
     if args.json:
         _json_lines(rows)
         return 0
@@ -367,7 +365,7 @@ def show_replays(data_dir: Path, args: argparse.Namespace) -> int:
             continue
         nights = "\n".join(
             f"{m['method']} ({m['adapter'] or 'nothing published'}): "
-            f"{_figure(m['after'], '{:.2f}')} {replay_report.format_lift(m['lift'])}"
+            f"{_figure(m['after'], '{:.2f}')} {replays.format_lift(m['lift'])}"
             for m in row["methods"]
         )
         table.add_row(
@@ -379,28 +377,4 @@ def show_replays(data_dir: Path, args: argparse.Namespace) -> int:
             nights,
         )
     _emit(table, 3 * len(rows) + 6)
-    return 0
-
-
-def _pool_replays(data_dir: Path, args: argparse.Namespace) -> int:
-    """Several replays' held-out positions pooled: the lift of a recipe over other splits
-    of a repository (``ghostloop replay --seed``) or over other repositories."""
-    names = list(dict.fromkeys(args.names))
-    if len(names) < 2:
-        raise AdminInputError("name two or more replays: ghostloop replays pool NAME NAME ...")
-    parts, nights, methods = [], [], set()
-    for name in names:
-        report = replay_report.stored_report(data_dir, name)
-        parts.append(replay_report.stored_scores(name, report, args.method))
-        methods.add(args.method or next(iter(replay_report.methods_of(report))))
-        nights.append(name)
-    result = replay_report.pooled(parts)
-    if args.json:
-        summary = {"replays": names, "methods": sorted(methods)}
-        sys.stdout.write(json.dumps({**summary, **result}) + "\n")
-        return 0
-    count = sum(len(part[0]) for part in parts)
-    print(f"pooled: {len(names)} replays, {count} held-out positions: {', '.join(nights)}\n")
-    method = " / ".join(sorted(methods))
-    print(replay_report.format_table({**result, "method": method, "adapter": "a night each"}))
     return 0

@@ -31,6 +31,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from feedback import adapters
+from feedback.bootstrap import ROUNDS, clustered_means, interval
 from feedback.metrics import kept_check, settled_chars_saved
 from feedback.schema import AdapterVersion, Completion, FeedbackEvent
 from feedback.store import events_by_completion
@@ -38,7 +39,6 @@ from feedback.store import events_by_completion
 log = logging.getLogger(__name__)
 
 ARMS = ("active", "canary")
-BOOTSTRAP_ROUNDS = 4000
 
 
 def arm_for(user: str, canary_version: str | None, share: float) -> str:
@@ -128,27 +128,12 @@ def _figures(by_user: dict[str, list[int]], details: list[tuple[int, int, bool]]
     )
 
 
-def _bootstrap_means(
-    by_user: dict[str, list[int]], rounds: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Mean characters saved per completion over ``rounds`` two-level resamples."""
-    users = list(by_user.values())
-    totals = np.empty((rounds, len(users)))
-    counts = np.array([len(v) for v in users], dtype=float)
-    for column, values in enumerate(users):
-        array = np.asarray(values, dtype=float)
-        draws = rng.integers(0, len(array), size=(rounds, len(array)))
-        totals[:, column] = array[draws].sum(axis=1)
-    picks = rng.multinomial(len(users), [1 / len(users)] * len(users), size=rounds)
-    return (picks * totals).sum(axis=1) / np.maximum((picks * counts).sum(axis=1), 1.0)
-
-
 def difference_interval(
     active: dict[str, list[int]],
     canary: dict[str, list[int]],
     level: float,
     seed: int = 0,
-    rounds: int = BOOTSTRAP_ROUNDS,
+    rounds: int = ROUNDS,
 ) -> list[float]:
     """canary - active mean characters saved per completion: [estimate, low, high]."""
 
@@ -157,10 +142,9 @@ def difference_interval(
         return sum(sum(v) for v in by_user.values()) / count
 
     rng = np.random.default_rng(seed)
-    diffs = _bootstrap_means(canary, rounds, rng) - _bootstrap_means(active, rounds, rng)
-    tail = (1 - level) / 2
-    low, high = np.quantile(diffs, [tail, 1 - tail])
-    return [mean(canary) - mean(active), float(low), float(high)]
+    canary_means = clustered_means(list(canary.values()), rng, rounds)
+    diffs = canary_means - clustered_means(list(active.values()), rng, rounds)
+    return interval(mean(canary) - mean(active), diffs, level).as_list()
 
 
 def evaluate(

@@ -9,14 +9,13 @@ by suggesting less (docs/architecture.md, the lab run).
 
 from __future__ import annotations
 
-import random
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
 KEPT_WINDOW_S = 120.0  # "what stands in the code after 2 min": labels and the canary
 EDIT_SIMILARITY = 0.5  # above this a developer takes a suggestion and fixes it up
-BOOTSTRAP_ROUNDS = 2000
 
 
 class SurvivalCheck(Protocol):
@@ -165,45 +164,13 @@ def summarise(outcomes: Sequence[Outcome]) -> Summary:
     )
 
 
-@dataclass(frozen=True)
-class Interval:
-    estimate: float
-    low: float
-    high: float
-
-    def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
-
-    def as_list(self) -> list[float]:
-        return [self.estimate, self.low, self.high]
-
-
 def percentile(values: Sequence[float], share: float) -> float:
-    """The value at ``share`` (0-1) of the sorted values, nearest rank: the benchmarks'
-    p50, p95 and p99."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
-
-
-def _percentiles(values: list[float]) -> tuple[float, float]:
-    values.sort()
-    low = values[int(0.025 * (len(values) - 1))]
-    high = values[int(0.975 * (len(values) - 1))]
-    return low, high
-
-
-def mean_interval(values: Sequence[float], seed: int = 0) -> Interval:
-    """The mean with a 95% bootstrap interval."""
+    """The value at ``share`` (0-1) of the sorted values, interpolated linearly between
+    the two nearest (numpy's default rule): every p50, p95 and p99 Ghostloop prints."""
     if not values:
-        return Interval(0.0, 0.0, 0.0)
-    rng = random.Random(seed)
-    n = len(values)
-    means = [sum(rng.choices(values, k=n)) / n for _ in range(BOOTSTRAP_ROUNDS)]
-    return Interval(sum(values) / n, *_percentiles(means))
-
-
-def paired_interval(before: Sequence[float], after: Sequence[float], seed: int = 0) -> Interval:
-    """Mean of ``after - before`` over the same positions, with a 95% bootstrap interval."""
-    if len(before) != len(after):
-        raise ValueError(f"paired figures need equal lengths, got {len(before)} and {len(after)}")
-    return mean_interval([b - a for a, b in zip(before, after, strict=True)], seed)
+        raise ValueError("a percentile of no values")
+    ordered = sorted(values)
+    rank = share * (len(ordered) - 1)
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)

@@ -29,6 +29,7 @@ from sqlalchemy import Date, case, cast, func, literal, select, text
 from sqlalchemy.orm import Session
 
 from feedback.logs import BASE_ADAPTER, LogFilter
+from feedback.metrics import percentile
 from feedback.schema import Completion
 
 GROUPS = ("day", "adapter", "language", "user")
@@ -70,16 +71,8 @@ class _Cell:
 
     def percentile(self, share: float) -> float | None:
         if self.exact:
-            return _exact_percentile(sorted(self.exact), share)
+            return percentile(self.exact, share)
         return _histogram_percentile(self.histogram, share)
-
-
-def _exact_percentile(ordered: list[float], share: float) -> float:
-    """numpy's default (linear) percentile of sorted values."""
-    rank = share * (len(ordered) - 1)
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def _histogram_percentile(histogram: Counter[int], share: float) -> float | None:

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from feedback.metrics import Interval, Outcome, Summary, judge, paired_interval, summarise
+from feedback.bootstrap import Interval, paired_interval
+from feedback.metrics import Outcome, Summary, judge, summarise
 from ghostloop.models import LoadedModel
 from ghostloop.onnx_backend import OnnxForward, OnnxModel
 from ghostloop.postprocess import CursorContext

@@ -28,7 +28,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from feedback import adapters, logs, replay_report, stats
+from feedback import adapters, logs, replays, stats
 from feedback.admin_cli import pair_records, run_record
 from feedback.admin_web.auth import COOKIE, CSRF_FIELD, Guard, safe_next, same_origin
 from feedback.admin_web.charts import line_chart
@@ -61,8 +61,8 @@ def _templates() -> Jinja2Templates:
     environment.filters["num"] = lambda v, f="{:.2f}": "-" if v is None else f.format(v)
     environment.filters["when"] = lambda v: "" if v is None else f"{logs.aware(v):%Y-%m-%d %H:%M}"
     environment.filters["pretty"] = lambda v: json.dumps(v, indent=2, default=str)
-    environment.filters["lift"] = replay_report.format_lift
-    environment.filters["interval"] = lambda v: replay_report.format_interval(v, "{:+.2f}")
+    environment.filters["lift"] = replays.format_lift
+    environment.filters["interval"] = lambda v: replays.format_interval(v, "{:+.2f}")
     return Jinja2Templates(env=environment)
 
 
@@ -344,13 +344,13 @@ class Dashboard:
     def replays(self) -> list[dict[str, Any]]:
         """The replays run with this data dir (``ghostloop replay``), newest first."""
         found = []
-        for name in replay_report.stored_names(self.data_dir, limit=10):
+        for name in replays.stored_names(self.data_dir, limit=10):
             try:
-                report = replay_report.stored_report(self.data_dir, name)
-            except replay_report.StoredReplayError as error:
+                report = replays.stored_report(self.data_dir, name)
+            except replays.StoredReplayError as error:
                 found.append({"name": name, "problem": str(error)})
                 continue
-            found.append(replay_report.overview_row(name, report))
+            found.append(replays.overview_row(name, report))
         return found
 
     def replay(self, request: Request) -> Response:
@@ -358,13 +358,13 @@ class Dashboard:
         with its interval, the paired lifts, line starts and mid-line, what each night did."""
         name = request.path_params["name"]
         try:
-            report = replay_report.stored_report(self.data_dir, name)
-        except replay_report.UnknownReplayError as error:
+            report = replays.stored_report(self.data_dir, name)
+        except replays.UnknownReplayError as error:
             raise PageError(404, str(error)) from None
-        except replay_report.StoredReplayError as error:
+        except replays.StoredReplayError as error:
             raise PageError(422, str(error)) from None
         methods = []
-        for method, result in replay_report.methods_of(report).items():
+        for method, result in replays.methods_of(report).items():
             methods.append(
                 {
                     "name": method,
@@ -372,27 +372,27 @@ class Dashboard:
                     "message": result.get("message"),
                     "seconds": result.get("seconds"),
                     "gate_passed": result.get("gate_passed"),
-                    "lift": replay_report.format_lift(
+                    "lift": replays.format_lift(
                         (result.get("paired_lift") or {}).get("chars_saved_relative")
                     ),
-                    "rows": replay_report.method_rows(report["before"], result),
+                    "rows": replays.method_rows(report["before"], result),
                 }
             )
         return self.render(
             request,
             "replay.html",
             replay_name=name,
-            description=replay_report.describe(report),
+            description=replays.describe(report),
             methods=methods,
-            reach=replay_report.format_reach(report["reach"]) if report.get("reach") else None,
+            reach=replays.format_reach(report["reach"]) if report.get("reach") else None,
             reactions=report.get("reactions") or {},
             chart=bool(report.get("chart"))
-            and replay_report.stored_chart(self.data_dir, name) is not None,
+            and replays.stored_chart(self.data_dir, name) is not None,
         )
 
     def replay_chart(self, request: Request) -> Response:
         name = request.path_params["name"]
-        path = replay_report.stored_chart(self.data_dir, name)
+        path = replays.stored_chart(self.data_dir, name)
         if path is None:
             raise PageError(404, f"no replay chart named {name!r}")
         return FileResponse(path, media_type="image/png")

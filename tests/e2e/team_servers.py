@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from evaluation.client import GhostloopClient
 from feedback.database import open_engine, upgrade
 from feedback.tokens import add_token
-from lsp_server.client import GhostloopClient
 from tests.e2e.conftest import listening
 
 

@@ -22,15 +22,12 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from evaluation.charts import chart
+from evaluation.positions import Position
+from evaluation.scoring import Scored
+from evaluation.statistics import compare
 from feedback.database import open_engine
-from feedback.replay_report import (
-    Position,
-    Scored,
-    chart,
-    compare,
-    format_lift,
-    method_rows,
-)
+from feedback.replays import format_lift, method_rows
 from feedback.schema import AdapterVersion
 from ghostloop.settings import Settings
 from tests.adapters import publish_adapter

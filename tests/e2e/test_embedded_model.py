@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.client import GhostloopClient
 from ghostloop.corpus import document_at, sample_positions, stdlib_dir
 from ghostloop.models import default_gguf_path
-from lsp_server.client import GhostloopClient
 from tests.e2e.conftest import server_env
 
 

@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 
 from feedback.admin_web.app import create_app
 from feedback.database import open_engine
-from feedback.replay_report import format_table, method_rows
+from feedback.replays import format_table, method_rows
 from feedback.schema import Completion, FeedbackEvent, TrainingRun
 from feedback.store import events_by_completion
 from ghostloop.onnx_backend import INT8_FILE

@@ -1,5 +1,5 @@
 """The team server: real `ghostloop serve --tcp` processes sharing the real PostgreSQL,
-clients over TCP (pygls through lsp_server.client, and raw sockets for the bad ones)."""
+clients over TCP (pygls through evaluation.client, and raw sockets for the bad ones)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import pytest
 from pygls.exceptions import JsonRpcException
 from sqlalchemy import create_engine, text
 
+from evaluation.client import GhostloopClient
 from feedback.tokens import digest
 from ghostloop.settings import Settings
-from lsp_server.client import GhostloopClient
 from tests.adapters import publish_adapter
 from tests.e2e.conftest import listening
 from tests.e2e.team_servers import TeamServer, free_port, tokens

@@ -6,11 +6,14 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ROLE_PACKAGES = {"lsp_server", "feedback", "trainer"}
+ROLE_PACKAGES = {"lsp_server", "feedback", "trainer", "evaluation"}
+# The simulated developer (evaluation) is a client of the server and the nightly job: it
+# speaks LSP to one and runs the other as a command, and nothing imports it.
 FORBIDDEN = {
-    "lsp_server": {"trainer"},
-    "trainer": {"lsp_server"},
-    "feedback": {"lsp_server", "trainer"},
+    "lsp_server": {"trainer", "evaluation"},
+    "trainer": {"lsp_server", "evaluation"},
+    "feedback": {"lsp_server", "trainer", "evaluation"},
+    "evaluation": {"trainer"},
     "ghostloop": ROLE_PACKAGES,
 }
 
@@ -38,8 +41,9 @@ def test_packages_import_only_what_the_design_allows():
     for package, forbidden in FORBIDDEN.items():
         for path in sorted((ROOT / package).rglob("*.py")):
             for name, nested in imports(path):
-                # the core's CLI reaches role packages lazily, one subcommand at a time
-                lazy_cli = package == "ghostloop" and path.name == "cli.py" and nested
+                # the core's subcommands reach role packages lazily, each when it runs
+                command = path.parent == ROOT / "ghostloop" / "commands"
+                lazy_cli = package == "ghostloop" and command and nested
                 if name in forbidden and not lazy_cli:
                     violations.append(f"{path.relative_to(ROOT)} imports {name}")
     assert violations == []
@@ -96,3 +100,18 @@ def test_no_module_imports_itself_through_others():
         if name not in state:
             visit(name)
     assert cycles == []
+
+
+def test_the_simulated_developer_knows_the_server_only_by_its_protocol():
+    """evaluation talks to the server over LSP: of lsp_server it may use the protocol's
+    names and the position rules every client shares, never the server's insides."""
+    graph = module_imports()
+    allowed = {"lsp_server.protocol", "lsp_server.positions", "lsp_server"}
+    reached = {
+        f"{name} imports {target}"
+        for name, targets in graph.items()
+        if name.startswith("evaluation")
+        for target in targets
+        if target.startswith("lsp_server") and target not in allowed
+    }
+    assert reached == set()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from feedback.metrics import judge, mean_interval, paired_interval, summarise
+from feedback.bootstrap import mean_interval, paired_interval
+from feedback.metrics import judge, summarise
 
 TRUTH = "total = sum(values)\nreturn total\n"
 

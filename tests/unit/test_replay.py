@@ -9,35 +9,28 @@ from pathlib import Path
 
 import pytest
 
-from feedback.database import open_engine, upgrade
-from feedback.metrics import judge
-from feedback.replay_report import (
+from evaluation.positions import (
     Position,
-    Scored,
-    StoredReplayError,
-    UnknownReplayError,
-    compare,
-    format_table,
-    kept_length,
-    method_rows,
-    paired_lift,
-    pooled,
-    reach,
-    stored_names,
-    stored_report,
-    stored_scores,
-    summary,
-)
-from ghostloop.settings import Settings, load_settings
-from lsp_server.replay import (
-    Replay,
     ReplayError,
-    ReplayOptions,
-    _offset,
     choose_positions,
     source_files,
     split_files,
 )
+from evaluation.replay import Replay, ReplayOptions
+from evaluation.scoring import Scored, reach, stored_scores
+from evaluation.statistics import compare, kept_length, paired_lift, pooled, summary
+from feedback.database import open_engine, upgrade
+from feedback.metrics import judge
+from feedback.replays import (
+    StoredReplayError,
+    UnknownReplayError,
+    format_table,
+    method_rows,
+    stored_names,
+    stored_report,
+)
+from ghostloop.settings import Settings, load_settings
+from lsp_server.positions import offset_at
 from tests.training_data import write_repo
 
 
@@ -74,10 +67,11 @@ def test_positions_are_real_code_once_per_line_and_seeded(tmp_path):
 
 
 def test_lsp_characters_count_utf16_units():
+    """The developer finds its cursor with the server's own position helper."""
     text = "a\n𝒳 = 'é'\n"
-    assert _offset(text, 1, 0) == 2
-    assert _offset(text, 1, 2) == 3  # the script X is two UTF-16 units, one Python character
-    assert _offset(text, 1, 99) == len("a\n𝒳 = 'é'")
+    assert offset_at(text, 1, 0) == 2
+    assert offset_at(text, 1, 2) == 3  # the script X is two UTF-16 units, one Python character
+    assert offset_at(text, 1, 99) == len("a\n𝒳 = 'é'")
 
 
 def scored(saved: float, suggested: int, exact: bool = False) -> Scored:
@@ -211,7 +205,7 @@ def test_reach_counts_the_untyped_characters_the_training_half_holds_word_for_wo
 def test_the_demo_serves_with_onnxruntime_in_fp32_on_a_cpu(monkeypatch):
     import importlib.util
 
-    from ghostloop.cli import _demo_backend
+    from ghostloop.commands.replay import demo_backend as _demo_backend
     from ghostloop.settings import Settings, backend_name
 
     assert _demo_backend(Settings(device="cpu")) == "onnxruntime"
@@ -230,7 +224,8 @@ def test_the_demo_serves_with_onnxruntime_in_fp32_on_a_cpu(monkeypatch):
 
 
 def test_the_demo_walks_fewer_training_positions_than_it_holds_out():
-    from ghostloop.cli import DEMO_TRAIN_POSITIONS, build_parser
+    from ghostloop.cli import build_parser
+    from ghostloop.commands.replay import DEMO_TRAIN_POSITIONS
 
     parser = build_parser()
     demo = parser.parse_args(["demo"])

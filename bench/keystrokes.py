@@ -31,7 +31,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ def replay(
     reuse: bool,
 ) -> Run:
     run = Run(name)
-    caches = PrefixCaches(cap_bytes=settings.kv_cache_mb * 2**20)
+    caches = PrefixCaches(cap_bytes=settings.serving.kv_cache_mb * 2**20)
     for index, pauses in enumerate(documents):
         for prefix, suffix in pauses:
             started = time.perf_counter()
@@ -152,10 +152,10 @@ def main() -> None:
     from ghostloop.models import load_model
 
     settings = load_settings()
-    settings = replace(settings, device="cpu", max_lines=1, deadline_ms=600_000)
+    settings = settings.replaced(device="cpu", max_lines=1, deadline_ms=600_000)
     if args.threads:
-        settings = replace(settings, threads=args.threads)
-    threads = settings.torch_threads
+        settings = settings.replaced(threads=args.threads)
+    threads = settings.inference.torch_threads
     torch.set_num_threads(threads)
     loaded = load_model(settings)
     documents = [typing_pauses(stdlib_dir() / name, first, args.lines) for name, first in FILES]
@@ -163,7 +163,8 @@ def main() -> None:
     print(
         f"# {platform.processor() or platform.machine()}, {threads} threads, "
         f"model {loaded.name}, {count} pauses over {len(FILES)} files x {args.lines} lines, "
-        f"context {settings.context_tokens} tokens, up to {settings.max_new_tokens} new tokens"
+        f"context {settings.serving.context_tokens} tokens, "
+        f"up to {settings.serving.max_new_tokens} new tokens"
     )
 
     runs: list[Run] = []
@@ -176,7 +177,7 @@ def main() -> None:
         for label, int8 in (("onnxruntime fp32", False), ("onnxruntime int8", True)):
             if int8 and args.no_int8:
                 continue
-            model = onnx_backend.base_export(loaded, replace(settings, onnx_int8=int8))
+            model = onnx_backend.base_export(loaded, settings.replaced(onnx_int8=int8))
 
             def onnx_forward(reuse: Any, model: Any = model) -> Any:
                 return onnx_backend.OnnxForward(model, reuse=reuse)
@@ -202,7 +203,9 @@ def main() -> None:
     peer: Run | None = None
     if not args.skip_llama_cpp:
         try:
-            llm = llama_cpp_model(threads, settings.context_tokens + settings.max_new_tokens + 8)
+            llm = llama_cpp_model(
+                threads, settings.serving.context_tokens + settings.serving.max_new_tokens + 8
+            )
         except ImportError as error:  # not installed, or installed without its dependencies
             print(f"llama-cpp-python cannot be imported ({error}): pip install llama-cpp-python")
         else:

@@ -20,7 +20,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from evaluation.client import GhostloopClient
 from feedback.metrics import percentile
@@ -54,12 +54,12 @@ async def run_server(
 ) -> tuple[list[Measured], float, dict[str, object]]:
     env = dict(os.environ)
     env.update(
-        GHOSTLOOP_MODEL=settings.model,
-        GHOSTLOOP_DATA_DIR=str(settings.data_dir),
-        GHOSTLOOP_THREADS=str(settings.torch_threads),
-        GHOSTLOOP_DEVICE=settings.device,
-        GHOSTLOOP_BACKEND=settings.backend,
-        GHOSTLOOP_ONNX_INT8=str(settings.onnx_int8).lower(),
+        GHOSTLOOP_MODEL=settings.inference.model,
+        GHOSTLOOP_DATA_DIR=str(settings.store.data_dir),
+        GHOSTLOOP_THREADS=str(settings.inference.torch_threads),
+        GHOSTLOOP_DEVICE=settings.inference.device,
+        GHOSTLOOP_BACKEND=settings.inference.backend,
+        GHOSTLOOP_ONNX_INT8=str(settings.inference.onnx_int8).lower(),
         GHOSTLOOP_LOG_LEVEL="WARNING",
         GHOSTLOOP_DEADLINE_MS="600000",  # measure whole generations, not the deadline
     )
@@ -100,8 +100,8 @@ def run_raw_generate(settings: Settings, measured: list[Measured]) -> list[float
             loaded.template,
             item.document[:offset],
             item.document[offset:],
-            context_tokens=settings.context_tokens,
-            suffix_share=settings.suffix_share,
+            context_tokens=settings.serving.context_tokens,
+            suffix_share=settings.serving.suffix_share,
             marker_ids=loaded.marker_ids,
         )
         ids = torch.tensor([list(prompt.input_ids)], device=loaded.device)
@@ -156,7 +156,7 @@ def sixteen_tokens(
     for name, quantized in (("onnxruntime", False), ("onnxruntime int8", True)):
         if quantized and not int8:
             continue
-        model = onnx_backend.base_export(loaded, replace(settings, onnx_int8=quantized))
+        model = onnx_backend.base_export(loaded, settings.replaced(onnx_int8=quantized))
         forwards[name] = (
             lambda model=model: onnx_backend.OnnxForward(model),
             parameters * (1 if quantized else 4),
@@ -209,7 +209,7 @@ def main() -> int:
     served = {}
     for backend, int8 in runs:
         name = backend + (" int8" if int8 else "")
-        run_settings = replace(settings, backend=backend, onnx_int8=int8)
+        run_settings = settings.replaced(backend=backend, onnx_int8=int8)
         served[name] = asyncio.run(run_server(run_settings, chosen))
     measured, _, status = next(iter(served.values()))
     raw = run_raw_generate(settings, measured)
@@ -218,7 +218,8 @@ def main() -> int:
     tokens = [m.tokens for m in measured]
     load = os.getloadavg()[0]
     print(
-        f"model {status['model']} on {status['device']}, threads {settings.torch_threads}, "
+        f"model {status['model']} on {status['device']}, "
+        f"threads {settings.inference.torch_threads}, "
         f"{platform.processor() or platform.machine()}, load avg {load:.2f}"
     )
     print(f"{len(measured)} requests at real positions of {', '.join(FILES)}")
@@ -239,11 +240,11 @@ def main() -> int:
     )
     lsp = [m.latency_ms for m in measured]
     print(f"LSP / raw generate, p50: {statistics.median(lsp) / statistics.median(raw):.2f}")
-    bandwidth = read_bandwidth_gbs(status["device"] or "cpu", settings.torch_threads)
+    bandwidth = read_bandwidth_gbs(status["device"] or "cpu", settings.inference.torch_threads)
     print(
         f"16 new tokens on the same prompts (p50), speed-up over torch, and the decode step "
         f"against the memory-bandwidth bound (weights read once per step at the "
-        f"{bandwidth:.1f} GB/s a {settings.torch_threads}-thread reduction reads here):"
+        f"{bandwidth:.1f} GB/s a {settings.inference.torch_threads}-thread reduction reads here):"
     )
     torch_total = fixed["torch"][0]
     for name, (total, prefill, step, weight_bytes) in fixed.items():

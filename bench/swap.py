@@ -80,8 +80,8 @@ def publish(settings: Settings, made: Path, base_model: str, version: str) -> fl
         for name in registry.ADAPTER_FILES:
             shutil.copyfile(made / name, directory / name)
 
-    path, digest = registry.write_atomically(settings.adapters_dir, version, copy)
-    engine = open_engine(settings.database_url)
+    path, digest = registry.write_atomically(settings.store.adapters_dir, version, copy)
+    engine = open_engine(settings.store.database_url)
     with Session(engine) as session, session.begin():
         adapter_rows.publish(
             session,
@@ -107,7 +107,7 @@ def line(label: str, values: list[float]) -> str:
 async def run(args: argparse.Namespace) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="ghostloop-swap-"))
     database = f"sqlite:///{data_dir / 'ghostloop.db'}"
-    settings = Settings(model=args.model, data_dir=data_dir, database_url=database)
+    settings = Settings.of(model=args.model, data_dir=data_dir, database_url=database)
     base_model, source = resolve_model(settings)
     upgrade(open_engine(database))
     env = {

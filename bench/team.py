@@ -227,7 +227,7 @@ def main() -> int:
     elif model == "smollm2":
         model = ""  # the embedded default
     # the embedded model's converted copy lives in the data dir: reuse the usual one
-    data_dir = load_settings().data_dir if model == "" else work / "data"
+    data_dir = load_settings().store.data_dir if model == "" else work / "data"
     url = args.database_url or f"sqlite:///{work / 'team.db'}"
     store = open_engine(url)
     upgrade(store)

@@ -19,7 +19,6 @@ temporary data directory with its own SQLite store.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import tempfile
@@ -72,10 +71,10 @@ def method_throughput(settings: Settings, count: int, work: Path, methods: list[
         )
         for i, (prefix, suffix, kept) in enumerate(positions)
     ]
-    one_epoch = dataclasses.replace(settings, epochs=1, context_loss_weight=0.0)
+    one_epoch = settings.replaced(epochs=1, context_loss_weight=0.0)
     runs = [(method, method, one_epoch) for method in methods]
     if "sft" in methods:
-        weighted = dataclasses.replace(one_epoch, context_loss_weight=1.0)
+        weighted = one_epoch.replaced(context_loss_weight=1.0)
         runs.append(("sft+context", "sft", weighted))
     seconds: dict[str, float] = {}
     for name, method, chosen in runs:
@@ -97,8 +96,8 @@ def method_throughput(settings: Settings, count: int, work: Path, methods: list[
 
 
 def nightly(settings: Settings, completions: int) -> None:
-    url = f"sqlite:///{settings.data_dir / 'ghostloop.db'}"
-    settings = dataclasses.replace(settings, database_url=url)
+    url = f"sqlite:///{settings.store.data_dir / 'ghostloop.db'}"
+    settings = settings.replaced(database_url=url)
     loaded = load_model(settings)
     write_rejections(url, loaded.name, logged_positions(completions), users=7)
     del loaded
@@ -134,15 +133,14 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         base = load_settings()
-        settings = dataclasses.replace(
-            base, data_dir=Path(tmp), threads=args.threads, database_url=""
-        )
+        settings = base.replaced(data_dir=Path(tmp), threads=args.threads, database_url="")
         loaded = load_model(settings)
         print(
             f"model {loaded.name} on {loaded.device} ({loaded.dtype}), "
-            f"{settings.torch_threads} threads, load avg {os.getloadavg()[0]:.2f}, "
-            f"context {settings.context_tokens} tokens, LoRA r{settings.lora_rank} "
-            f"on {settings.lora_targets}, batch {settings.train_batch_size}",
+            f"{settings.inference.torch_threads} threads, load avg {os.getloadavg()[0]:.2f}, "
+            f"context {settings.serving.context_tokens} tokens, "
+            f"LoRA r{settings.training.lora_rank} on {settings.training.lora_targets}, "
+            f"batch {settings.training.batch_size}",
             flush=True,
         )
         del loaded

@@ -196,7 +196,7 @@ class Replay:
         self.options = options
         self.out = out
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        self.work_dir = options.work_dir or settings.data_dir / "replays" / stamp
+        self.work_dir = options.work_dir or settings.store.data_dir / "replays" / stamp
         self.url = options.database_url or default_database_url(self.work_dir)
         self.windows = tuple(float(part) for part in options.windows_s.split(","))
         self._engine: Engine | None = None
@@ -210,13 +210,13 @@ class Replay:
             {
                 "GHOSTLOOP_DATA_DIR": str(self.work_dir),
                 # the converted model is the user's, not the replay's: not made again each run
-                "GHOSTLOOP_MODEL_CACHE": str(self.settings.model_cache_dir),
+                "GHOSTLOOP_MODEL_CACHE": str(self.settings.store.model_cache_dir),
                 "GHOSTLOOP_DATABASE_URL": self.url,
-                "GHOSTLOOP_MODEL": self.settings.model,
+                "GHOSTLOOP_MODEL": self.settings.inference.model,
                 # servers and the nightly job (which exports adapters for onnxruntime) alike
-                "GHOSTLOOP_BACKEND": self.settings.backend,
-                "GHOSTLOOP_ONNX_INT8": str(self.settings.onnx_int8).lower(),
-                "GHOSTLOOP_DEVICE": self.settings.device,
+                "GHOSTLOOP_BACKEND": self.settings.inference.backend,
+                "GHOSTLOOP_ONNX_INT8": str(self.settings.inference.onnx_int8).lower(),
+                "GHOSTLOOP_DEVICE": self.settings.inference.device,
                 "GHOSTLOOP_USER": user,
                 "GHOSTLOOP_HASH_USER": "false",
                 "GHOSTLOOP_TELEMETRY": "true",
@@ -377,7 +377,7 @@ class Replay:
     async def nights_and_held_out_walks(self, plan: Plan, walks: Walks) -> list[Night]:
         """Steps 2-6: a held-out server on the base model, each method's night, the
         held-out baseline, then each published adapter hot-swapped in and walked."""
-        methods = list(self.options.methods) or [self.settings.train_method]
+        methods = list(self.options.methods) or [self.settings.training.method]
         nights: list[Night] = []
         held = await self.start_server(HELD_OUT_USER)  # reads adapters at start only: none yet
         try:

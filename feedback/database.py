@@ -27,8 +27,8 @@ def default_database_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'ghostloop.db'}"
 
 
-class StoreSettings(Protocol):
-    """What locates the store (``ghostloop.settings.Settings`` has it)."""
+class StoreLocation(Protocol):
+    """What locates the store (``ghostloop.settings.StoreSettings``, ``settings.store``)."""
 
     @property
     def database_url(self) -> str: ...
@@ -37,14 +37,15 @@ class StoreSettings(Protocol):
     def data_dir(self) -> Path: ...
 
 
-def store_url(settings: StoreSettings) -> str:
+def store_url(store: StoreLocation) -> str:
     """The configured database URL, or the SQLite file in the data dir."""
-    return settings.database_url or default_database_url(settings.data_dir)
+    return store.database_url or default_database_url(store.data_dir)
 
 
-def open_store(settings: StoreSettings) -> Engine:
-    """The engine of the configured store (``open_engine`` of ``store_url``)."""
-    return open_engine(store_url(settings))
+def open_store(store: StoreLocation) -> Engine:
+    """The engine of the configured store (``open_engine`` of ``store_url``):
+    ``open_store(settings.store)``."""
+    return open_engine(store_url(store))
 
 
 def open_engine(url: str) -> Engine:

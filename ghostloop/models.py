@@ -114,16 +114,16 @@ def converted_gguf_dir(gguf: Path, cache_root: Path) -> Path:
 
 def resolve_model(settings: Settings) -> tuple[str, str]:
     """(display name, what ``from_pretrained`` loads): a local directory or a hub id."""
-    spec = settings.model.strip()
+    spec = settings.inference.model.strip()
     if not spec:
         return DEFAULT_MODEL_NAME, str(
-            converted_gguf_dir(default_gguf_path(), settings.model_cache_dir)
+            converted_gguf_dir(default_gguf_path(), settings.store.model_cache_dir)
         )
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"model file not found: {path} — {INSTALL_HINT}")
-        return path.stem, str(converted_gguf_dir(path, settings.model_cache_dir))
+        return path.stem, str(converted_gguf_dir(path, settings.store.model_cache_dir))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
@@ -140,13 +140,15 @@ def wants_cuda(settings: Settings) -> bool:
     """Whether the settings ask for the GPU: device=cuda, or auto with a CUDA GPU visible."""
     import torch
 
-    return settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+    return settings.inference.device == "cuda" or (
+        settings.inference.device == "auto" and torch.cuda.is_available()
+    )
 
 
 def _pick_device(settings: Settings) -> tuple[str, Any]:
     import torch
 
-    if settings.device == "cuda" and not torch.cuda.is_available():
+    if settings.inference.device == "cuda" and not torch.cuda.is_available():
         raise ModelNotFoundError(
             "device=cuda but no CUDA GPU is visible; set GHOSTLOOP_DEVICE=auto"
         )
@@ -169,9 +171,12 @@ def load_model(settings: Settings) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.inference.torch_threads)
     name, source = resolve_model(settings)
-    if settings.backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+    if (
+        settings.inference.backend == "onnxruntime"
+        and importlib.util.find_spec("onnxruntime") is None
+    ):
         raise ModelNotFoundError(
             "backend=onnxruntime needs onnxruntime — pip install 'ghostloop[onnx]' (CPU) "
             "or 'ghostloop[gpu]' (CUDA), or set GHOSTLOOP_BACKEND=torch"

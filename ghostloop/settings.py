@@ -1,4 +1,4 @@
-"""One typed settings object, read once and passed down.
+"""One typed settings object in groups, read once and passed down.
 
 Sources, later ones win: built-in defaults, the TOML file (``GHOSTLOOP_CONFIG`` or
 ``<user config dir>/ghostloop/config.toml``), ``GHOSTLOOP_*`` environment variables,
@@ -12,6 +12,7 @@ import getpass
 import hashlib
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,293 +74,138 @@ def _default_user() -> str:
         return "unknown"
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _setting(default: Any = None, *, help: str, key: str = "", factory: Any = None) -> Any:
+    """A leaf setting: its default, its help, and its name in the environment and the TOML
+    file (``key``; the field's own name unless given), which never changes with the group."""
+    metadata = {"help": help, "key": key}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class _Group:
+    """A group of settings, validated on its own when made. Its errors name the setting as
+    the user sets it (``GHOSTLOOP_<KEY>`` / the TOML key), never the group's attribute."""
+
+    def _key(self, name: str) -> str:
+        found = {f.name: f for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return str(found[name].metadata.get("key") or name)
+
+    def _at_least(self, **lows: float) -> None:
+        for name, low in lows.items():
+            value = getattr(self, name)
+            if value < low:
+                raise SettingsError(f"{self._key(name)}={value} must be at least {low}")
+
+    def _one_of(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise SettingsError(f"{self._key(name)}={value!r} is not one of {', '.join(choices)}")
+
+    def _within(self, name: str, low: float, high: float, *, closed: str = "[)") -> None:
+        value = getattr(self, name)
+        above = value >= low if closed[0] == "[" else value > low
+        below = value <= high if closed[1] == "]" else value < high
+        if not (above and below):
+            raise SettingsError(
+                f"{self._key(name)}={value} must be in {closed[0]}{low:g}, {high:g}{closed[1]}"
+            )
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything a Ghostloop process can be told. Each field is also ``GHOSTLOOP_<NAME>``."""
+class InferenceSettings(_Group):
+    """The model and where it runs: the server, the nightly job and the replay alike."""
 
-    model: str = field(
-        default="",
-        metadata=_help(
-            "Hugging Face id, local model directory or .gguf file; "
-            "empty = the embedded SmolLM2-135M-Instruct"
-        ),
+    model: str = _setting(
+        "",
+        help="Hugging Face id, local model directory or .gguf file; "
+        "empty = the embedded SmolLM2-135M-Instruct",
     )
-    backend: str = field(default="torch", metadata=_help("inference backend: torch | onnxruntime"))
-    onnx_int8: bool = field(
-        default=False,
-        metadata=_help("onnxruntime: serve an int8 copy of each export (weights in blocks of 128)"),
+    backend: str = _setting("torch", help="inference backend: torch | onnxruntime")
+    onnx_int8: bool = _setting(
+        False, help="onnxruntime: serve an int8 copy of each export (weights in blocks of 128)"
     )
-    device: str = field(
-        default="auto",
-        metadata=_help("auto (CUDA in bf16 when present, else CPU fp32) | cpu | cuda"),
+    device: str = _setting(
+        "auto", help="auto (CUDA in bf16 when present, else CPU fp32) | cpu | cuda"
     )
-    database_url: str = field(
-        default="", metadata=_help("SQLAlchemy URL; empty = SQLite file in the data dir")
-    )
-    data_dir: Path = field(
-        default_factory=_default_data_dir,
-        metadata=_help("where the model cache, database and logs live"),
-    )
-    model_cache: Path | None = field(
-        default=None,
-        metadata=_help("where converted models and ONNX exports are kept; none: <data dir>/models"),
-    )
-    config: Path | None = field(
-        default=None, metadata=_help("path of the TOML settings file (env var only)")
-    )
-    threads: int = field(
-        default=0, metadata=_help("torch CPU threads; 0 = the number of physical cores")
-    )
-    context_tokens: int = field(
-        default=512, metadata=_help("prompt budget in tokens (prefix plus suffix)")
-    )
-    kv_cache_mb: int = field(
-        default=256,
-        metadata=_help(
-            "memory for KV caches kept per document between keystrokes (LRU); 0 = no reuse"
-        ),
-    )
-    batch_size: int = field(
-        default=4,
-        metadata=_help(
-            "most completions (documents waiting at once) decoded together, one forward pass "
-            "per token for all (torch backend); 1 = one at a time"
-        ),
-    )
-    suffix_share: float = field(
-        default=0.25, metadata=_help("share of the budget given to the suffix (FIM models)")
-    )
-    max_new_tokens: int = field(default=48, metadata=_help("most tokens generated per completion"))
-    max_lines: int = field(default=8, metadata=_help("most lines in a multi-line completion"))
-    deadline_ms: int = field(
-        default=3000,
-        metadata=_help("a completion running longer returns what it has generated so far"),
-    )
-    max_document_chars: int = field(
-        default=2_000_000, metadata=_help("documents larger than this get no completions")
-    )
-    max_stored_prompt_chars: int = field(
-        default=16_000,
-        metadata=_help("stored prompt prefix and suffix are each cut to this many characters"),
-    )
-    survival_windows_s: str = field(
-        default="30,120,600",
-        metadata=_help("seconds after an accept at which the kept share is measured"),
-    )
-    user: str = field(
-        default_factory=_default_user, metadata=_help("who completions are attributed to")
-    )
-    hash_user: bool = field(
-        default=False,
-        metadata=_help("store a SHA-256 digest of the user name instead of the name"),
-    )
-    telemetry: bool = field(
-        default=True,
-        metadata=_help("record suggestions and their fate; false = store nothing of your code"),
-    )
-    log_level: str = field(
-        default="INFO",
-        metadata=_help(
-            "DEBUG | INFO | WARNING | ERROR (logs go to stderr, and on stdio to the editor as "
-            "window/logMessage once a session is initialized; DEBUG adds every LSP message)"
-        ),
-    )
-    tcp_auth: str = field(
-        default="auto",
-        metadata=_help(
-            "serve --tcp: auto (clients off loopback need a token from `ghostloop users add`) "
-            "| required (every client does) | off (nobody does: a trusted network only)"
-        ),
-    )
-    tls_cert: Path | None = field(
-        default=None, metadata=_help("serve --tcp: PEM certificate chain; with tls_key, TLS")
-    )
-    tls_key: Path | None = field(
-        default=None, metadata=_help("serve --tcp: PEM private key of tls_cert")
-    )
-    rate_limit_per_minute: int = field(
-        default=600,
-        metadata=_help("serve --tcp: completions a user may ask for per minute; 0 = no limit"),
-    )
-    max_message_bytes: int = field(
-        default=16 * 2**20,
-        metadata=_help(
-            "a longer LSP message is refused: on TCP its connection closes, on stdio it is skipped"
-        ),
-    )
-    max_open_documents: int = field(
-        default=500, metadata=_help("documents one connection may hold open at once")
-    )
-    message_timeout_s: float = field(
-        default=30.0,
-        metadata=_help("serve --tcp: a message must arrive whole within this many seconds"),
-    )
-    idle_timeout_s: float = field(
-        default=3600.0,
-        metadata=_help("serve --tcp: a connection silent this long is closed; 0 = never"),
-    )
-    metrics_port: int = field(
-        default=0,
-        metadata=_help("serve Prometheus metrics at http://metrics_host:PORT/metrics; 0 = off"),
-    )
-    metrics_host: str = field(
-        default="127.0.0.1", metadata=_help("address of the metrics endpoint (loopback only)")
-    )
-    # -- the nightly job (ghostloop train); defaults are what the lab run supports
-    # (docs/architecture.md) and the replays measured (docs/results.md)
-    train_method: str = field(
-        default="sft",
-        metadata=_help("sft | dpo | rrhf: the method `ghostloop train` uses without --method"),
-    )
-    lora_rank: int = field(default=16, metadata=_help("LoRA rank"))
-    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha"))
-    lora_targets: str = field(
-        default="q_proj,k_proj,v_proj,o_proj",
-        metadata=_help("modules LoRA adapts, separated by commas"),
-    )
-    learning_rate: float = field(default=5e-4, metadata=_help("learning rate for sft and dpo"))
-    rrhf_learning_rate: float = field(
-        default=1e-4, metadata=_help("learning rate for rrhf (lower: its ranking loss is sharper)")
-    )
-    train_context_tokens: int = field(
-        default=0,
-        metadata=_help(
-            "prompt budget in training, tokens: the nearest part of the served prompt (its "
-            "end, token healing included, is the same); 0 = the served prompt whole (the "
-            "default: 7 % more typing saved held out than 256-token training prompts, at twice "
-            "the training time)"
-        ),
-    )
-    epochs: int = field(
-        default=1,
-        metadata=_help(
-            "passes over the training data (1: held-out typing saved as with 2, within noise, "
-            "at half the training time)"
-        ),
-    )
-    train_batch_size: int = field(default=4, metadata=_help("examples per optimiser step"))
-    train_processes: int = field(
-        default=1,
-        metadata=_help("training processes (accelerate launch): the GPUs to use, or CPU processes"),
-    )
-    context_loss_weight: float = field(
-        default=0.0,
-        metadata=_help(
-            "sft: weight of a likelihood term on the prompt's own tokens (the code before the "
-            "cursor in the developer's files) beside the one on the kept text; 0 = kept text only"
-        ),
-    )
-    dpo_beta: float = field(default=0.1, metadata=_help("DPO's beta"))
-    nll_weight: float = field(
-        default=1.0,
-        metadata=_help("weight of the likelihood term on the kept text in dpo and rrhf"),
-    )
-    rrhf_samples: int = field(
-        default=0,
-        metadata=_help("extra candidates per prompt sampled from the model for rrhf (slow)"),
-    )
-    eval_share: float = field(
-        default=0.2, metadata=_help("share of the newest examples held out for the gate")
-    )
-    max_user_share: float = field(
-        default=0.5, metadata=_help("most of a training batch one user may contribute")
-    )
-    min_train_examples: int = field(
-        default=16, metadata=_help("fewer training examples than this: nothing is trained")
-    )
-    min_eval_examples: int = field(
-        default=8, metadata=_help("fewer held-out examples than this: nothing is trained")
-    )
-    gate_min_lift: float = field(
-        default=0.0,
-        metadata=_help(
-            "relative rise in characters saved per completion an adapter needs to be "
-            "published (its paired 95% interval must exclude zero too)"
-        ),
-    )
-    gate_enforced: bool = field(
-        default=True,
-        metadata=_help(
-            "false publishes an adapter the gate refused, its decision stored beside it: for "
-            "measuring a candidate (ghostloop replay --ungated), never for a team's server"
-        ),
-    )
-    keep_adapters: int = field(default=5, metadata=_help("adapter versions kept in the registry"))
-    # -- serving adapters (hot-swap and canary)
-    adapter_poll_s: float = field(
-        default=30.0,
-        metadata=_help(
-            "seconds between the server's checks of the adapters table; 0 = at start only"
-        ),
-    )
-    canary_share: float = field(
-        default=0.0,
-        metadata=_help(
-            "share of users a newly published adapter is served to first (sticky per user); "
-            "0 = it serves everyone at once (one developer cannot be split into arms)"
-        ),
-    )
-    canary_min_completions: int = field(
-        default=200,
-        metadata=_help("settled completions per arm between two tests of a canary"),
-    )
-    canary_max_completions: int = field(
-        default=2000,
-        metadata=_help("per arm: by then a canary no better and no worse is retired"),
-    )
-    canary_confidence: float = field(
-        default=0.95,
-        metadata=_help("confidence of the canary's verdict over all its tests together"),
-    )
-    canary_check_s: float = field(
-        default=300.0, metadata=_help("seconds between a server's tests of a running canary")
-    )
-    seed: int = field(default=0, metadata=_help("seed for training, sampling and intervals"))
+    threads: int = _setting(0, help="torch CPU threads; 0 = the number of physical cores")
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise SettingsError(f"backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.device not in DEVICES:
-            raise SettingsError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
-        if self.log_level not in LOG_LEVELS:
-            raise SettingsError(
-                f"log_level={self.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
-            )
-        for name, low in (
-            ("threads", 0),
-            ("context_tokens", 16),
-            ("kv_cache_mb", 0),
-            ("batch_size", 1),
-            ("max_new_tokens", 1),
-            ("max_lines", 1),
-            ("deadline_ms", 1),
-            ("max_document_chars", 1),
-            ("max_stored_prompt_chars", 0),
-            ("lora_rank", 1),
-            ("lora_alpha", 1),
-            ("train_context_tokens", 0),
-            ("epochs", 1),
-            ("train_batch_size", 1),
-            ("train_processes", 1),
-            ("rrhf_samples", 0),
-            ("min_train_examples", 1),
-            ("min_eval_examples", 1),
-            ("keep_adapters", 1),
-            ("adapter_poll_s", 0),
-            ("canary_min_completions", 1),
-            ("canary_check_s", 0),
-            ("metrics_port", 0),
-            ("rate_limit_per_minute", 0),
-            ("max_message_bytes", 1024),
-            ("max_open_documents", 1),
-            ("idle_timeout_s", 0),
-        ):
-            if getattr(self, name) < low:
-                raise SettingsError(f"{name}={getattr(self, name)} must be at least {low}")
+        self._one_of("backend", BACKENDS)
+        self._one_of("device", DEVICES)
+        self._at_least(threads=0)
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or physical_cores()
+
+
+@dataclass(frozen=True)
+class ServingSettings(_Group):
+    """What a completion may be: its prompt, its decoding, its limits."""
+
+    context_tokens: int = _setting(512, help="prompt budget in tokens (prefix plus suffix)")
+    suffix_share: float = _setting(
+        0.25, help="share of the budget given to the suffix (FIM models)"
+    )
+    kv_cache_mb: int = _setting(
+        256,
+        help="memory for KV caches kept per document between keystrokes (LRU); 0 = no reuse",
+    )
+    batch_size: int = _setting(
+        4,
+        help="most completions (documents waiting at once) decoded together, one forward pass "
+        "per token for all (torch backend); 1 = one at a time",
+    )
+    max_new_tokens: int = _setting(48, help="most tokens generated per completion")
+    max_lines: int = _setting(8, help="most lines in a multi-line completion")
+    deadline_ms: int = _setting(
+        3000, help="a completion running longer returns what it has generated so far"
+    )
+    max_document_chars: int = _setting(
+        2_000_000, help="documents larger than this get no completions"
+    )
+
+    def __post_init__(self) -> None:
+        self._at_least(
+            context_tokens=16,
+            kv_cache_mb=0,
+            batch_size=1,
+            max_new_tokens=1,
+            max_lines=1,
+            deadline_ms=1,
+            max_document_chars=1,
+        )
+        self._within("suffix_share", 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class StoreSettings(_Group):
+    """Where Ghostloop keeps things, and what it records of each suggestion."""
+
+    data_dir: Path = _setting(
+        factory=_default_data_dir, help="where the model cache, database and logs live"
+    )
+    model_cache: Path | None = _setting(
+        None, help="where converted models and ONNX exports are kept; none: <data dir>/models"
+    )
+    database_url: str = _setting("", help="SQLAlchemy URL; empty = SQLite file in the data dir")
+    telemetry: bool = _setting(
+        True, help="record suggestions and their fate; false = store nothing of your code"
+    )
+    user: str = _setting(factory=_default_user, help="who completions are attributed to")
+    hash_user: bool = _setting(
+        False, help="store a SHA-256 digest of the user name instead of the name"
+    )
+    max_stored_prompt_chars: int = _setting(
+        16_000, help="stored prompt prefix and suffix are each cut to this many characters"
+    )
+    survival_windows_s: str = _setting(
+        "30,120,600", help="seconds after an accept at which the kept share is measured"
+    )
+
+    def __post_init__(self) -> None:
+        self._at_least(max_stored_prompt_chars=0)
         try:
             windows = self.survival_windows
         except ValueError:
@@ -369,40 +215,6 @@ class Settings:
                 f"survival_windows_s={self.survival_windows_s!r} must be increasing positive "
                 "seconds separated by commas, e.g. '30,120,600'"
             )
-        if self.train_method not in TRAIN_METHODS:
-            raise SettingsError(
-                f"train_method={self.train_method!r} is not one of {', '.join(TRAIN_METHODS)}"
-            )
-        for name in ("eval_share", "max_user_share"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise SettingsError(f"{name}={getattr(self, name)} must be in (0, 1]")
-        if not 0.0 <= self.context_loss_weight <= 100.0:
-            raise SettingsError(
-                f"context_loss_weight={self.context_loss_weight} must be in [0, 100]"
-            )
-        if not 0.0 <= self.canary_share < 1.0:
-            raise SettingsError(f"canary_share={self.canary_share} must be in [0, 1)")
-        if not 0.5 <= self.canary_confidence < 1.0:
-            raise SettingsError(f"canary_confidence={self.canary_confidence} must be in [0.5, 1)")
-        if self.canary_max_completions < self.canary_min_completions:
-            raise SettingsError(
-                f"canary_max_completions={self.canary_max_completions} must be at least "
-                f"canary_min_completions={self.canary_min_completions}"
-            )
-        if not self.lora_target_modules:
-            raise SettingsError("lora_targets is empty; name modules such as 'q_proj,v_proj'")
-        if self.metrics_port > 65535:
-            raise SettingsError(f"metrics_port={self.metrics_port} must be a port (1-65535) or 0")
-        if self.tcp_auth not in TCP_AUTH:
-            raise SettingsError(f"tcp_auth={self.tcp_auth!r} is not one of {', '.join(TCP_AUTH)}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise SettingsError(
-                "TLS needs both tls_cert and tls_key (PEM files); set both or neither"
-            )
-        if self.message_timeout_s <= 0:
-            raise SettingsError(f"message_timeout_s={self.message_timeout_s} must be positive")
-        if not 0.0 <= self.suffix_share < 1.0:
-            raise SettingsError(f"suffix_share={self.suffix_share} must be in [0, 1)")
 
     @property
     def stored_user(self) -> str:
@@ -416,44 +228,357 @@ class Settings:
         return tuple(float(part) for part in self.survival_windows_s.split(","))
 
     @property
-    def canary_plan(self) -> dict[str, Any]:
-        """How a canary is tested: the keyword arguments of ``feedback.canary.check``."""
-        return {
-            "min_completions": self.canary_min_completions,
-            "max_completions": self.canary_max_completions,
-            "confidence": self.canary_confidence,
-            "seed": self.seed,
-        }
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        return [part.strip() for part in self.lora_targets.split(",") if part.strip()]
-
-    @property
     def adapters_dir(self) -> Path:
         """The adapter registry: one directory per published version."""
         return self.data_dir / "adapters"
 
     @property
-    def torch_threads(self) -> int:
-        return self.threads or physical_cores()
-
-    @property
     def model_cache_dir(self) -> Path:
         return self.model_cache or self.data_dir / "models"
 
-    def with_overrides(self, values: Mapping[str, Any], *, source: str) -> Settings:
-        """A copy with ``values`` applied; unknown names and bad values raise SettingsError."""
-        changes = {
-            _CAMEL.get(name, name): _coerce(name, value, source) for name, value in values.items()
+
+@dataclass(frozen=True)
+class TeamSettings(_Group):
+    """A connection's limits (stdio and TCP), the team server on TCP, and its metrics."""
+
+    tcp_auth: str = _setting(
+        "auto",
+        help="serve --tcp: auto (clients off loopback need a token from `ghostloop users add`) "
+        "| required (every client does) | off (nobody does: a trusted network only)",
+    )
+    tls_cert: Path | None = _setting(
+        None, help="serve --tcp: PEM certificate chain; with tls_key, TLS"
+    )
+    tls_key: Path | None = _setting(None, help="serve --tcp: PEM private key of tls_cert")
+    rate_limit_per_minute: int = _setting(
+        600, help="serve --tcp: completions a user may ask for per minute; 0 = no limit"
+    )
+    max_message_bytes: int = _setting(
+        16 * 2**20,
+        help="a longer LSP message is refused: on TCP its connection closes, on stdio it is "
+        "skipped",
+    )
+    max_open_documents: int = _setting(500, help="documents one connection may hold open at once")
+    message_timeout_s: float = _setting(
+        30.0, help="serve --tcp: a message must arrive whole within this many seconds"
+    )
+    idle_timeout_s: float = _setting(
+        3600.0, help="serve --tcp: a connection silent this long is closed; 0 = never"
+    )
+    metrics_port: int = _setting(
+        0, help="serve Prometheus metrics at http://metrics_host:PORT/metrics; 0 = off"
+    )
+    metrics_host: str = _setting(
+        "127.0.0.1", help="address of the metrics endpoint (loopback only)"
+    )
+
+    def __post_init__(self) -> None:
+        self._one_of("tcp_auth", TCP_AUTH)
+        self._at_least(
+            rate_limit_per_minute=0,
+            max_message_bytes=1024,
+            max_open_documents=1,
+            idle_timeout_s=0,
+            metrics_port=0,
+        )
+        if self.metrics_port > 65535:
+            raise SettingsError(f"metrics_port={self.metrics_port} must be a port (1-65535) or 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError(
+                "TLS needs both tls_cert and tls_key (PEM files); set both or neither"
+            )
+        if self.message_timeout_s <= 0:
+            raise SettingsError(f"message_timeout_s={self.message_timeout_s} must be positive")
+
+
+@dataclass(frozen=True)
+class CanarySettings(_Group):
+    """Serving published adapters: the hot-swap's polling and the canary's test."""
+
+    adapter_poll_s: float = _setting(
+        30.0, help="seconds between the server's checks of the adapters table; 0 = at start only"
+    )
+    share: float = _setting(
+        0.0,
+        key="canary_share",
+        help="share of users a newly published adapter is served to first (sticky per user); "
+        "0 = it serves everyone at once (one developer cannot be split into arms)",
+    )
+    min_completions: int = _setting(
+        200,
+        key="canary_min_completions",
+        help="settled completions per arm between two tests of a canary",
+    )
+    max_completions: int = _setting(
+        2000,
+        key="canary_max_completions",
+        help="per arm: by then a canary no better and no worse is retired",
+    )
+    confidence: float = _setting(
+        0.95,
+        key="canary_confidence",
+        help="confidence of the canary's verdict over all its tests together",
+    )
+    check_s: float = _setting(
+        300.0, key="canary_check_s", help="seconds between a server's tests of a running canary"
+    )
+
+    def __post_init__(self) -> None:
+        self._at_least(adapter_poll_s=0, min_completions=1, check_s=0)
+        self._within("share", 0.0, 1.0)
+        self._within("confidence", 0.5, 1.0)
+        if self.max_completions < self.min_completions:
+            raise SettingsError(
+                f"canary_max_completions={self.max_completions} must be at least "
+                f"canary_min_completions={self.min_completions}"
+            )
+
+
+@dataclass(frozen=True)
+class SftConfig(_Group):
+    """Supervised fine-tuning on what the developer kept."""
+
+    learning_rate: float = _setting(5e-4, help="learning rate for sft and dpo")
+    context_loss_weight: float = _setting(
+        0.0,
+        help="sft: weight of a likelihood term on the prompt's own tokens (the code before the "
+        "cursor in the developer's files) beside the one on the kept text; 0 = kept text only",
+    )
+
+    def __post_init__(self) -> None:
+        self._within("context_loss_weight", 0.0, 100.0, closed="[]")
+
+
+@dataclass(frozen=True)
+class DpoConfig(_Group):
+    """DPO on (kept, rejected) pairs, with a likelihood term on the kept text."""
+
+    learning_rate: float = _setting(5e-4, help="learning rate for sft and dpo")
+    beta: float = _setting(0.1, key="dpo_beta", help="DPO's beta")
+    nll_weight: float = _setting(
+        1.0, help="weight of the likelihood term on the kept text in dpo and rrhf"
+    )
+
+
+@dataclass(frozen=True)
+class RrhfConfig(_Group):
+    """RRHF: candidates ranked by characters saved, with a likelihood term on the kept text."""
+
+    learning_rate: float = _setting(
+        1e-4,
+        key="rrhf_learning_rate",
+        help="learning rate for rrhf (lower: its ranking loss is sharper)",
+    )
+    nll_weight: float = _setting(
+        1.0, help="weight of the likelihood term on the kept text in dpo and rrhf"
+    )
+    samples: int = _setting(
+        0,
+        key="rrhf_samples",
+        help="extra candidates per prompt sampled from the model for rrhf (slow)",
+    )
+
+    def __post_init__(self) -> None:
+        self._at_least(samples=0)
+
+
+MethodConfig = SftConfig | DpoConfig | RrhfConfig
+
+
+@dataclass(frozen=True)
+class TrainingSettings(_Group):
+    """The nightly job (``ghostloop train``): its data, its LoRA, its gate; one config per
+    method. Defaults are what the lab run supports (docs/architecture.md) and the replays
+    measured (docs/results.md)."""
+
+    method: str = _setting(
+        "sft",
+        key="train_method",
+        help="sft | dpo | rrhf: the method `ghostloop train` uses without --method",
+    )
+    lora_rank: int = _setting(16, help="LoRA rank")
+    lora_alpha: int = _setting(32, help="LoRA alpha")
+    lora_targets: str = _setting(
+        "q_proj,k_proj,v_proj,o_proj", help="modules LoRA adapts, separated by commas"
+    )
+    context_tokens: int = _setting(
+        0,
+        key="train_context_tokens",
+        help="prompt budget in training, tokens: the nearest part of the served prompt (its "
+        "end, token healing included, is the same); 0 = the served prompt whole (the "
+        "default: more typing saved held out than 256-token training prompts, at twice the "
+        "training time)",
+    )
+    epochs: int = _setting(
+        1,
+        help="passes over the training data (1: held-out typing saved as with 2, within noise, "
+        "at half the training time)",
+    )
+    batch_size: int = _setting(4, key="train_batch_size", help="examples per optimiser step")
+    processes: int = _setting(
+        1,
+        key="train_processes",
+        help="training processes (accelerate launch): the GPUs to use, or CPU processes",
+    )
+    eval_share: float = _setting(0.2, help="share of the newest examples held out for the gate")
+    max_user_share: float = _setting(0.5, help="most of a training batch one user may contribute")
+    min_train_examples: int = _setting(
+        16, help="fewer training examples than this: nothing is trained"
+    )
+    min_eval_examples: int = _setting(
+        8, help="fewer held-out examples than this: nothing is trained"
+    )
+    gate_min_lift: float = _setting(
+        0.0,
+        help="relative rise in characters saved per completion an adapter needs to be "
+        "published (its paired 95% interval must exclude zero too)",
+    )
+    gate_enforced: bool = _setting(
+        True,
+        help="false publishes an adapter the gate refused, its decision stored beside it: for "
+        "measuring a candidate (ghostloop replay --ungated), never for a team's server",
+    )
+    keep_adapters: int = _setting(5, help="adapter versions kept in the registry")
+    sft: SftConfig = field(default_factory=SftConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    rrhf: RrhfConfig = field(default_factory=RrhfConfig)
+
+    def __post_init__(self) -> None:
+        self._one_of("method", TRAIN_METHODS)
+        self._at_least(
+            lora_rank=1,
+            lora_alpha=1,
+            context_tokens=0,
+            epochs=1,
+            batch_size=1,
+            processes=1,
+            min_train_examples=1,
+            min_eval_examples=1,
+            keep_adapters=1,
+        )
+        self._within("eval_share", 0.0, 1.0, closed="(]")
+        self._within("max_user_share", 0.0, 1.0, closed="(]")
+        if not self.lora_target_modules:
+            raise SettingsError("lora_targets is empty; name modules such as 'q_proj,v_proj'")
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return [part.strip() for part in self.lora_targets.split(",") if part.strip()]
+
+    def config_for(self, method: str) -> MethodConfig:
+        """The config of ``method`` (sft, dpo or rrhf)."""
+        if method not in TRAIN_METHODS:
+            raise SettingsError(f"method {method!r} is not one of {', '.join(TRAIN_METHODS)}")
+        config: MethodConfig = getattr(self, method)
+        return config
+
+
+@dataclass(frozen=True)
+class Settings(_Group):
+    """Everything a Ghostloop process can be told, in groups. Each leaf is also
+    ``GHOSTLOOP_<KEY>`` and a TOML key, flat: the groups are how the code reads them."""
+
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    serving: ServingSettings = field(default_factory=ServingSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    team: TeamSettings = field(default_factory=TeamSettings)
+    canary: CanarySettings = field(default_factory=CanarySettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    config: Path | None = _setting(None, help="path of the TOML settings file (env var only)")
+    log_level: str = _setting(
+        "INFO",
+        help="DEBUG | INFO | WARNING | ERROR (logs go to stderr, and on stdio to the editor as "
+        "window/logMessage once a session is initialized; DEBUG adds every LSP message)",
+    )
+    seed: int = _setting(0, help="seed for training, sampling and intervals")
+
+    def __post_init__(self) -> None:
+        self._one_of("log_level", LOG_LEVELS)
+
+    @classmethod
+    def of(cls, **values: Any) -> Settings:
+        """Settings with ``values`` by their flat keys (``Settings.of(device="cpu")``),
+        the rest defaults; checked as the environment's would be."""
+        return cls().replaced(**values)
+
+    def replaced(self, **values: Any) -> Settings:
+        """A copy with ``values`` by their flat keys, checked."""
+        return self.with_overrides(values, source="the code")
+
+    @property
+    def canary_plan(self) -> dict[str, Any]:
+        """How a canary is tested: the keyword arguments of ``feedback.canary.check``."""
+        return {
+            "min_completions": self.canary.min_completions,
+            "max_completions": self.canary.max_completions,
+            "confidence": self.canary.confidence,
+            "seed": self.seed,
         }
-        return dataclasses.replace(self, **changes)
+
+    def value(self, key: str) -> Any:
+        """A setting by its flat key (``device``, ``canary_share``)."""
+        if key not in _KEYS:
+            raise SettingsError(f"unknown setting {key!r}; known settings: {_known()}")
+        node: Any = self
+        for part in _KEYS[key][0]:
+            node = getattr(node, part)
+        return node
+
+    def with_overrides(self, values: Mapping[str, Any], *, source: str) -> Settings:
+        """A copy with ``values`` (flat keys, snake_case or camelCase) applied; unknown
+        names and bad values raise SettingsError, and nothing changes."""
+        changes: dict[tuple[str, ...], Any] = {}
+        for name, value in values.items():
+            key = _CAMEL.get(name, name)
+            if key not in _KEYS:
+                raise SettingsError(
+                    f"unknown setting {name!r} in {source}; known settings: {_known()}"
+                )
+            coerced = _coerce(key, value, source)
+            for path in _KEYS[key]:
+                changes[path] = coerced
+        return _replaced(self, changes)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_CAMEL = {
-    "".join(p.capitalize() if i else p for i, p in enumerate(n.split("_"))): n for n in _FIELDS
-}
+def _leaves(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """(path, field) of every leaf setting under ``cls``, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, type) and issubclass(kind, _Group):
+            found.extend(_leaves(kind, (*prefix, f.name)))
+        else:
+            found.append(((*prefix, f.name), f))
+    return found
+
+
+def _replaced(node: Any, changes: Mapping[tuple[str, ...], Any]) -> Any:
+    """``node`` with the leaf at each path replaced; each changed group made anew, so it
+    validates itself."""
+    direct = {path[0]: value for path, value in changes.items() if len(path) == 1}
+    nested: dict[str, dict[tuple[str, ...], Any]] = {}
+    for path, value in changes.items():
+        if len(path) > 1:
+            nested.setdefault(path[0], {})[path[1:]] = value
+    for name, inner in nested.items():
+        direct[name] = _replaced(getattr(node, name), inner)
+    return dataclasses.replace(node, **direct) if direct else node
+
+
+_LEAVES = _leaves(Settings)
+# flat key -> the paths it sets (learning_rate and nll_weight are shared by two methods)
+_KEYS: dict[str, list[tuple[str, ...]]] = {}
+_FIELDS: dict[str, Any] = {}
+for _path, _field in _LEAVES:
+    _key = str(_field.metadata.get("key") or _field.name)
+    _KEYS.setdefault(_key, []).append(_path)
+    _FIELDS.setdefault(_key, _field)
+_CAMEL = {"".join(p.capitalize() if i else p for i, p in enumerate(n.split("_"))): n for n in _KEYS}
+
+
+def _known() -> str:
+    return ", ".join(sorted(_KEYS))
 
 
 def _field_type(name: str) -> str:
@@ -462,9 +587,6 @@ def _field_type(name: str) -> str:
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     canonical = _CAMEL.get(name, name)
-    if canonical not in _FIELDS:
-        known = ", ".join(sorted(_FIELDS))
-        raise SettingsError(f"unknown setting {name!r} in {source}; known settings: {known}")
     kind = _field_type(canonical)
     try:
         if kind == "bool":
@@ -483,7 +605,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if kind == "float":
             return float(value)
         if kind in ("Path", "Path | None"):
-            return Path(str(value)).expanduser() if str(value) else None
+            if value is None or not str(value):
+                if kind == "Path":
+                    raise ValueError(value)
+                return None
+            return Path(str(value)).expanduser()
         return str(value)
     except (TypeError, ValueError):
         raise SettingsError(
@@ -493,9 +619,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 def backend_name(settings: Settings) -> str:
     """What a server of ``settings`` generates with, as ``replay --backend`` names it."""
-    if settings.backend == "onnxruntime" and settings.onnx_int8:
+    if settings.inference.backend == "onnxruntime" and settings.inference.onnx_int8:
         return "onnxruntime-int8"
-    return settings.backend
+    return settings.inference.backend
 
 
 def load_settings(
@@ -527,7 +653,7 @@ def load_settings(
     from_env = {
         key[len(ENV_PREFIX) :].lower(): value
         for key, value in env.items()
-        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in _FIELDS
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in _KEYS
     }
     from_env["config"] = str(config_path) if config_path.is_file() else ""
     settings = settings.with_overrides(from_env, source="the environment")
@@ -537,21 +663,28 @@ def load_settings(
 
 
 def settings_reference() -> list[tuple[str, str, str]]:
-    """(env var, default, help) for each setting: docs/settings.md is made from it."""
+    """(env var, default, help) for each setting, group by group: docs/settings.md is made
+    from it."""
+    return [row for _, rows in _reference_by_group() for row in rows]
+
+
+def _reference_by_group() -> list[tuple[str, list[tuple[str, str, str]]]]:
     defaults = Settings()
-    rows = []
-    for f in dataclasses.fields(Settings):
-        default = getattr(defaults, f.name)
-        if f.name == "data_dir":
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    for key, paths in _KEYS.items():
+        default = defaults.value(key)
+        if key == "data_dir":
             shown = "platform user data dir"
-        elif f.name == "user":
+        elif key == "user":
             shown = "OS user"
         elif default is None or isinstance(default, bool):
             shown = str(default).lower()  # as the TOML file and the environment spell them
         else:
             shown = repr(default)
-        rows.append((f"{ENV_PREFIX}{f.name.upper()}", shown, f.metadata.get("help", "")))
-    return rows
+        group = paths[0][0] if len(paths[0]) > 1 else ""
+        help_text = str(_FIELDS[key].metadata.get("help", ""))
+        groups.setdefault(group, []).append((f"{ENV_PREFIX}{key.upper()}", shown, help_text))
+    return list(groups.items())
 
 
 SETTINGS_DOC_INTRO = """\
@@ -563,17 +696,29 @@ optionally under a `[ghostloop]` table), `GHOSTLOOP_*` environment variables, th
 client's `initializationOptions` (snake_case or camelCase). An unknown name or a bad value
 is an error that names the setting. `ghostloop config` prints the effective values.
 
+Names are flat; the code reads them in groups (`settings.serving.context_tokens`,
+`settings.training.dpo.beta`), each group checked on its own. `learning_rate` sets both
+sft's and dpo's, `nll_weight` both dpo's and rrhf's.
+
 This page is generated from the settings' own help (`python -m ghostloop.settings >
 docs/settings.md`); a test fails when it is out of date.
 """
 
 
 def settings_markdown() -> str:
-    """docs/settings.md: the introduction and one table row per setting."""
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for name, default, text in settings_reference():
-        rows.append(f"| `{name}` | {default} | {text.replace('|', chr(92) + '|')} |")
-    return SETTINGS_DOC_INTRO + "\n" + "\n".join(rows) + "\n"
+    """docs/settings.md: the introduction and a table per group, a row per setting."""
+    parts = [SETTINGS_DOC_INTRO]
+    for group, rows in _reference_by_group():
+        title = group or "general"
+        kind = type(getattr(Settings(), group)) if group else None
+        about = (kind.__doc__ or "") if kind else "The settings file, logging, and the seed"
+        about = about.split("\n\n")[0].split(". ")[0].strip().rstrip(".")
+        lines = [f"## {title}", "", f"{' '.join(about.split())}.", ""]
+        lines += ["| variable | default | meaning |", "|---|---|---|"]
+        for name, default, text in rows:
+            lines.append(f"| `{name}` | {default} | {text.replace('|', chr(92) + '|')} |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,8 @@ def prompt_for(loaded: LoadedModel, settings: Settings, context: CursorContext) 
         loaded.template,
         context.prefix,
         context.suffix,
-        context_tokens=settings.context_tokens,
-        suffix_share=settings.suffix_share,
+        context_tokens=settings.serving.context_tokens,
+        suffix_share=settings.serving.suffix_share,
         marker_ids=loaded.marker_ids,
     )
 
@@ -69,7 +69,7 @@ def suggest(
     """Greedy suggestion at ``context``. ``adapter`` is put in force on the served model
     for this call (the server); ``model`` replaces ``loaded.model`` (the gate's peft model);
     ``forward`` replaces the torch forward pass altogether (the onnxruntime backend)."""
-    mode = completion_mode(context, settings.max_lines)
+    mode = completion_mode(context, settings.serving.max_lines)
     prompt = prompt_for(loaded, settings, context)
     if forward is None:
         forward = TorchForward(loaded.model if model is None else model, loaded.device)
@@ -79,7 +79,7 @@ def suggest(
             forward,
             prompt,
             mode,
-            max_new_tokens=settings.max_new_tokens,
+            max_new_tokens=settings.serving.max_new_tokens,
             should_stop=should_stop,
         )
     text = finish_suggestion(generation.text, context, mode)
@@ -122,13 +122,13 @@ class SuggestionBatch:
         self, context: CursorContext, forward: TorchForward, should_stop: StopCheck, done: Done
     ) -> None:
         """Prefill ``context``'s prompt on ``forward``; ``done`` gets its suggestion."""
-        mode = completion_mode(context, self._settings.max_lines)
+        mode = completion_mode(context, self._settings.serving.max_lines)
         prompt = prompt_for(self._loaded, self._settings, context)
         decoder = Decoder(
             self._loaded,
             prompt,
             mode,
-            max_new_tokens=self._settings.max_new_tokens,
+            max_new_tokens=self._settings.serving.max_new_tokens,
             should_stop=should_stop,
         )
         number = self._added  # join numbers them alike, a join that fails included

@@ -62,7 +62,7 @@ class AdapterWatcher:
 
     # -- life
     def start(self) -> None:
-        if self.settings.adapter_poll_s > 0:
+        if self.settings.canary.adapter_poll_s > 0:
             self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -74,7 +74,7 @@ class AdapterWatcher:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            self._wake.wait(self.settings.adapter_poll_s)
+            self._wake.wait(self.settings.canary.adapter_poll_s)
             self._wake.clear()
             if self._stopped.is_set() or self.engine.loaded is None:
                 continue
@@ -86,7 +86,7 @@ class AdapterWatcher:
     # -- checks
     def _database(self) -> Engine | None:
         if self._db is None:
-            self._db = open_store(self.settings)  # a bad URL raises StoreError; made once
+            self._db = open_store(self.settings.store)  # a bad URL raises StoreError; made once
         database = self._db.url.database
         sqlite = self._db.url.get_backend_name() == "sqlite"
         if sqlite and database and not Path(database).is_file():
@@ -132,7 +132,7 @@ class AdapterWatcher:
         self.error = message
 
     def _canary_due(self) -> bool:
-        return time.monotonic() - self._last_canary_check >= self.settings.canary_check_s
+        return time.monotonic() - self._last_canary_check >= self.settings.canary.check_s
 
     def _judge_canary(self, session: Session, base_model: str) -> None:
         self._last_canary_check = time.monotonic()
@@ -172,7 +172,7 @@ class AdapterWatcher:
         weights = read_adapter(
             directory, loaded.model, version=row.version, expected_checksum=row.checksum
         )
-        if self.settings.backend != "onnxruntime":
+        if self.settings.inference.backend != "onnxruntime":
             return weights
         return adapter_export(
             directory, loaded, self.settings, version=row.version, checksum=row.checksum

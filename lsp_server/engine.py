@@ -208,8 +208,8 @@ class CompletionEngine:
         self._ready_at = 0.0
         self._busy = False
         self._held: list[_Running] = []  # jobs for other weights taken during a batch
-        # per document and weights: the KV cache of its last prompt (settings.kv_cache_mb)
-        self.prefix_caches = PrefixCaches(settings.kv_cache_mb * 2**20)
+        # per document and weights: the KV cache of its last prompt (settings.serving.kv_cache_mb)
+        self.prefix_caches = PrefixCaches(settings.serving.kv_cache_mb * 2**20)
         self._thread = threading.Thread(target=self._work, name="ghostloop-inference", daemon=True)
 
     def start(self) -> None:
@@ -235,7 +235,7 @@ class CompletionEngine:
 
     @property
     def model_name(self) -> str:
-        return self._model.name if self._model is not None else self.settings.model
+        return self._model.name if self._model is not None else self.settings.inference.model
 
     @property
     def state(self) -> str:
@@ -250,7 +250,7 @@ class CompletionEngine:
             "error": str(self._load_error) if self._load_error else None,
             "model": model.name if model else None,
             "device": model.device if model else None,
-            "backend": self.settings.backend
+            "backend": self.settings.inference.backend
             + (f" ({self._onnx_base.device})" if self._onnx_base is not None else ""),
             "template": model.template.name if model else None,
             **self.serving.describe(),
@@ -297,7 +297,7 @@ class CompletionEngine:
 
         try:
             self._model = (self._loader or load_model)(self.settings)
-            if self.settings.backend == "onnxruntime":
+            if self.settings.inference.backend == "onnxruntime":
                 self._onnx_base = base_export(self._model, self.settings)
         except Exception as error:  # any failure must reach the client, not kill the thread
             log.error("model failed to load: %s", error)
@@ -323,7 +323,7 @@ class CompletionEngine:
                 except QueueClosed:
                     return
                 if loaded and self._onnx_base is None:  # what else waits joins this batch
-                    jobs += self._queue.get_ready(self.settings.batch_size - 1)
+                    jobs += self._queue.get_ready(self.settings.serving.batch_size - 1)
                 group = [r for job in jobs if (r := self._accept(job, loaded)) is not None]
             self._busy = True
             versions: dict[str | None, list[_Running]] = {}
@@ -416,7 +416,7 @@ class CompletionEngine:
                     join(batch, running)
                 while len(batch):
                     batch.step()
-                    room = settings.batch_size - len(batch)
+                    room = settings.serving.batch_size - len(batch)
                     if len(batch) and room > 0:
                         for job in self._queue.get_ready(room):
                             if (joining := self._accept(job, True)) is None:
@@ -454,7 +454,7 @@ class CompletionEngine:
         """The weights ``job`` is served with, its stop rule, and its document's cache."""
         settings = self.settings
         arm, adapter = self.serving.pick(job.user)
-        deadline = max(job.arrival, self._ready_at) + settings.deadline_ms / 1000
+        deadline = max(job.arrival, self._ready_at) + settings.serving.deadline_ms / 1000
 
         def should_stop() -> str | None:
             if job.cancelled:
@@ -463,7 +463,9 @@ class CompletionEngine:
 
         # The document's previous KV cache, made by the same weights, if it is still kept.
         reuse = (
-            self.prefix_caches.take(_cache_key(job.key, adapter)) if settings.kv_cache_mb else None
+            self.prefix_caches.take(_cache_key(job.key, adapter))
+            if settings.serving.kv_cache_mb
+            else None
         )
         forward: OnnxForward | TorchForward
         if self._onnx_base is not None:  # a session per adapter: nothing to put in force
@@ -477,7 +479,7 @@ class CompletionEngine:
         """The result of ``running`` (None: it was cancelled), its cache kept, its log line."""
         job, started, arm, adapter = running.job, running.started, running.arm, running.adapter
         generation, prompt, mode = suggestion.generation, suggestion.prompt, suggestion.mode
-        if self.settings.kv_cache_mb:
+        if self.settings.serving.kv_cache_mb:
             self.prefix_caches.put(running.cache_key, running.forward.keep())
             self.prefix_caches.record(
                 generation.reused_tokens, generation.prompt_tokens - generation.reused_tokens

@@ -46,8 +46,8 @@ def document_path(uri: str, root_uri: str | None) -> str:
 def open_recorder(settings: Settings, busy: Callable[[], bool] | None = None) -> Recorder:
     """The started recorder for the configured store, journaling in the data dir; while
     ``busy()`` (a completion is generating) it holds its writes back."""
-    journal = settings.data_dir / "journal.jsonl"
-    recorder = Recorder(engine=open_store(settings), journal_path=journal, hold=busy)
+    journal = settings.store.data_dir / "journal.jsonl"
+    recorder = Recorder(engine=open_store(settings.store), journal_path=journal, hold=busy)
     recorder.start()
     return recorder
 
@@ -116,7 +116,7 @@ class FeedbackLog:
         self.settings = settings
         self.recorder = recorder
         self.metrics = metrics
-        self.survival = SurvivalTracker(settings.survival_windows, schedule, self._event)
+        self.survival = SurvivalTracker(settings.store.survival_windows, schedule, self._event)
         self.fates = fates or FateBook()
         self._last_served: dict[str, str] = {}  # document uri -> completion id
         self._lock = threading.Lock()
@@ -132,7 +132,7 @@ class FeedbackLog:
     ) -> FeedbackLog:
         """``schedule(delay_s, call)`` runs survival checks later (the loop's call_later);
         while ``busy()`` (a completion is generating) the recorder holds its writes back."""
-        if not settings.telemetry:
+        if not settings.store.telemetry:
             log.info("telemetry off: nothing about this user's code is recorded")
             return cls(settings, None, schedule, metrics)
         return cls(settings, open_recorder(settings, busy), schedule, metrics)
@@ -202,14 +202,14 @@ class FeedbackLog:
         self.survival.served(
             uri, result.completion_id, document, result.offset, result.mode.multiline
         )
-        cap = self.settings.max_stored_prompt_chars
+        cap = self.settings.store.max_stored_prompt_chars
         prefix = redact(result.prompt.prefix[-cap:] if cap else "")
         suffix = redact(stored_suffix(result.prompt.suffix, document, result.offset)[:cap])
         suggestion = redact(result.text)
         values = {
             "id": result.completion_id,
             "created_at": datetime.now(UTC).isoformat(),
-            "user": self.settings.stored_user,
+            "user": self.settings.store.stored_user,
             "client_name": client_name,
             "client_version": client_version,
             "language": language,

@@ -53,7 +53,7 @@ def serve_stdio(
     to the editor (``lsp_server.client_log``)."""
     writer = StdoutWriter(stdout)
     server.protocol.set_writer(writer)  # type: ignore[arg-type]
-    limits = FrameLimits(server.settings.max_message_bytes)
+    limits = FrameLimits(server.settings.team.max_message_bytes)
 
     async def main() -> None:
         reader = stdin_reader(stdin or sys.stdin.buffer)

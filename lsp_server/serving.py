@@ -30,6 +30,6 @@ def start_serving(
     engine.start()
     watcher.start()
     metrics.follow_serving(lambda: engine.serving.describe())
-    if settings.metrics_port:
-        metrics.serve(settings.metrics_host, settings.metrics_port)
+    if settings.team.metrics_port:
+        metrics.serve(settings.team.metrics_host, settings.team.metrics_port)
     return engine, watcher

@@ -112,7 +112,7 @@ class GhostloopProtocol(LanguageServerProtocol):
         server = self._server
         assert isinstance(server, GhostloopServer)
         documents = self.workspace.text_documents
-        cap = server.settings.max_open_documents
+        cap = server.settings.team.max_open_documents
         uri = params.text_document.uri
         if self.document(uri) is None and len(documents) >= cap:
             message = (

@@ -39,7 +39,7 @@ def cursor_at(server: GhostloopServer, uri: str, position: types.Position) -> Cu
             "or send its whole text in a didChange"
         )
     text = document.source
-    limit = server.settings.max_document_chars
+    limit = server.settings.serving.max_document_chars
     if len(text) > limit:
         raise JsonRpcInvalidParams(
             f"document {uri} has {len(text)} characters, over max_document_chars={limit}; "
@@ -73,7 +73,7 @@ async def suggest(server: GhostloopServer, cursor: Cursor) -> CompletionResult:
     job = server.engine.submit(
         server.job_key(cursor.uri),
         cursor.context,
-        server.settings.stored_user,
+        server.settings.store.stored_user,
         queue=server.queue_key(cursor.uri),
     )
     try:
@@ -119,7 +119,7 @@ def served_to(server: GhostloopServer, completion_id: str) -> CompletionResult |
     """The completion ``completion_id`` if this client's user was served it, else None:
     nobody sends feedback on another user's suggestions."""
     result = server.engine.recent.get(completion_id)
-    if result is None or result.user != server.settings.stored_user:
+    if result is None or result.user != server.settings.store.stored_user:
         return None
     return result
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -151,7 +150,7 @@ class Team:
         self.settings = settings
         self.host = host
         self.metrics = ServerMetrics()
-        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.limiter = RateLimiter(settings.team.rate_limit_per_minute)
         self.connections: dict[str, Connection] = {}
         self.fates = FateBook()  # one suggestion is taken once, whichever connection says so
         self._next_id = 0
@@ -165,31 +164,31 @@ class Team:
         settings = self.settings
         exposed = not is_loopback(self.host)
         try:
-            self.store = open_store(settings)
+            self.store = open_store(settings.store)
             upgrade(self.store)
         except StoreError as error:
-            if exposed and settings.tcp_auth != "off":
+            if exposed and settings.team.tcp_auth != "off":
                 raise StartRefused(
                     f"the access tokens live in the database, which cannot be used: {error}"
                 ) from None
             log.warning("no database (%s): only clients without a token can connect", error)
             self.store = None
-        if exposed and settings.tcp_auth != "off" and not self._any_tokens():
+        if exposed and settings.team.tcp_auth != "off" and not self._any_tokens():
             raise StartRefused(
                 f"{self.host} is reachable from other machines but no access token exists: "
                 "create one per developer with `ghostloop users add NAME`, or set "
                 "tcp_auth = 'off' (GHOSTLOOP_TCP_AUTH=off) to let anyone on the network in"
             )
-        if exposed and settings.tcp_auth == "off":
+        if exposed and settings.team.tcp_auth == "off":
             log.warning("tcp_auth=off on %s: anyone who can reach it is served", self.host)
-        if exposed and settings.tls_cert is None:
+        if exposed and settings.team.tls_cert is None:
             log.warning(
                 "no TLS on %s: tokens and code travel in clear text; set tls_cert and "
                 "tls_key, or put a TLS proxy in front (docs/team.md)",
                 self.host,
             )
         self.engine, self.watcher = start_serving(settings, self.metrics)
-        if settings.telemetry:
+        if settings.store.telemetry:
             self.recorder = open_recorder(settings, busy=self.engine.busy)
 
     def _any_tokens(self) -> bool:
@@ -223,7 +222,7 @@ class Team:
         server.team, server.connection = self, connection
         server.engine_or_none, server.adapters_or_none = self.engine, self.watcher
         server.metrics = self.metrics
-        guarded = _GuardedWriter(writer, connection, 2 * self.settings.max_message_bytes)
+        guarded = _GuardedWriter(writer, connection, 2 * self.settings.team.max_message_bytes)
         server.protocol.set_writer(guarded)  # type: ignore[arg-type]
         self.connections[connection.id] = connection
         log.info("connection %s from %s", connection.id, connection.peer)
@@ -243,8 +242,8 @@ class Team:
             )
         token = options.get("token")
         settings = self.settings
-        needs_token = settings.tcp_auth == "required" or (
-            settings.tcp_auth == "auto" and not connection.loopback
+        needs_token = settings.team.tcp_auth == "required" or (
+            settings.team.tcp_auth == "auto" and not connection.loopback
         )
         if token is not None and (not isinstance(token, str) or not token):
             connection.refused = "malformed token"
@@ -254,21 +253,21 @@ class Team:
         elif needs_token:
             connection.refused = "no token"
             raise Unauthorized(f"this Ghostloop server needs an access token: {TOKEN_HELP}")
-        elif settings.tcp_auth == "off" and isinstance(options.get("user"), str):
+        elif settings.team.tcp_auth == "off" and isinstance(options.get("user"), str):
             user = options["user"]  # a trusted network: clients say who they are
         else:
-            user = settings.user  # loopback without a token: the server's own user
+            user = settings.store.user  # loopback without a token: the server's own user
         telemetry = options.get("telemetry", True)
         if not isinstance(telemetry, bool):
             connection.refused = "bad telemetry"
             raise JsonRpcInvalidParams(f"telemetry must be true or false, got {telemetry!r}")
-        server.settings = dataclasses.replace(
-            settings, user=user, telemetry=settings.telemetry and telemetry
+        server.settings = settings.replaced(
+            user=user, telemetry=settings.store.telemetry and telemetry
         )
         loop = asyncio.get_running_loop()
         server.feedback_or_none = FeedbackLog(
             server.settings,
-            self.recorder if server.settings.telemetry else None,
+            self.recorder if server.settings.store.telemetry else None,
             schedule=loop.call_later,
             metrics=self.metrics,
             fates=self.fates,
@@ -332,11 +331,11 @@ class Team:
                 asyncio.get_running_loop().call_later(0.2, connection.writer.close)
                 raise Unauthorized("your access token was revoked; ask your admin for a new one")
             connection.token_checked_at = time.monotonic()
-        wait_s = self.limiter.take(server.settings.stored_user)
+        wait_s = self.limiter.take(server.settings.store.stored_user)
         if wait_s:
             server.metrics.request("rate_limited")
             raise RateLimited(
-                f"rate limit: {self.settings.rate_limit_per_minute} completions a minute "
+                f"rate limit: {self.settings.team.rate_limit_per_minute} completions a minute "
                 f"per user; retry in {wait_s:.1f} s"
             )
 
@@ -383,9 +382,9 @@ async def _serve_connection(
     connection, server = team.connect(writer)
     settings = team.settings
     limits = FrameLimits(
-        settings.max_message_bytes,
-        message_timeout_s=settings.message_timeout_s,
-        idle_timeout_s=settings.idle_timeout_s or None,
+        settings.team.max_message_bytes,
+        message_timeout_s=settings.team.message_timeout_s,
+        idle_timeout_s=settings.team.idle_timeout_s or None,
     )
     try:
         async for body in read_messages(reader, limits):
@@ -407,7 +406,7 @@ async def _serve_connection(
         connection.refused = str(violation)
         log.warning("connection %s from %s: %s", connection.id, connection.peer, violation)
     except TimeoutError:
-        connection.refused = f"idle for idle_timeout_s={team.settings.idle_timeout_s:g}"
+        connection.refused = f"idle for idle_timeout_s={team.settings.team.idle_timeout_s:g}"
     except (ConnectionError, ssl.SSLError) as error:
         connection.refused = f"{type(error).__name__}"
     except asyncio.CancelledError:
@@ -429,14 +428,14 @@ def _answer_error(writer: asyncio.StreamWriter, message_id: Any, message: str) -
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    if settings.tls_cert is None or settings.tls_key is None:
+    if settings.team.tls_cert is None or settings.team.tls_key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        context.load_cert_chain(settings.team.tls_cert, settings.team.tls_key)
     except (OSError, ssl.SSLError) as error:
         raise StartRefused(
-            f"cannot use tls_cert={settings.tls_cert} with tls_key={settings.tls_key}: "
+            f"cannot use tls_cert={settings.team.tls_cert} with tls_key={settings.team.tls_key}: "
             f"{error}; both must be PEM files and the key must match the certificate"
         ) from None
     return context
@@ -463,7 +462,7 @@ def serve_team(settings: Settings, host: str, port: int) -> int:
             host,
             port,
             ssl=context,
-            ssl_handshake_timeout=settings.message_timeout_s if context else None,
+            ssl_handshake_timeout=settings.team.message_timeout_s if context else None,
             limit=65536,
         )
         where = ", ".join(str(sock.getsockname()) for sock in listener.sockets)

@@ -37,7 +37,7 @@ def export_onnx(model_dir: Path, directory: Path, version: str) -> None:
     from ghostloop.lora import read_adapter
     from ghostloop.models import load_model
 
-    loaded = load_model(Settings(model=str(model_dir), device="cpu"))
+    loaded = load_model(Settings.of(model=str(model_dir), device="cpu"))
     adapter = read_adapter(
         directory, loaded.model, version=version, expected_checksum=registry.checksum(directory)
     )
@@ -65,14 +65,14 @@ def publish_adapter(
         if onnx:
             export_onnx(model_dir, directory, version)
 
-    path, digest = registry.write_atomically(settings.adapters_dir, version, save)
-    engine = open_engine(settings.database_url)
+    path, digest = registry.write_atomically(settings.store.adapters_dir, version, save)
+    engine = open_engine(settings.store.database_url)
     upgrade(engine)
     with Session(engine) as session, session.begin():
         adapter_rows.publish(
             session,
             version=version,
-            base_model=resolve_model(Settings(model=str(model_dir)))[0],
+            base_model=resolve_model(Settings.of(model=str(model_dir)))[0],
             run_id=None,
             path=path,
             checksum=digest,

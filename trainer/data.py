@@ -12,7 +12,7 @@ model writes it there (``encode_target``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -87,12 +87,12 @@ def training_prompt(loaded: LoadedModel, settings: Settings, context: CursorCont
     on the served prompts saved more typing held out than on their nearest 256 tokens
     (docs/results.md)."""
     served = prompt_for(loaded, settings, context)
-    budget = settings.train_context_tokens
-    if not budget or budget >= settings.context_tokens:
+    budget = settings.training.context_tokens
+    if not budget or budget >= settings.serving.context_tokens:
         return served
     # cut from the served prompt's own text, so that it is a part of it whatever the window
     within = CursorContext(served.prefix, served.suffix)
-    return prompt_for(loaded, replace(settings, context_tokens=budget), within)
+    return prompt_for(loaded, settings.replaced(context_tokens=budget), within)
 
 
 def encode(loaded: LoadedModel, settings: Settings, example: Example) -> Encoded:

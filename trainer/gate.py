@@ -163,12 +163,12 @@ def run_gate(
                 f"[{lift.low:+.2f}, {lift.high:+.2f}] does not exclude zero"
             ),
         )
-    elif relative < settings.gate_min_lift:
+    elif relative < settings.training.gate_min_lift:
         passed, reason = (
             False,
             (
                 f"characters saved per completion rose {relative:+.1%}, less than the required "
-                f"{settings.gate_min_lift:.1%}"
+                f"{settings.training.gate_min_lift:.1%}"
             ),
         )
     elif summary_after.exact_line_acceptance < summary_before.exact_line_acceptance:

@@ -77,9 +77,9 @@ def peft_model(loaded: LoadedModel, settings: Settings, start_from: Path | None)
     if start_from is not None:
         return PeftModel.from_pretrained(base, str(start_from), is_trainable=True)
     config = LoraConfig(
-        r=settings.lora_rank,
-        lora_alpha=settings.lora_alpha,
-        target_modules=settings.lora_target_modules,
+        r=settings.training.lora_rank,
+        lora_alpha=settings.training.lora_alpha,
+        target_modules=settings.training.lora_target_modules,
         lora_dropout=0.05,
         task_type="CAUSAL_LM",
     )
@@ -87,7 +87,7 @@ def peft_model(loaded: LoadedModel, settings: Settings, start_from: Path | None)
         return get_peft_model(base, config)
     except ValueError as error:  # e.g. a target module the model does not have
         raise ValueError(
-            f"cannot put a LoRA on {settings.lora_targets!r} of {loaded.name}: {error} — "
+            f"cannot put a LoRA on {settings.training.lora_targets!r} of {loaded.name}: {error} — "
             "set GHOSTLOOP_LORA_TARGETS to modules the model has"
         ) from None
 
@@ -98,9 +98,9 @@ def training_arguments(
     on_gpu = loaded.device.startswith("cuda")
     return {
         "output_dir": str(work_dir),
-        "per_device_train_batch_size": settings.train_batch_size,
-        "per_device_eval_batch_size": settings.train_batch_size,
-        "num_train_epochs": settings.epochs,
+        "per_device_train_batch_size": settings.training.batch_size,
+        "per_device_eval_batch_size": settings.training.batch_size,
+        "num_train_epochs": settings.training.epochs,
         "learning_rate": learning_rate,
         "logging_steps": 1,
         "save_strategy": "no",
@@ -208,10 +208,10 @@ def _with_context_labels(collate: Any) -> Any:
 
 
 def _sft_only(settings: Settings, method: str) -> None:
-    if settings.context_loss_weight:
+    if settings.training.sft.context_loss_weight:
         log.warning(
             "context_loss_weight=%s is for sft only: %s trains without the context term",
-            settings.context_loss_weight,
+            settings.training.sft.context_loss_weight,
             method,
         )
 
@@ -243,7 +243,8 @@ def train_sft(
 ) -> TrainOutcome:
     from trl import SFTConfig
 
-    weight = settings.context_loss_weight
+    sft = settings.training.sft
+    weight = sft.context_loss_weight
     rows = []
     for example in examples:
         encoded = encode(loaded, settings, example)
@@ -259,7 +260,7 @@ def train_sft(
     dataset = Dataset.from_list(rows)
     _ensure_pad_token(loaded)
     config = SFTConfig(
-        **training_arguments(settings, loaded, work, settings.learning_rate),
+        **training_arguments(settings, loaded, work, sft.learning_rate),
         **by_length(),
         max_length=None,
         packing=False,
@@ -327,6 +328,7 @@ def train_dpo(
     from trl import DPOConfig
 
     _sft_only(settings, "dpo")
+    dpo = settings.training.dpo
     rows = []
     for example in examples:
         encoded = encode(loaded, settings, example)
@@ -346,10 +348,10 @@ def train_dpo(
     dataset = Dataset.from_list(rows)
     _ensure_pad_token(loaded)
     config = DPOConfig(
-        **training_arguments(settings, loaded, work, settings.learning_rate),
+        **training_arguments(settings, loaded, work, dpo.learning_rate),
         loss_type=["sigmoid", "sft"],
-        loss_weights=[1.0, settings.nll_weight],
-        beta=settings.dpo_beta,
+        loss_weights=[1.0, dpo.nll_weight],
+        beta=dpo.beta,
         max_length=None,
     )
     trainer = _tokenized_dpo_trainer()(
@@ -434,7 +436,7 @@ def sample_candidates(
         return []
     context = CursorContext(example.prefix, example.suffix)
     prompt = training_prompt(loaded, settings, context)
-    mode = completion_mode(context, settings.max_lines)
+    mode = completion_mode(context, settings.serving.max_lines)
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt.input_ids)], device=device)
@@ -445,7 +447,7 @@ def sample_candidates(
             do_sample=True,
             temperature=0.8,
             top_p=0.95,
-            max_new_tokens=settings.max_new_tokens,
+            max_new_tokens=settings.serving.max_new_tokens,
             num_return_sequences=count,
             pad_token_id=pad_id(loaded),
         )
@@ -476,7 +478,7 @@ def rrhf_rows(
                 example.suggestion, float(judge(example.suggestion, example.kept).retained)
             )
         samples = sample_candidates(
-            loaded, settings, model, example, settings.rrhf_samples, rng.randrange(2**31)
+            loaded, settings, model, example, settings.training.rrhf.samples, rng.randrange(2**31)
         )
         for sample in samples:
             if sample.strip():
@@ -507,9 +509,10 @@ def train_rrhf(
     dataset = Dataset.from_list(
         [{k: r[k] for k in ("prompt_ids", "candidates", "scores")} for r in rows]
     )
+    rrhf = settings.training.rrhf
     config = TrainingArguments(
         **training_arguments(
-            settings, loaded, work, settings.rrhf_learning_rate, remove_unused_columns=False
+            settings, loaded, work, rrhf.learning_rate, remove_unused_columns=False
         )
     )
     trainer = RRHFTrainer(
@@ -518,7 +521,7 @@ def train_rrhf(
         train_dataset=dataset,
         data_collator=lambda batch: {"rows": batch},
         pad_id=pad_id(loaded),
-        nll_weight=settings.nll_weight,
+        nll_weight=rrhf.nll_weight,
     )
     tokens = sum(
         len(r["prompt_ids"]) * len(r["candidates"]) + sum(map(len, r["candidates"])) for r in rows

@@ -102,29 +102,30 @@ def _last_cutoff(session: Session, base_model: str) -> datetime | None:
 
 
 def _parameters(settings: Settings, method: str) -> dict[str, Any]:
-    names = [
-        "train_processes",
-        "lora_rank",
-        "lora_alpha",
-        "lora_targets",
-        "epochs",
-        "train_batch_size",
-        "dpo_beta",
-        "nll_weight",
-        "rrhf_samples",
-        "eval_share",
-        "max_user_share",
-        "gate_min_lift",
-        "seed",
-        "context_tokens",
-        "max_new_tokens",
-        "max_lines",
-    ]
-    parameters: dict[str, Any] = {name: getattr(settings, name) for name in names}
-    parameters["method"] = method
-    parameters["learning_rate"] = (
-        settings.rrhf_learning_rate if method == "rrhf" else settings.learning_rate
-    )
+    """What the run trained with, as the training_runs row keeps it (flat keys)."""
+    training = settings.training
+    config = training.config_for(method)
+    parameters: dict[str, Any] = {
+        "method": method,
+        "train_processes": training.processes,
+        "lora_rank": training.lora_rank,
+        "lora_alpha": training.lora_alpha,
+        "lora_targets": training.lora_targets,
+        "epochs": training.epochs,
+        "train_batch_size": training.batch_size,
+        "eval_share": training.eval_share,
+        "max_user_share": training.max_user_share,
+        "gate_min_lift": training.gate_min_lift,
+        "seed": settings.seed,
+        "context_tokens": settings.serving.context_tokens,
+        "max_new_tokens": settings.serving.max_new_tokens,
+        "max_lines": settings.serving.max_lines,
+        "learning_rate": config.learning_rate,
+        # every method's own settings, and the others' as before, so runs compare
+        "dpo_beta": training.dpo.beta,
+        "nll_weight": training.dpo.nll_weight if method != "rrhf" else training.rrhf.nll_weight,
+        "rrhf_samples": training.rrhf.samples,
+    }
     return parameters
 
 
@@ -183,12 +184,12 @@ def run_nightly(
     """One nightly run. ``from_scratch``: over everything logged, from the base model (not
     only since the last run, not on top of the active adapter): how the replay trains
     several methods on the same data."""
-    method = method or settings.train_method
+    method = method or settings.training.method
     if method not in METHODS:
         return NightlyResult(2, f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     try:
-        with exclusive(settings.data_dir):
-            engine = open_store(settings)
+        with exclusive(settings.store.data_dir):
+            engine = open_store(settings.store)
             try:
                 upgrade(engine)
                 return _run(settings, method, engine, from_scratch)
@@ -208,7 +209,7 @@ def _run(settings: Settings, method: str, engine: Engine, from_scratch: bool) ->
         known = [row.version for row in adapter_rows.versions(session)]
         active = None if from_scratch else adapter_rows.active(session, base_model)
         baseline = (Path(active.path), active.version, active.checksum) if active else None
-    removed = registry.clean(settings.adapters_dir, known)
+    removed = registry.clean(settings.store.adapters_dir, known)
     if removed:
         log.info("removed unfinished adapter directories: %s", ", ".join(removed))
 
@@ -217,8 +218,8 @@ def _run(settings: Settings, method: str, engine: Engine, from_scratch: bool) ->
     if counts.completions == 0:
         window = f"since {since:%Y-%m-%d %H:%M} UTC" if since else "at all"
         return NightlyResult(0, f"nothing to train: no completions of {base_model} logged {window}")
-    examples = cap_users(deduplicate(examples, counts), settings.max_user_share, counts)
-    train, held_out = split_by_time(examples, settings.eval_share, counts)
+    examples = cap_users(deduplicate(examples, counts), settings.training.max_user_share, counts)
+    train, held_out = split_by_time(examples, settings.training.eval_share, counts)
     counts_json = {**dataclasses.asdict(counts), "until": until.isoformat()}
     if since is not None:
         counts_json["since"] = since.isoformat()
@@ -228,10 +229,11 @@ def _run(settings: Settings, method: str, engine: Engine, from_scratch: bool) ->
         parameters=_parameters(settings, method),
         data_counts=counts_json,
     )
-    if len(train) < settings.min_train_examples or len(held_out) < settings.min_eval_examples:
+    training = settings.training
+    if len(train) < training.min_train_examples or len(held_out) < training.min_eval_examples:
         message = (
-            f"too little to train: {_describe(counts)}; need {settings.min_train_examples} "
-            f"training and {settings.min_eval_examples} held-out examples"
+            f"too little to train: {_describe(counts)}; need {training.min_train_examples} "
+            f"training and {training.min_eval_examples} held-out examples"
         )
         run_id = _finish_row(engine, run, "skipped", message, started)
         return NightlyResult(0, message, run_id)
@@ -263,7 +265,7 @@ def _run(settings: Settings, method: str, engine: Engine, from_scratch: bool) ->
 def _staging(settings: Settings, run_id: int) -> Path:
     """Where the candidate is written before the gate when the gate judges its export: moved
     into the registry when published, removed otherwise."""
-    return settings.data_dir / "train-work" / f"run{run_id}-candidate"
+    return settings.store.data_dir / "train-work" / f"run{run_id}-candidate"
 
 
 def _save_adapter(model: Any, directory: Path) -> None:
@@ -365,14 +367,14 @@ def _train_gate_publish(
             log.error(
                 "active adapter %s is unusable, training from the base model: %s", version, error
             )
-    work = settings.data_dir / "train-work" / f"run{run_id}"
+    work = settings.store.data_dir / "train-work" / f"run{run_id}"
     staged = _staging(settings, run_id)
     served_baseline = None
-    if settings.backend == "onnxruntime":
+    if settings.inference.backend == "onnxruntime":
         usable = baseline if baseline_path is not None else None  # the verified one
         served_baseline = _served_baseline(settings, loaded, usable)
     try:
-        if settings.train_processes > 1:
+        if settings.training.processes > 1:
             outcome = launch(settings, loaded, method, train, work, baseline_path)
         else:
             model = peft_model(loaded, settings, baseline_path)
@@ -416,7 +418,7 @@ def _train_gate_publish(
     )
     evaluation = gate.to_json()
     published = None
-    if gate.passed or not settings.gate_enforced:
+    if gate.passed or not settings.training.gate_enforced:
 
         def save(directory: Path) -> None:
             if served is not None:
@@ -424,10 +426,10 @@ def _train_gate_publish(
                     shutil.move(entry, directory / entry.name)
                 return
             _save_adapter(model, directory)
-            if settings.backend == "onnxruntime":
+            if settings.inference.backend == "onnxruntime":
                 _export_onnx(model, directory, loaded, version)
 
-        path, digest = registry.write_atomically(settings.adapters_dir, version, save)
+        path, digest = registry.write_atomically(settings.store.adapters_dir, version, save)
         with Session(engine) as session, session.begin():
             adapter_rows.publish(
                 session,
@@ -437,9 +439,9 @@ def _train_gate_publish(
                 path=path,
                 checksum=digest,
                 evidence={"gate": evaluation, "method": method, "gated": gate.passed},
-                canary_share=settings.canary_share,
+                canary_share=settings.canary.share,
             )
-            pruned = adapter_rows.prune(session, settings.keep_adapters)
+            pruned = adapter_rows.prune(session, settings.training.keep_adapters)
         if pruned:
             log.info("pruned adapter files of %s", ", ".join(pruned))
         published = version
@@ -456,8 +458,8 @@ def _train_gate_publish(
     verdict = f"published {published}" if published else "not published"
     if published and not gate.passed:
         verdict += " although the gate refused it (gate_enforced=false)"
-    if published and settings.canary_share:
-        verdict += f" as a canary for {settings.canary_share:.0%} of users"
+    if published and settings.canary.share:
+        verdict += f" as a canary for {settings.canary.share:.0%} of users"
     message = (
         f"run {run_id} ({method}): {verdict}: {gate.reason}; train loss "
         f"{outcome.loss_before:.3f} -> {outcome.loss_after:.3f}"

@@ -65,14 +65,14 @@ def launch(
     work: Path,
     start_from: Path | None,
 ) -> TrainOutcome:
-    """Train in ``settings.train_processes`` processes; returns the outcome with the model."""
+    """Train in ``settings.training.processes`` processes; returns the outcome with the model."""
     from peft import PeftModel
 
     write_examples(work, examples)
     placement = ["--multi_gpu"]  # torchrun underneath; on CPU the processes talk over gloo
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", str(settings.train_processes), *placement,
+        "--num_processes", str(settings.training.processes), *placement,
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()),
         "-m", "trainer.worker", str(work), method, str(start_from or ""),
@@ -80,7 +80,7 @@ def launch(
     finished = subprocess.run(command, check=False)
     if finished.returncode != 0 or not (work / OUTCOME).is_file():
         raise RuntimeError(
-            f"training in {settings.train_processes} processes failed (exit "
+            f"training in {settings.training.processes} processes failed (exit "
             f"{finished.returncode}); its output is above"
         )
     figures = json.loads((work / OUTCOME).read_text(encoding="utf-8"))

@@ -446,20 +446,20 @@ def serve(settings: Any, *, host: str, port: int) -> int:
     from feedback.admin_web.auth import TOKEN_FILE, TokenFileError, load_or_create_token
     from feedback.database import open_store, upgrade
 
-    engine = open_store(settings)
+    engine = open_store(settings.store)
     upgrade(engine)
     try:
-        token, created = load_or_create_token(settings.data_dir)
+        token, created = load_or_create_token(settings.store.data_dir)
     except TokenFileError as error:
         print(f"ghostloop admin: {error}")
         return 1
     if created:
-        print(f"admin token (shown once; kept in {settings.data_dir / TOKEN_FILE}): {token}")
+        print(f"admin token (shown once; kept in {settings.store.data_dir / TOKEN_FILE}): {token}")
     else:
-        print(f"admin token: in {settings.data_dir / TOKEN_FILE}")
+        print(f"admin token: in {settings.store.data_dir / TOKEN_FILE}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}, not only on this machine; use TLS in front of it")
     print(f"dashboard: http://{host}:{port}/ (started {datetime.now(UTC):%H:%M} UTC)", flush=True)
-    app = create_app(engine, token, settings.data_dir)
+    app = create_app(engine, token, settings.store.data_dir)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from feedback.database import StoreError, open_store, upgrade
 
     try:
-        engine = open_store(settings)
+        engine = open_store(settings.store)
         upgrade(engine)
         if args.adapters_command == "check":
             with Session(engine) as session:
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 if not args.version:
                     print("ghostloop adapters canary: name a VERSION", file=sys.stderr)
                     return 2
-                share = args.share if args.share is not None else settings.canary_share or 0.2
+                share = args.share if args.share is not None else settings.canary.share or 0.2
                 row = adapters.start_canary(session, args.version, share)
                 print(f"{row.version} is a canary for {share:.0%} of users")
             else:
@@ -95,7 +95,7 @@ def check_canary(session: Any, settings: Settings) -> int:
     )
     if verdict.decision == "wait":
         print(
-            f"canary {verdict.version}: waiting for {settings.canary_min_completions} settled "
+            f"canary {verdict.version}: waiting for {settings.canary.min_completions} settled "
             f"completions per arm since the last test ({arms})"
         )
         return 0

@@ -16,5 +16,6 @@ def register(commands: Subcommands) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     for env_name, default, help_text in settings_reference():
         name = env_name.removeprefix("GHOSTLOOP_").lower()
-        print(f"{name:20} = {getattr(settings, name)!s:40} # {help_text} (default {default})")
+        value = settings.value(name)
+        print(f"{name:20} = {value!s:40} # {help_text} (default {default})")
     return 0

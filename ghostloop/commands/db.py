@@ -31,7 +31,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
 
     try:
-        engine = open_store(settings)
+        engine = open_store(settings.store)
         if args.db_command == "purge":
             return purge(engine, args.older_than)
         if args.db_command == "upgrade":

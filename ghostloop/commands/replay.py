@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from ghostloop.commands import Subcommands, fail
 from ghostloop.settings import REPLAY_BACKENDS, Settings, backend_name
@@ -113,7 +112,7 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
                 f"--backend takes one of {', '.join(REPLAY_BACKENDS)}; got {args.backend!r}",
             )
         backend, _, int8 = args.backend.partition("-")
-        settings = dataclasses.replace(settings, backend=backend, onnx_int8=int8 == "int8")
+        settings = settings.replaced(backend=backend, onnx_int8=int8 == "int8")
     options = ReplayOptions(
         root=Path(args.path),
         positions=args.positions,

@@ -37,10 +37,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             from evaluation.pool import PoolInputError, show_pooled
 
             try:
-                return show_pooled(settings.data_dir, args.names, args.method, args.json)
+                return show_pooled(settings.store.data_dir, args.names, args.method, args.json)
             except PoolInputError as error:
                 raise admin_cli.AdminInputError(str(error)) from None
-        return admin_cli.show_replays(settings.data_dir, args)
+        return admin_cli.show_replays(settings.store.data_dir, args)
     except (admin_cli.AdminInputError, replays.UnknownReplayError) as error:
         print(f"ghostloop replays: {error}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from feedback.tokens import TokenError, add_token, list_tokens, revoke
 
     try:
-        engine = open_store(settings)
+        engine = open_store(settings.store)
         upgrade(engine)
         if args.users_command == "add":
             info, token = add_token(engine, args.name, note=args.note or "")

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         "runs": admin_cli.show_runs,
     }[args.command]
     try:
-        engine = open_store(settings)
+        engine = open_store(settings.store)
         upgrade(engine)
         return show(engine, args)
     except admin_cli.AdminInputError as error:

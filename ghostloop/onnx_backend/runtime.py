@@ -118,7 +118,7 @@ def load(
 
 def base_export(loaded: Any, settings: Any) -> OnnxModel:
     """The served base model as ONNX: exported once into the model cache, then loaded."""
-    directory = settings.model_cache_dir / "onnx" / _safe(loaded.name)
+    directory = settings.store.model_cache_dir / "onnx" / _safe(loaded.name)
     path = directory / ONNX_FILE
     fused = fused_for(loaded)
     try:
@@ -158,16 +158,16 @@ def adapter_export(
 def _session(
     path: Path, model_name: str, version: str | None, checksum: str, settings: Any
 ) -> OnnxModel:
-    if settings.onnx_int8 and path.is_file():
+    if settings.inference.onnx_int8 and path.is_file():
         path = quantized(path)
-    device = "cpu" if settings.device == "cpu" else "cuda"
+    device = "cpu" if settings.inference.device == "cpu" else "cuda"
     return load(
         path,
         model_name=model_name,
         version=version,
         checksum=checksum,
         device=device,
-        threads=settings.torch_threads,
+        threads=settings.inference.torch_threads,
     )
 
 

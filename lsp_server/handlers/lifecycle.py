@@ -49,8 +49,8 @@ def register(server: GhostloopServer) -> None:
             "initialize client=%s/%s user=%s model=%s",
             client.name if client else "unknown",
             client.version if client and client.version else "",
-            ls.settings.user,
-            ls.settings.model or "(embedded default)",
+            ls.settings.store.user,
+            ls.settings.inference.model or "(embedded default)",
         )
         ls.client_info = client
         ls.root_uri = params.root_uri

@@ -20,7 +20,7 @@ def register(server: GhostloopServer) -> None:
             status["adapters"] = ls.adapters_or_none.status()
         status["metrics"] = ls.metrics.status()
         if ls.team is not None and ls.connection is not None:
-            status["team"] = {**ls.team.status(), "user": ls.settings.stored_user}
+            status["team"] = {**ls.team.status(), "user": ls.settings.store.stored_user}
         return status
 
     @server.feature(RELOAD_ADAPTERS_REQUEST)

@@ -140,7 +140,7 @@ async def test_admin_logs_in_reads_the_log_and_rolls_an_adapter_back(
 ):
     alice = await record_session(start_server, user="alice", database_url=database_url)
     bob = await record_session(start_server, user="bob", database_url=database_url)
-    settings = Settings(database_url=database_url, data_dir=isolated_data_dir)
+    settings = Settings.of(database_url=database_url, data_dir=isolated_data_dir)
     for index, version in enumerate(("v1", "v2")):
         publish_adapter(settings, tiny_model_dir, version, seed=index)
     assert statuses(database_url) == {"v1": "retired", "v2": "active"}
@@ -215,7 +215,7 @@ async def test_a_cross_site_post_is_refused_and_changes_nothing(
     isolated_data_dir: Path, tiny_model_dir: Path, browser: Browser, dashboard_for
 ):
     url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
-    settings = Settings(database_url=url, data_dir=isolated_data_dir)
+    settings = Settings.of(database_url=url, data_dir=isolated_data_dir)
     for index, version in enumerate(("v1", "v2")):
         publish_adapter(settings, tiny_model_dir, version, seed=index)
     dashboard = dashboard_for(url)

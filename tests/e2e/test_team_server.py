@@ -98,7 +98,9 @@ async def test_two_servers_one_database_tokens_decide_the_user(
         await alice_again.accept(alices)
 
     # One adapter published once: both servers serve it.
-    settings = Settings(model=str(tiny_model_dir), database_url=url, data_dir=tmp_path / "shared")
+    settings = Settings.of(
+        model=str(tiny_model_dir), database_url=url, data_dir=tmp_path / "shared"
+    )
     publish_adapter(settings, tiny_model_dir, "v-team-1", seed=3)
     for client in (alice, bob):
         assert (await client.reload_adapters())["adapter"] == "v-team-1"

@@ -49,7 +49,7 @@ def train(env: dict[str, str], *args: str, prelude: str = "") -> subprocess.Comp
 
 
 def model_name(model: Path) -> str:
-    return resolve_model(Settings(model=str(model)))[0]
+    return resolve_model(Settings.of(model=str(model)))[0]
 
 
 def publish_first(url: str, env: dict[str, str], model: Path) -> None:
@@ -381,8 +381,8 @@ def test_on_the_onnxruntime_backend_publishing_exports_the_adapter_merged(
     assert (meta["adapter"], meta["adapter_checksum"]) == (adapter.version, adapter.checksum)
     assert registry.verify(Path(adapter.path), adapter.checksum)  # the export left it intact
     # what the server will do with it: load it as the export of this very adapter
-    loaded = load_model(Settings(model=str(tiny_model_dir), device="cpu"))
-    settings = Settings(model=str(tiny_model_dir), device="cpu", backend="onnxruntime")
+    loaded = load_model(Settings.of(model=str(tiny_model_dir), device="cpu"))
+    settings = Settings.of(model=str(tiny_model_dir), device="cpu", backend="onnxruntime")
     served = onnx_backend.adapter_export(
         Path(adapter.path), loaded, settings, version=adapter.version, checksum=adapter.checksum
     )

@@ -74,7 +74,7 @@ def together(
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> tuple[LoadedModel, Settings]:
-    settings = Settings(
+    settings = Settings.of(
         model=str(tiny_model_dir), device="cpu", max_new_tokens=12, context_tokens=256
     )
     return load_model(settings), settings
@@ -113,8 +113,8 @@ def test_each_row_of_a_batch_sees_the_logits_it_sees_alone(tiny):
             Recording(
                 loaded,
                 prompt_for(loaded, settings, context),
-                completion_mode(context, settings.max_lines),
-                max_new_tokens=settings.max_new_tokens,
+                completion_mode(context, settings.serving.max_lines),
+                max_new_tokens=settings.serving.max_new_tokens,
             )
             for context in contexts()
         ]
@@ -142,7 +142,7 @@ def test_each_row_of_a_batch_sees_the_logits_it_sees_alone(tiny):
 
 def test_a_batch_with_an_adapter_gives_what_the_adapter_gives_alone(tiny, tmp_path: Path):
     loaded, settings = tiny
-    save_adapter(Path(settings.model), tmp_path / "a", seed=3)
+    save_adapter(Path(settings.inference.model), tmp_path / "a", seed=3)
     weights = read_adapter(tmp_path / "a", loaded.model, version="a")
     expected = alone(loaded, settings, weights)
     assert expected != alone(loaded, settings)  # the adapter changes what is written
@@ -170,7 +170,9 @@ def test_each_document_keeps_its_own_cache_for_the_next_keystroke(tiny):
 
 
 def test_a_cancelled_completion_leaves_the_others_as_they_were(endless_model_dir: Path):
-    settings = Settings(model=str(endless_model_dir), device="cpu", max_new_tokens=16, max_lines=1)
+    settings = Settings.of(
+        model=str(endless_model_dir), device="cpu", max_new_tokens=16, max_lines=1
+    )
     loaded = load_model(settings)
     expected = alone(loaded, settings)
     calls = 0
@@ -195,7 +197,7 @@ def held_engine(
 ) -> tuple[CompletionEngine, threading.Event, Settings]:
     """A started engine (batches of 8) that serves nothing until the event is set, so
     every request submitted before is queued before the first is served."""
-    settings = Settings(**{**vars(settings), "batch_size": 8})
+    settings = settings.replaced(batch_size=8)
     release = threading.Event()
 
     def load_later(_settings: Settings) -> LoadedModel:
@@ -240,8 +242,8 @@ def test_completions_that_join_between_steps_see_what_they_see_alone(tiny):
         return Recording(
             loaded,
             prompt_for(loaded, settings, context),
-            completion_mode(context, settings.max_lines),
-            max_new_tokens=settings.max_new_tokens,
+            completion_mode(context, settings.serving.max_lines),
+            max_new_tokens=settings.serving.max_new_tokens,
         )
 
     single = [decoder(context) for context in cursors]
@@ -285,7 +287,7 @@ def test_completions_that_join_between_steps_see_what_they_see_alone(tiny):
 def running_long(model_dir: Path) -> tuple[Settings, LoadedModel]:
     """Completions of up to 160 tokens (a model without an end token): long enough for a
     request to arrive while they run."""
-    settings = Settings(
+    settings = Settings.of(
         model=str(model_dir),
         device="cpu",
         max_new_tokens=160,
@@ -348,7 +350,7 @@ def test_a_batch_on_smollm2_gives_each_document_the_tokens_it_gets_alone(
     tmp_path_factory: pytest.TempPathFactory,
 ):
     directory = tmp_path_factory.mktemp("smollm2-batch")
-    settings = Settings(device="cpu", max_new_tokens=16, max_lines=1, data_dir=directory)
+    settings = Settings.of(device="cpu", max_new_tokens=16, max_lines=1, data_dir=directory)
     loaded = load_model(settings)
     expected = alone(loaded, settings)
     got, forwards = together(loaded, settings)
@@ -370,8 +372,8 @@ def test_a_batch_lets_go_of_each_completion_as_it_ends(tiny):
         decoder = Decoder(
             loaded,
             prompt_for(loaded, settings, context),
-            completion_mode(context, settings.max_lines),
-            max_new_tokens=settings.max_new_tokens,
+            completion_mode(context, settings.serving.max_lines),
+            max_new_tokens=settings.serving.max_new_tokens,
         )
         batch.join(decoder, forward)
     del forward, decoder

@@ -120,7 +120,7 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     data = tmp_path_factory.mktemp("fuzz-data")
-    settings = Settings(
+    settings = Settings.of(
         model=str(tiny_model_dir),
         data_dir=data,
         max_new_tokens=4,

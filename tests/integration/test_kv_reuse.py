@@ -60,7 +60,7 @@ def check(
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> tuple[LoadedModel, Settings]:
-    settings = Settings(
+    settings = Settings.of(
         model=str(tiny_model_dir), device="cpu", max_new_tokens=12, context_tokens=256
     )
     return load_model(settings), settings
@@ -127,7 +127,7 @@ def test_the_store_evicts_least_recently_used_documents_under_its_cap(tiny):
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, Settings]:
     directory = tmp_path_factory.mktemp("smollm2-kv")
-    settings = Settings(device="cpu", max_new_tokens=12, max_lines=1, data_dir=directory)
+    settings = Settings.of(device="cpu", max_new_tokens=12, max_lines=1, data_dir=directory)
     return load_model(settings), settings
 
 
@@ -142,6 +142,8 @@ def test_torch_reuse_equals_a_fresh_prefill_on_smollm2(smollm2):
 def test_onnx_reuse_equals_a_fresh_prefill_on_smollm2(smollm2, tmp_path: Path):
     loaded, settings = smollm2
     path = onnx_backend.export(loaded.model, tmp_path / "onnx", model_name=loaded.name)
-    model = onnx_backend.load(path, model_name=loaded.name, threads=settings.torch_threads)
+    model = onnx_backend.load(
+        path, model_name=loaded.name, threads=settings.inference.torch_threads
+    )
     pauses = typing_pauses(stdlib_dir() / "fnmatch.py", 40, 3)
     check(loaded, settings, pauses, lambda r: onnx_backend.OnnxForward(model, reuse=r))

@@ -60,7 +60,7 @@ def stdlib_examples(count: int) -> list[Example]:
 
 @pytest.fixture
 def settings(tiny_model_dir: Path, isolated_data_dir: Path) -> Settings:
-    return Settings(
+    return Settings.of(
         model=str(tiny_model_dir),
         data_dir=isolated_data_dir,
         learning_rate=5e-3,
@@ -154,8 +154,8 @@ def test_training_prompts_are_the_served_prompts_nearest_part_with_the_same_end(
         stdlib_examples(1)[0], prefix=(stdlib_dir() / "shlex.py").read_text()[:6000]
     )
     context = CursorContext(long.prefix, long.suffix)
-    served = prompt_for(loaded, dataclasses.replace(settings, context_tokens=512), context)
-    cut = dataclasses.replace(settings, context_tokens=512, train_context_tokens=64)
+    served = prompt_for(loaded, settings.replaced(context_tokens=512), context)
+    cut = settings.replaced(context_tokens=512, train_context_tokens=64)
     trained = training_prompt(loaded, cut, context)
     assert len(trained.input_ids) <= 64 < len(served.input_ids)
     # a line start of the same document, ending where the served prompt ends
@@ -165,7 +165,7 @@ def test_training_prompts_are_the_served_prompts_nearest_part_with_the_same_end(
     assert encode(loaded, cut, long).prompt_ids == list(trained.input_ids)
     # 0, or a budget as large as the served one, trains on the served prompt itself
     for budget in (0, 512):
-        same = dataclasses.replace(cut, train_context_tokens=budget)
+        same = cut.replaced(train_context_tokens=budget)
         assert training_prompt(loaded, same, context) == served
 
 
@@ -240,7 +240,7 @@ def test_sft_trains_on_the_context_term_when_it_is_weighted(settings: Settings, 
     for weight in (0.0, 1.0):
         outcomes[weight] = METHODS["sft"](
             loaded,
-            dataclasses.replace(settings, context_loss_weight=weight),
+            settings.replaced(context_loss_weight=weight),
             peft_model(load_model(settings), settings, None),
             stdlib_examples(12),
             tmp_path / f"work-{weight}",
@@ -309,7 +309,7 @@ def test_the_context_term_is_named_as_ignored_by_the_ranking_methods(
     settings: Settings, method: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     loaded = load_model(settings)
-    weighted = dataclasses.replace(settings, context_loss_weight=1.0)
+    weighted = settings.replaced(context_loss_weight=1.0)
     with pytest.raises(TooLittleData):  # one example: nothing to rank, after the warning
         METHODS[method](
             loaded, weighted, peft_model(loaded, weighted, None), stdlib_examples(1), tmp_path

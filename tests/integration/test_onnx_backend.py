@@ -45,7 +45,7 @@ def suggestions(loaded: LoadedModel, settings: Settings, model=None, adapter=Non
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> tuple[LoadedModel, Settings]:
-    settings = Settings(model=str(tiny_model_dir), device="cpu", max_new_tokens=16)
+    settings = Settings.of(model=str(tiny_model_dir), device="cpu", max_new_tokens=16)
     return load_model(settings), settings
 
 
@@ -113,7 +113,7 @@ def test_exports_follow_the_device_they_are_served_on(tiny, tmp_path: Path):
     from dataclasses import replace
 
     loaded, settings = tiny
-    settings = replace(settings, data_dir=tmp_path)
+    settings = settings.replaced(data_dir=tmp_path)
     assert onnx_backend.fused_for(loaded)
     assert onnx_backend.base_export(loaded, settings).attention == onnx_backend.FUSED
     # on a GPU onnxruntime has GroupQueryAttention in 16-bit floats only: the export made
@@ -257,7 +257,7 @@ def test_a_corrupt_or_foreign_export_is_refused_with_the_reason(tiny, tmp_path: 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("smollm2")
-    settings = Settings(device="cpu", max_new_tokens=16, max_lines=1, data_dir=directory)
+    settings = Settings.of(device="cpu", max_new_tokens=16, max_lines=1, data_dir=directory)
     loaded = load_model(settings)
     path = onnx_backend.export(loaded.model, directory / "onnx", model_name=loaded.name)
     return loaded, settings, path
@@ -266,7 +266,9 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_equal_torch(smollm2):
     loaded, settings, path = smollm2
-    model = onnx_backend.load(path, model_name=loaded.name, threads=settings.torch_threads)
+    model = onnx_backend.load(
+        path, model_name=loaded.name, threads=settings.inference.torch_threads
+    )
     for context in contexts(2):
         expected = suggest(loaded, settings, context).generation.token_ids
         forward = onnx_backend.OnnxForward(model)
@@ -299,7 +301,9 @@ def test_smollm2_int8_saves_about_as_much_typing_as_fp32(smollm2):
 
     loaded, settings, path = smollm2
     int8 = onnx_backend.load(
-        onnx_backend.quantized(path), model_name=loaded.name, threads=settings.torch_threads
+        onnx_backend.quantized(path),
+        model_name=loaded.name,
+        threads=settings.inference.torch_threads,
     )
     saved = {"fp32": 0, "int8": 0}
     exact = {"fp32": 0, "int8": 0}

@@ -13,7 +13,7 @@ SOURCE = "def split(self, text):\n    chunks = self.wordsep_re.split(text)\n    
 
 @pytest.fixture(scope="module")
 def endless(endless_model_dir: Path) -> LoadedModel:
-    return load_model(Settings(model=str(endless_model_dir), device="cpu"))
+    return load_model(Settings.of(model=str(endless_model_dir), device="cpu"))
 
 
 def _prompt(loaded: LoadedModel, prefix: str):

@@ -208,19 +208,19 @@ def test_the_demo_serves_with_onnxruntime_in_fp32_on_a_cpu(monkeypatch):
     from ghostloop.commands.replay import demo_backend as _demo_backend
     from ghostloop.settings import Settings, backend_name
 
-    assert _demo_backend(Settings(device="cpu")) == "onnxruntime"
-    assert _demo_backend(Settings(device="cpu", onnx_int8=True)) == "onnxruntime"
+    assert _demo_backend(Settings.of(device="cpu")) == "onnxruntime"
+    assert _demo_backend(Settings.of(device="cpu", onnx_int8=True)) == "onnxruntime"
     # on a GPU, what the settings say
-    assert _demo_backend(Settings(device="cuda")) == "torch"
-    assert _demo_backend(Settings(device="cuda", backend="onnxruntime")) == "onnxruntime"
-    assert backend_name(Settings(backend="onnxruntime", onnx_int8=True)) == "onnxruntime-int8"
-    assert backend_name(Settings(backend="torch", onnx_int8=True)) == "torch"
+    assert _demo_backend(Settings.of(device="cuda")) == "torch"
+    assert _demo_backend(Settings.of(device="cuda", backend="onnxruntime")) == "onnxruntime"
+    assert backend_name(Settings.of(backend="onnxruntime", onnx_int8=True)) == "onnxruntime-int8"
+    assert backend_name(Settings.of(backend="torch", onnx_int8=True)) == "torch"
     # without onnxruntime installed, too
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name)
     )
-    assert _demo_backend(Settings(device="cpu")) == "torch"
+    assert _demo_backend(Settings.of(device="cpu")) == "torch"
 
 
 def test_the_demo_walks_fewer_training_positions_than_it_holds_out():
@@ -392,5 +392,5 @@ def test_a_busy_machine_does_not_cut_the_replays_suggestions_short(tmp_path, mon
     monkeypatch.setenv("GHOSTLOOP_DEADLINE_MS", "1")
     replay = Replay(Settings(), ReplayOptions(root=tmp_path, work_dir=tmp_path), io.StringIO())
     served = load_settings(environ=replay.env("replay-train"))
-    assert served.deadline_ms >= 600_000
-    assert load_settings().deadline_ms == 1  # the user's own servers keep their setting
+    assert served.serving.deadline_ms >= 600_000
+    assert load_settings().serving.deadline_ms == 1  # the user's own servers keep their setting

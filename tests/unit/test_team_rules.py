@@ -54,7 +54,7 @@ def test_an_open_connection_loses_a_revoked_token(tmp_path: Path) -> None:
     store = open_engine(f"sqlite:///{tmp_path / 'team.db'}")
     upgrade(store)
     _, token = add_token(store, "ann")
-    team = Team(Settings(data_dir=tmp_path), "127.0.0.1")  # nothing started: rules only
+    team = Team(Settings.of(data_dir=tmp_path), "127.0.0.1")  # nothing started: rules only
     team.store = store
     assert team._still_valid(digest(token))
     assert not team._still_valid(digest(token + "x"))

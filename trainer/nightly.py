@@ -1,8 +1,9 @@
 """``ghostloop train``: one idempotent nightly run from recorded feedback to a published
 adapter, guarded by a lock.
 
-Steps: label the completions logged since the last completed run, deduplicate, cap each
-user's share, split by time (newest held out), store the pairs, train, gate, publish.
+Steps (``Night``): label the completions logged since the last completed run (deduplicated,
+each user's share capped, split by time with the newest held out, the pairs stored), train,
+export (onnxruntime), gate, publish, record.
 Every run is a row (parameters, data counts, losses, evaluation, status, timings). A
 crash or Ctrl-C at any point leaves the registry and the active adapter as they were: the
 adapter is renamed into the registry only after it is complete, and becomes active only
@@ -200,66 +201,258 @@ def run_nightly(
 
 
 def _run(settings: Settings, method: str, engine: Engine, from_scratch: bool) -> NightlyResult:
-    started = time.monotonic()
-    until = datetime.now(UTC)
-    loaded = load_model(settings)
-    base_model = loaded.name
-    with Session(engine) as session:
-        since = None if from_scratch else _last_cutoff(session, base_model)
-        known = [row.version for row in adapter_rows.versions(session)]
-        active = None if from_scratch else adapter_rows.active(session, base_model)
-        baseline = (Path(active.path), active.version, active.checksum) if active else None
-    removed = registry.clean(settings.store.adapters_dir, known)
-    if removed:
-        log.info("removed unfinished adapter directories: %s", ", ".join(removed))
-
-    with Session(engine) as session:
-        examples, counts = load_examples(session, since=since, until=until, base_model=base_model)
-    if counts.completions == 0:
-        window = f"since {since:%Y-%m-%d %H:%M} UTC" if since else "at all"
-        return NightlyResult(0, f"nothing to train: no completions of {base_model} logged {window}")
-    examples = cap_users(deduplicate(examples, counts), settings.training.max_user_share, counts)
-    train, held_out = split_by_time(examples, settings.training.eval_share, counts)
-    counts_json = {**dataclasses.asdict(counts), "until": until.isoformat()}
-    if since is not None:
-        counts_json["since"] = since.isoformat()
-    run = TrainingRun(
-        method=method,
-        base_model=base_model,
-        parameters=_parameters(settings, method),
-        data_counts=counts_json,
-    )
-    training = settings.training
-    if len(train) < training.min_train_examples or len(held_out) < training.min_eval_examples:
-        message = (
-            f"too little to train: {_describe(counts)}; need {training.min_train_examples} "
-            f"training and {training.min_eval_examples} held-out examples"
-        )
-        run_id = _finish_row(engine, run, "skipped", message, started)
-        return NightlyResult(0, message, run_id)
-
-    with Session(engine) as session, session.begin():
-        session.add(run)
-        session.flush()
-        _store_pairs(session, run.id, train, held_out)
-        run_id = run.id
-    log.info("run %d: %s %s", run_id, method, _describe(counts))
+    """The night's steps in order: label, train, export, gate, publish, record."""
+    night = Night(settings, method, engine, load_model(settings))
+    labelled = night.label(from_scratch)
+    if isinstance(labelled, NightlyResult):  # nothing to train: said why
+        return labelled
     try:
-        return _train_gate_publish(
-            settings, loaded, engine, run_id, method, train, held_out, baseline, started
-        )
+        outcome = night.train(labelled)
+        candidate = night.export(outcome)
+        gate = night.gate(outcome, labelled, candidate)
+        published = night.publish(outcome, gate, candidate)
+        return night.record(outcome, gate, published)
     except TooLittleData as error:
         message = f"too little to train with {method}: {error}"
-        _update_row(engine, run_id, status="skipped", reason=message, started=started)
-        return NightlyResult(0, message, run_id)
+        night.update_row(status="skipped", reason=message)
+        return NightlyResult(0, message, night.run_id)
     except KeyboardInterrupt:
-        _update_row(engine, run_id, status="interrupted", reason="Ctrl-C", started=started)
+        night.update_row(status="interrupted", reason="Ctrl-C")
         raise
     except Exception as error:
-        _update_row(engine, run_id, status="failed", reason=repr(error), started=started)
+        night.update_row(status="failed", reason=repr(error))
         raise
     finally:
-        shutil.rmtree(_staging(settings, run_id), ignore_errors=True)
+        shutil.rmtree(_staging(settings, night.run_id), ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """The night's data: labelled examples split by time, and the adapter it starts from."""
+
+    train: list[Example]
+    held_out: list[Example]
+    baseline: tuple[Path, str, str] | None  # (path, version, checksum) of the active adapter
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The trained adapter before the gate: its version, and with onnxruntime the baseline's
+    and its own exports as a server would serve them (saved in the staging directory)."""
+
+    version: str
+    served: tuple[OnnxModel, OnnxModel] | None
+
+
+class Night:
+    """One nightly run: its settings, model, store and row, and its steps."""
+
+    def __init__(
+        self, settings: Settings, method: str, engine: Engine, loaded: LoadedModel
+    ) -> None:
+        self.settings = settings
+        self.method = method
+        self.engine = engine
+        self.loaded = loaded
+        self.started = time.monotonic()
+        self.run_id = 0
+        self.baseline_path: Path | None = None  # the active adapter, verified, if any
+        self.served_baseline: OnnxModel | None = None
+
+    def label(self, from_scratch: bool) -> Labelled | NightlyResult:
+        """Label the completions logged since the last run, deduplicate, cap each user's
+        share, split by time, and store the run's row with its pairs; a NightlyResult
+        saying why when there is too little to train."""
+        settings, base_model = self.settings, self.loaded.name
+        until = datetime.now(UTC)
+        with Session(self.engine) as session:
+            since = None if from_scratch else _last_cutoff(session, base_model)
+            known = [row.version for row in adapter_rows.versions(session)]
+            active = None if from_scratch else adapter_rows.active(session, base_model)
+            baseline = (Path(active.path), active.version, active.checksum) if active else None
+        removed = registry.clean(settings.store.adapters_dir, known)
+        if removed:
+            log.info("removed unfinished adapter directories: %s", ", ".join(removed))
+        with Session(self.engine) as session:
+            examples, counts = load_examples(
+                session, since=since, until=until, base_model=base_model
+            )
+        if counts.completions == 0:
+            window = f"since {since:%Y-%m-%d %H:%M} UTC" if since else "at all"
+            return NightlyResult(
+                0, f"nothing to train: no completions of {base_model} logged {window}"
+            )
+        training = settings.training
+        examples = cap_users(deduplicate(examples, counts), training.max_user_share, counts)
+        train, held_out = split_by_time(examples, training.eval_share, counts)
+        counts_json = {**dataclasses.asdict(counts), "until": until.isoformat()}
+        if since is not None:
+            counts_json["since"] = since.isoformat()
+        run = TrainingRun(
+            method=self.method,
+            base_model=base_model,
+            parameters=_parameters(settings, self.method),
+            data_counts=counts_json,
+        )
+        if len(train) < training.min_train_examples or len(held_out) < training.min_eval_examples:
+            message = (
+                f"too little to train: {_describe(counts)}; need {training.min_train_examples} "
+                f"training and {training.min_eval_examples} held-out examples"
+            )
+            run_id = _finish_row(self.engine, run, "skipped", message, self.started)
+            return NightlyResult(0, message, run_id)
+        with Session(self.engine) as session, session.begin():
+            session.add(run)
+            session.flush()
+            _store_pairs(session, run.id, train, held_out)
+            self.run_id = run.id
+        log.info("run %d: %s %s", self.run_id, self.method, _describe(counts))
+        return Labelled(train, held_out, baseline)
+
+    def train(self, labelled: Labelled) -> TrainOutcome:
+        """A LoRA trained by the night's method, on top of the active adapter if it is
+        intact (from the base model if not); its losses and timings on the run's row."""
+        settings, loaded = self.settings, self.loaded
+        if labelled.baseline is not None:
+            path, version, digest = labelled.baseline
+            try:
+                registry.verify(path, digest)
+                self.baseline_path = path
+            except registry.AdapterError as error:
+                log.error(
+                    "active adapter %s is unusable, training from the base model: %s",
+                    version,
+                    error,
+                )
+        if settings.inference.backend == "onnxruntime":
+            # exported before training, while the base model has no LoRA yet
+            usable = labelled.baseline if self.baseline_path is not None else None
+            self.served_baseline = _served_baseline(settings, loaded, usable)
+        work = settings.store.data_dir / "train-work" / f"run{self.run_id}"
+        try:
+            if settings.training.processes > 1:
+                outcome = launch(
+                    settings, loaded, self.method, labelled.train, work, self.baseline_path
+                )
+            else:
+                model = peft_model(loaded, settings, self.baseline_path)
+                outcome = METHODS[self.method](loaded, settings, model, labelled.train, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self.update_row(losses=_losses(outcome), status="evaluating")
+        if "rankings" in outcome.extra:  # rrhf: store each prompt's ranked candidates
+            _store_rankings(self.engine, self.run_id, outcome.extra["rankings"])
+        return outcome
+
+    def export(self, outcome: TrainOutcome) -> Candidate:
+        """With onnxruntime, the candidate as it would be published and served: saved and
+        exported into the staging directory, so that the export the gate judges is the
+        one published with it."""
+        version = _version(self.method, self.run_id)
+        if self.served_baseline is None:
+            return Candidate(version, None)
+        staged = _staging(self.settings, self.run_id)
+        _save_adapter(outcome.model, staged)
+        _export_onnx(outcome.model, staged, self.loaded, version)
+        candidate = onnx_backend.adapter_export(
+            staged,
+            self.loaded,
+            self.settings,
+            version=version,
+            checksum=registry.checksum(staged),
+        )
+        return Candidate(version, (self.served_baseline, candidate))
+
+    def gate(self, outcome: TrainOutcome, labelled: Labelled, candidate: Candidate) -> GateResult:
+        """The candidate against the adapter it would replace, on the held-out examples."""
+        baseline = labelled.baseline
+        return run_gate(
+            self.loaded,
+            self.settings,
+            outcome.model,
+            labelled.held_out,
+            baseline_adapter=self.baseline_path,
+            baseline_name=baseline[1] if self.baseline_path and baseline else "base model",
+            served=candidate.served,
+        )
+
+    def publish(self, outcome: TrainOutcome, gate: GateResult, candidate: Candidate) -> str | None:
+        """Into the registry (written under a temporary name, checksummed, renamed) and the
+        adapters table, if the gate passed it or is not enforced; the version, or None."""
+        settings = self.settings
+        if not (gate.passed or not settings.training.gate_enforced):
+            return None
+        staged = _staging(settings, self.run_id)
+
+        def save(directory: Path) -> None:
+            if candidate.served is not None:
+                for entry in staged.iterdir():
+                    shutil.move(entry, directory / entry.name)
+                return
+            _save_adapter(outcome.model, directory)
+            if settings.inference.backend == "onnxruntime":
+                _export_onnx(outcome.model, directory, self.loaded, candidate.version)
+
+        path, digest = registry.write_atomically(
+            settings.store.adapters_dir, candidate.version, save
+        )
+        with Session(self.engine) as session, session.begin():
+            adapter_rows.publish(
+                session,
+                version=candidate.version,
+                base_model=self.loaded.name,
+                run_id=self.run_id,
+                path=path,
+                checksum=digest,
+                evidence={"gate": gate.to_json(), "method": self.method, "gated": gate.passed},
+                canary_share=settings.canary.share,
+            )
+            pruned = adapter_rows.prune(session, settings.training.keep_adapters)
+        if pruned:
+            log.info("pruned adapter files of %s", ", ".join(pruned))
+        return candidate.version
+
+    def record(
+        self, outcome: TrainOutcome, gate: GateResult, published: str | None
+    ) -> NightlyResult:
+        """The run's row finished with its decision and evidence, and the night's line."""
+        timings = {**_losses(outcome), "seconds": round(time.monotonic() - self.started, 3)}
+        with Session(self.engine) as session, session.begin():
+            row = session.get(TrainingRun, self.run_id)
+            assert row is not None
+            row.status = "finished"
+            row.decision = "published" if published else "refused"
+            row.reason = gate.reason if gate.passed or not published else _ungated(gate.reason)
+            row.evaluation = gate.to_json()
+            row.losses = timings
+            row.finished_at = datetime.now(UTC)
+        verdict = f"published {published}" if published else "not published"
+        if published and not gate.passed:
+            verdict += " although the gate refused it (gate_enforced=false)"
+        share = self.settings.canary.share
+        if published and share:
+            verdict += f" as a canary for {share:.0%} of users"
+        message = (
+            f"run {self.run_id} ({self.method}): {verdict}: {gate.reason}; train loss "
+            f"{outcome.loss_before:.3f} -> {outcome.loss_after:.3f}"
+        )
+        return NightlyResult(0, message, self.run_id, published, gate, outcome)
+
+    def update_row(self, **values: Any) -> None:
+        if self.run_id:
+            _update_row(self.engine, self.run_id, started=self.started, **values)
+
+
+def _losses(outcome: TrainOutcome) -> dict[str, Any]:
+    return {
+        "train_loss_before": outcome.loss_before,
+        "train_loss_after": outcome.loss_after,
+        "history": outcome.history,
+        "train_seconds": round(outcome.seconds, 3),
+        "examples_per_s": outcome.examples_per_s,
+        "tokens_per_s": outcome.tokens_per_s,
+        "processes": int(outcome.extra.get("processes", 1)),
+    }
 
 
 def _staging(settings: Settings, run_id: int) -> Path:
@@ -344,124 +537,3 @@ def _update_row(engine: Engine, run_id: int, *, started: float, **values: Any) -
         timings = dict(row.losses or {})
         timings["seconds"] = round(time.monotonic() - started, 3)
         row.losses = timings
-
-
-def _train_gate_publish(
-    settings: Settings,
-    loaded: LoadedModel,
-    engine: Engine,
-    run_id: int,
-    method: str,
-    train: list[Example],
-    held_out: list[Example],
-    baseline: tuple[Path, str, str] | None,
-    started: float,
-) -> NightlyResult:
-    baseline_path = None
-    if baseline is not None:
-        path, version, digest = baseline
-        try:
-            registry.verify(path, digest)
-            baseline_path = path
-        except registry.AdapterError as error:
-            log.error(
-                "active adapter %s is unusable, training from the base model: %s", version, error
-            )
-    work = settings.store.data_dir / "train-work" / f"run{run_id}"
-    staged = _staging(settings, run_id)
-    served_baseline = None
-    if settings.inference.backend == "onnxruntime":
-        usable = baseline if baseline_path is not None else None  # the verified one
-        served_baseline = _served_baseline(settings, loaded, usable)
-    try:
-        if settings.training.processes > 1:
-            outcome = launch(settings, loaded, method, train, work, baseline_path)
-        else:
-            model = peft_model(loaded, settings, baseline_path)
-            outcome = METHODS[method](loaded, settings, model, train, work)
-        model = outcome.model
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    losses = {
-        "train_loss_before": outcome.loss_before,
-        "train_loss_after": outcome.loss_after,
-        "history": outcome.history,
-        "train_seconds": round(outcome.seconds, 3),
-        "examples_per_s": outcome.examples_per_s,
-        "tokens_per_s": outcome.tokens_per_s,
-        "processes": int(outcome.extra.get("processes", 1)),
-    }
-    _update_row(engine, run_id, losses=losses, started=started, status="evaluating")
-    if "rankings" in outcome.extra:  # rrhf: store each prompt's ranked candidates
-        _store_rankings(engine, run_id, outcome.extra["rankings"])
-    version = _version(method, run_id)
-    served = None
-    if served_baseline is not None:
-        # the candidate as it would be published and served: its export judged by the gate
-        # is the one published with it
-        _save_adapter(model, staged)
-        _export_onnx(model, staged, loaded, version)
-        served = (
-            served_baseline,
-            onnx_backend.adapter_export(
-                staged, loaded, settings, version=version, checksum=registry.checksum(staged)
-            ),
-        )
-    gate = run_gate(
-        loaded,
-        settings,
-        model,
-        held_out,
-        baseline_adapter=baseline_path,
-        baseline_name=baseline[1] if baseline_path and baseline else "base model",
-        served=served,
-    )
-    evaluation = gate.to_json()
-    published = None
-    if gate.passed or not settings.training.gate_enforced:
-
-        def save(directory: Path) -> None:
-            if served is not None:
-                for entry in staged.iterdir():
-                    shutil.move(entry, directory / entry.name)
-                return
-            _save_adapter(model, directory)
-            if settings.inference.backend == "onnxruntime":
-                _export_onnx(model, directory, loaded, version)
-
-        path, digest = registry.write_atomically(settings.store.adapters_dir, version, save)
-        with Session(engine) as session, session.begin():
-            adapter_rows.publish(
-                session,
-                version=version,
-                base_model=loaded.name,
-                run_id=run_id,
-                path=path,
-                checksum=digest,
-                evidence={"gate": evaluation, "method": method, "gated": gate.passed},
-                canary_share=settings.canary.share,
-            )
-            pruned = adapter_rows.prune(session, settings.training.keep_adapters)
-        if pruned:
-            log.info("pruned adapter files of %s", ", ".join(pruned))
-        published = version
-    timings = {**losses, "seconds": round(time.monotonic() - started, 3)}
-    with Session(engine) as session, session.begin():
-        row = session.get(TrainingRun, run_id)
-        assert row is not None
-        row.status = "finished"
-        row.decision = "published" if published else "refused"
-        row.reason = gate.reason if gate.passed or not published else _ungated(gate.reason)
-        row.evaluation = evaluation
-        row.losses = timings
-        row.finished_at = datetime.now(UTC)
-    verdict = f"published {published}" if published else "not published"
-    if published and not gate.passed:
-        verdict += " although the gate refused it (gate_enforced=false)"
-    if published and settings.canary.share:
-        verdict += f" as a canary for {settings.canary.share:.0%} of users"
-    message = (
-        f"run {run_id} ({method}): {verdict}: {gate.reason}; train loss "
-        f"{outcome.loss_before:.3f} -> {outcome.loss_after:.3f}"
-    )
-    return NightlyResult(0, message, run_id, published, gate, outcome)

@@ -29,10 +29,10 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from evaluation.client import GhostloopClient
-from feedback import adapters as adapter_rows
+from feedback import adapter_rows
 from feedback.database import open_engine, upgrade
 from feedback.metrics import percentile
-from ghostloop import adapters as registry
+from ghostloop import registry
 from ghostloop.corpus import stdlib_dir
 from ghostloop.models import resolve_model
 from ghostloop.settings import Settings

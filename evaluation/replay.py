@@ -55,7 +55,7 @@ from evaluation.positions import (
     split_files,
 )
 from evaluation.scoring import Scored, UnsettledError, load_scores, reach
-from feedback import adapters as adapter_rows
+from feedback import adapter_rows
 from feedback.database import StoreError, default_database_url, open_engine, upgrade
 from feedback.metrics import EDIT_SIMILARITY
 from feedback.replays import CHART_FILE, REPORT_FILE, format_table

@@ -30,7 +30,7 @@ import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from feedback import adapters
+from feedback import adapter_rows
 from feedback.bootstrap import ROUNDS, clustered_means, interval
 from feedback.metrics import kept_check, settled_chars_saved
 from feedback.schema import AdapterVersion, Completion, FeedbackEvent
@@ -192,7 +192,7 @@ def check(
     Several servers may check at once: a final verdict is claimed by one conditional
     UPDATE, so it is applied once.
     """
-    row = adapters.canary(session, base_model)
+    row = adapter_rows.canary(session, base_model)
     if row is None:
         return None
     verdict = evaluate(
@@ -229,9 +229,9 @@ def check(
         return verdict
     session.refresh(row)
     if verdict.decision == "promoted":
-        adapters.promote(session, row.version, by="canary", **evidence)
+        adapter_rows.promote(session, row.version, by="canary", **evidence)
     else:
-        adapters.end_canary(session, row, ended[verdict.decision], by="canary", **evidence)
+        adapter_rows.end_canary(session, row, ended[verdict.decision], by="canary", **evidence)
     session.commit()
     log.info(
         "canary %s look %d/%d: %s (canary - active chars saved per completion %s at %.4f)",

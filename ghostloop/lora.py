@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ghostloop.adapters import AdapterError, verify
+from ghostloop.registry import AdapterError, verify
 
 PEFT_PREFIX = "base_model.model."
 # peft options that change what a LoRA computes and that this server does not implement.

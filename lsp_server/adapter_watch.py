@@ -22,13 +22,13 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from feedback import adapters as adapter_rows
+from feedback import adapter_rows
 from feedback import canary as canaries
 from feedback.database import StoreError, open_store
 from feedback.schema import AdapterVersion
-from ghostloop.adapters import AdapterError
 from ghostloop.lora import read_adapter
 from ghostloop.onnx_backend import adapter_export
+from ghostloop.registry import AdapterError
 from ghostloop.settings import Settings
 from lsp_server.engine import Adapter, CompletionEngine, ServingState
 

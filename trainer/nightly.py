@@ -28,11 +28,10 @@ from typing import Any, TextIO
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from feedback import adapters as adapter_rows
+from feedback import adapter_rows
 from feedback.database import open_store, upgrade
 from feedback.schema import PreferencePair, TrainingRun
-from ghostloop import adapters as registry
-from ghostloop import onnx_backend
+from ghostloop import onnx_backend, registry
 from ghostloop.models import LoadedModel, load_model
 from ghostloop.onnx_backend import OnnxModel
 from ghostloop.settings import Settings

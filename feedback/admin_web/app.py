@@ -28,7 +28,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from feedback import adapters, logs, replays, stats
+from feedback import adapter_rows, logs, replays, stats
 from feedback.admin_cli import pair_records, run_record
 from feedback.admin_web.auth import COOKIE, CSRF_FIELD, Guard, safe_next, same_origin
 from feedback.admin_web.charts import line_chart
@@ -234,7 +234,7 @@ class Dashboard:
             total=total[0] if total else None,
             charts=charts,
             by_adapter=by_adapter,
-            statuses=self.query(lambda s: {a.version: a.status for a in adapters.versions(s)}),
+            statuses=self.query(lambda s: {a.version: a.status for a in adapter_rows.versions(s)}),
             replays=self.replays(),
         )
 
@@ -310,7 +310,7 @@ class Dashboard:
         return self.render(request, "run.html", run=run_record(found))
 
     def adapter_list(self, request: Request, message: str | None = None) -> Response:
-        rows = self.query(lambda s: [adapters.record(a) for a in adapters.versions(s)])
+        rows = self.query(lambda s: [adapter_rows.record(a) for a in adapter_rows.versions(s)])
         return self.render(request, "adapters.html", rows=rows, message=message)
 
     async def adapter_action(self, request: Request) -> Response:
@@ -324,14 +324,14 @@ class Dashboard:
             with session.begin():
                 if action == "promote":
                     if not version:
-                        raise adapters.AdapterStateError("name a version to promote")
-                    return f"{adapters.promote(session, version).version} is active"
-                rolled, now = adapters.rollback(session)
+                        raise adapter_rows.AdapterStateError("name a version to promote")
+                    return f"{adapter_rows.promote(session, version).version} is active"
+                rolled, now = adapter_rows.rollback(session)
                 return f"{rolled.version} rolled back; {now or 'the base model'} serves"
 
         try:
             message = self.query(work)
-        except adapters.AdapterStateError as error:
+        except adapter_rows.AdapterStateError as error:
             raise PageError(409, f"nothing changed: {error}") from None
         log.info("admin: %s", message)
         return RedirectResponse(f"/adapters?{urlencode({'done': message})}", status_code=303)

@@ -33,7 +33,7 @@ def register(commands: Subcommands) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy.orm import Session
 
-    from feedback import adapters
+    from feedback import adapter_rows
     from feedback.database import StoreError, open_store, upgrade
 
     try:
@@ -44,10 +44,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 return check_canary(session, settings)
         with Session(engine) as session, session.begin():
             if args.adapters_command == "list":
-                rows = adapters.versions(session)
+                rows = adapter_rows.versions(session)
                 if args.json:
                     for row in rows:
-                        print(json.dumps(adapters.record(row), default=str))
+                        print(json.dumps(adapter_rows.record(row), default=str))
                     return 0
                 if not rows:
                     print("no adapters published yet; the base model serves")
@@ -63,19 +63,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 if not args.version:
                     print("ghostloop adapters promote: name a VERSION", file=sys.stderr)
                     return 2
-                row = adapters.promote(session, args.version)
+                row = adapter_rows.promote(session, args.version)
                 print(f"{row.version} is active")
             elif args.adapters_command == "canary":
                 if not args.version:
                     print("ghostloop adapters canary: name a VERSION", file=sys.stderr)
                     return 2
                 share = args.share if args.share is not None else settings.canary.share or 0.2
-                row = adapters.start_canary(session, args.version, share)
+                row = adapter_rows.start_canary(session, args.version, share)
                 print(f"{row.version} is a canary for {share:.0%} of users")
             else:
-                rolled, now = adapters.rollback(session)
+                rolled, now = adapter_rows.rollback(session)
                 print(f"{rolled.version} rolled back; {now or 'the base model'} serves")
-    except (StoreError, adapters.AdapterStateError) as error:
+    except (StoreError, adapter_rows.AdapterStateError) as error:
         print(f"ghostloop adapters: {error}", file=sys.stderr)
         return 1
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ghostloop.adapters import AdapterError
+from ghostloop.registry import AdapterError
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"

@@ -30,9 +30,9 @@ from feedback.database import open_engine
 from feedback.replays import format_lift, method_rows
 from feedback.schema import AdapterVersion
 from ghostloop.settings import Settings
-from tests.adapters import publish_adapter
 from tests.e2e.conftest import StartServer
 from tests.e2e.sessions import TYPED_INSTEAD, record_session
+from tests.publishing import publish_adapter
 
 CHROMIUM = os.environ.get("GHOSTLOOP_TEST_CHROMIUM", "/usr/bin/chromium")
 

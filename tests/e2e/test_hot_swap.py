@@ -20,8 +20,8 @@ from feedback.canary import arm_for
 from feedback.database import open_engine
 from feedback.schema import AdapterVersion, Completion
 from ghostloop.settings import Settings
-from tests.adapters import publish_adapter
 from tests.e2e.conftest import StartServer, inline_params, open_document, sample_source
+from tests.publishing import publish_adapter
 from tests.training_data import SHORT_WINDOWS, TRUTH, change, function_text
 
 POLL = "0.2"

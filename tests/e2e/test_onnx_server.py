@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from feedback.database import open_engine
-from ghostloop import adapters as registry
-from tests.adapters import publish_adapter
+from ghostloop import registry
 from tests.e2e.conftest import StartServer, open_document, sample_source
 from tests.e2e.test_hot_swap import complete, positions, settings_for
+from tests.publishing import publish_adapter
 
 ONNX = {"GHOSTLOOP_BACKEND": "onnxruntime", "GHOSTLOOP_ADAPTER_POLL_S": "0"}
 

@@ -11,8 +11,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
@@ -64,7 +68,36 @@ def by_hand(session: Session, ids: list[str | None], truths: list[str]) -> dict[
     }
 
 
-def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir):
+@dataclass(frozen=True)
+class FirstNight:
+    """One replay of two nights (sft and dpo) that every test below reads."""
+
+    root: Path
+    data_dir: Path
+    work: Path
+    report: dict[str, Any]
+
+    @property
+    def keys(self) -> list[str]:
+        return [p["key"] for p in self.report["positions"]]
+
+    @property
+    def truths(self) -> list[str]:
+        return [p["truth"] for p in self.report["positions"]]
+
+    @property
+    def served_before(self) -> dict[str, str | None]:
+        return self.report["served"]["before"]
+
+    @property
+    def served_after(self) -> dict[str, dict[str, str | None]]:
+        methods = self.report["methods"]
+        return {name: methods[name]["served"] for name in methods}
+
+
+@pytest.fixture(scope="module")
+def first_night(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> FirstNight:
+    tmp_path = tmp_path_factory.mktemp("replay")
     root = write_repo(tmp_path / "repo", 12)
     work = tmp_path / "data" / "replays" / "first-night"  # where the dashboard looks
     done = replay(
@@ -75,8 +108,19 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
         *("--work-dir", str(work), "--windows", WINDOWS, "--seed", "5"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    return FirstNight(root, tmp_path / "data", work, json.loads(done.stdout))
 
+
+@pytest.fixture
+def store(first_night: FirstNight) -> Iterator[Session]:
+    engine = open_engine(f"sqlite:///{first_night.work / 'ghostloop.db'}")
+    with Session(engine) as session:
+        yield session
+    engine.dispose()
+
+
+def test_the_halves_split_by_file_and_every_pass_walks_the_same_positions(first_night):
+    report, root = first_night.report, first_night.root
     split = report["split"]
     files = sorted(p.name for p in root.glob("module_*.py"))
     assert sorted(split["train_files"] + split["held_out_files"]) == files
@@ -86,108 +130,60 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
     positions = report["positions"]
     assert len(positions) == 40 and {p["path"] for p in positions} <= held_out
 
-    keys = [p["key"] for p in positions]
+    keys = first_night.keys
     methods = report["methods"]
     assert list(methods) == ["sft", "dpo"] and report["method"] == "sft"
-    served_before = report["served"]["before"]
-    served_after = {name: methods[name]["served"] for name in methods}
-    assert report["served"]["after"] == served_after["sft"]
-    assert list(served_before) == keys, "paired by position"
-    assert all(list(served) == keys for served in served_after.values()), "paired by position"
+    assert report["served"]["after"] == first_night.served_after["sft"]
+    assert list(first_night.served_before) == keys, "paired by position"
+    assert all(list(s) == keys for s in first_night.served_after.values()), "paired by position"
     assert report["before"]["completions"] == 40
     assert all(methods[name]["after"]["completions"] == 40 for name in methods)
     assert report["adapter"] == methods["sft"]["adapter"] and report["gated"] is False
 
-    engine = open_engine(f"sqlite:///{work / 'ghostloop.db'}")
-    with Session(engine) as session:
-        rows = session.scalars(select(Completion)).all()
-        by_user: dict[str, list[Completion]] = {}
-        for row in rows:
-            by_user.setdefault(row.user, []).append(row)
-        # the training half's baseline, then the held-out half three times: nothing else
-        assert sorted(by_user) == ["replay-heldout", "replay-train"]
-        before_ids = {i for i in served_before.values() if i}
-        after_ids = {
-            name: {i for i in served.values() if i} for name, served in served_after.items()
-        }
-        assert {r.id for r in by_user["replay-heldout"]} == before_ids.union(*after_ids.values())
-        assert all(session.get(Completion, i).adapter_version is None for i in before_ids)
-        for name, ids in after_ids.items():
-            versions = {session.get(Completion, i).adapter_version for i in ids}
-            assert versions == {methods[name]["adapter"]}, f"{name}'s pass served its adapter"
 
-        # every method trained on the training half alone, all of it, from the base model
-        runs = session.scalars(select(TrainingRun).order_by(TrainingRun.id)).all()
-        assert [run.method for run in runs] == ["sft", "dpo"]
-        for run in runs:
-            assert run.data_counts["completions"] == len(by_user["replay-train"])
-            assert set(run.data_counts["users"]) == {"replay-train"}
-            assert run.evaluation["baseline"] == "base model"
-            assert run.decision == "published"  # --ungated: published whatever the gate said
-            if not run.evaluation["passed"]:
-                assert run.reason.startswith("published without the gate's approval")
-            assert methods[run.method]["gate_passed"] == run.evaluation["passed"]
+def test_each_night_trains_on_the_training_half_alone_and_its_pass_serves_its_adapter(
+    first_night, store
+):
+    report, methods = first_night.report, first_night.report["methods"]
+    by_user: dict[str, list[Completion]] = {}
+    for row in store.scalars(select(Completion)).all():
+        by_user.setdefault(row.user, []).append(row)
+    # the training half's baseline, then the held-out half three times: nothing else
+    assert sorted(by_user) == ["replay-heldout", "replay-train"]
+    before_ids = {i for i in first_night.served_before.values() if i}
+    after_ids = {
+        name: {i for i in served.values() if i} for name, served in first_night.served_after.items()
+    }
+    assert {r.id for r in by_user["replay-heldout"]} == before_ids.union(*after_ids.values())
+    assert all(store.get(Completion, i).adapter_version is None for i in before_ids)
+    for name, ids in after_ids.items():
+        versions = {store.get(Completion, i).adapter_version for i in ids}
+        assert versions == {methods[name]["adapter"]}, f"{name}'s pass served its adapter"
 
-        truths = [p["truth"] for p in positions]
-        figures = {"before": (report["before"], served_before)}
-        figures.update({name: (methods[name]["after"], served_after[name]) for name in methods})
-        for name, (reported, ids) in figures.items():
-            expected = by_hand(session, [ids[k] for k in keys], truths)
-            for metric, value in expected.items():
-                assert abs(reported[metric] - value) < 1e-3, (name, metric)
-        # length where both passes saved typing, straight from the rows
-        for name in methods:
-            pairs = [
-                (by_hand(session, [served_before[k]], [t]), by_hand(session, [ids[k]], [t]))
-                for k, t in zip(keys, truths, strict=True)
-                if (ids := served_after[name])
-            ]
-            both = [
-                (old["mean_suggestion_chars"], new["mean_suggestion_chars"])
-                for old, new in pairs
-                if old["chars_saved_per_completion"] > 0 and new["chars_saved_per_completion"] > 0
-            ]
-            kept = methods[name]["kept_length"]
-            if not both:
-                assert kept is None, name
-                continue
-            assert kept["positions"] == len(both), name
-            assert abs(kept["before"] - sum(b for b, _ in both) / len(both)) < 0.01
-            assert abs(kept["after"] - sum(a for _, a in both) / len(both)) < 0.01
-        assert report["kept_length"] == methods["sft"]["kept_length"]
-        # the reach: what the base model left untyped, position by position, from the rows
-        untyped = [
-            len(t.rstrip())
-            - by_hand(session, [served_before[k]], [t])["chars_saved_per_completion"]
-            for k, t in zip(keys, truths, strict=True)
-        ]
-        reach = report["reach"]
-        assert reach["untyped"]["positions"] == sum(gap > 0 for gap in untyped)
-        assert abs(reach["untyped"]["chars"] - sum(g for g in untyped if g > 0)) < 0.2
-        # a kept rest of line is the end of a line of the training files: a subset
-        assert (
-            reach["in_night_data"]["chars"]
-            <= reach["in_training_files"]["chars"]
-            <= reach["untyped"]["chars"]
-        )
-        # what a night learns from an accept: the line the developer finished there, not
-        # the suggestion's region (cut off where a suggestion stopped short)
-        accepted_before = [
-            (row, truth)
-            for key, truth in zip(keys, truths, strict=True)
-            if (row := session.get(Completion, served_before[key] or "")) is not None
-            and row.outcome == "accepted"
-        ]
-        events = events_by_completion(session=session, completion_ids=sorted(before_ids))
-        for row, truth in accepted_before:
-            example = label(row, events[row.id])
-            assert example is not None and example.kept == truth, (row.suggestion, truth)
-        reactions = report["reactions"][f"{methods['sft']['adapter']}, held-out half"]
-        accepted = sum(session.get(Completion, i).outcome == "accepted" for i in after_ids["sft"])
-        assert reactions.get("accepted", 0) + reactions.get("edited", 0) == accepted
-        assert accepted > 0, "a night on the training half taught the tiny model its habits"
-    engine.dispose()
+    # every method trained on the training half alone, all of it, from the base model
+    runs = store.scalars(select(TrainingRun).order_by(TrainingRun.id)).all()
+    assert [run.method for run in runs] == ["sft", "dpo"]
+    for run in runs:
+        assert run.data_counts["completions"] == len(by_user["replay-train"])
+        assert set(run.data_counts["users"]) == {"replay-train"}
+        assert run.evaluation["baseline"] == "base model"
+        assert run.decision == "published"  # --ungated: published whatever the gate said
+        if not run.evaluation["passed"]:
+            assert run.reason.startswith("published without the gate's approval")
+        assert methods[run.method]["gate_passed"] == run.evaluation["passed"]
+    assert report["methods"]["sft"]["adapter"] != report["methods"]["dpo"]["adapter"]
 
+
+def test_every_figure_of_the_report_is_the_one_the_rows_give_by_hand(first_night, store):
+    report, methods = first_night.report, first_night.report["methods"]
+    keys, truths = first_night.keys, first_night.truths
+    served_before, served_after = first_night.served_before, first_night.served_after
+    figures = {"before": (report["before"], served_before)}
+    figures.update({name: (methods[name]["after"], served_after[name]) for name in methods})
+    for name, (reported, ids) in figures.items():
+        expected = by_hand(store, [ids[k] for k in keys], truths)
+        for metric, value in expected.items():
+            assert abs(reported[metric] - value) < 1e-3, (name, metric)
     lift = report["paired_lift"]["chars_saved_per_completion"]
     difference = (
         report["after"]["chars_saved_per_completion"]
@@ -195,12 +191,81 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
     )
     assert abs(lift[0] - difference) < 1e-3 and lift[1] <= lift[0] <= lift[2]
     assert set(report["by_kind"]) == {"line_start", "mid_line"}
-    stored = json.loads((work / "report.json").read_text())
-    assert stored["paired_lift"] == report["paired_lift"]
-    assert (work / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # the admin overview shows the replay beside the live figures
-    dashboard = TestClient(create_app(open_engine(report["store"]), "t" * 32, tmp_path / "data"))
+
+def test_the_kept_length_counts_the_positions_both_passes_saved_typing_at(first_night, store):
+    methods = first_night.report["methods"]
+    keys, truths, before = first_night.keys, first_night.truths, first_night.served_before
+    for name in methods:
+        ids = first_night.served_after[name]
+        pairs = [
+            (by_hand(store, [before[k]], [t]), by_hand(store, [ids[k]], [t]))
+            for k, t in zip(keys, truths, strict=True)
+        ]
+        both = [
+            (old["mean_suggestion_chars"], new["mean_suggestion_chars"])
+            for old, new in pairs
+            if old["chars_saved_per_completion"] > 0 and new["chars_saved_per_completion"] > 0
+        ]
+        kept = methods[name]["kept_length"]
+        if not both:
+            assert kept is None, name
+            continue
+        assert kept["positions"] == len(both), name
+        assert abs(kept["before"] - sum(b for b, _ in both) / len(both)) < 0.01
+        assert abs(kept["after"] - sum(a for _, a in both) / len(both)) < 0.01
+    assert first_night.report["kept_length"] == methods["sft"]["kept_length"]
+
+
+def test_the_reach_is_what_the_base_model_left_untyped(first_night, store):
+    keys, truths, before = first_night.keys, first_night.truths, first_night.served_before
+    untyped = [
+        len(t.rstrip()) - by_hand(store, [before[k]], [t])["chars_saved_per_completion"]
+        for k, t in zip(keys, truths, strict=True)
+    ]
+    reach = first_night.report["reach"]
+    assert reach["untyped"]["positions"] == sum(gap > 0 for gap in untyped)
+    assert abs(reach["untyped"]["chars"] - sum(g for g in untyped if g > 0)) < 0.2
+    # a kept rest of line is the end of a line of the training files: a subset
+    assert (
+        reach["in_night_data"]["chars"]
+        <= reach["in_training_files"]["chars"]
+        <= reach["untyped"]["chars"]
+    )
+
+
+def test_a_night_learns_the_line_the_developer_finished_and_it_shows(first_night, store):
+    """What a night learns from an accept: the line the developer finished there, not the
+    suggestion's region (cut off where a suggestion stopped short)."""
+    keys, truths = first_night.keys, first_night.truths
+    before_ids = sorted(i for i in first_night.served_before.values() if i)
+    accepted_before = [
+        (row, truth)
+        for key, truth in zip(keys, truths, strict=True)
+        if (row := store.get(Completion, first_night.served_before[key] or "")) is not None
+        and row.outcome == "accepted"
+    ]
+    events = events_by_completion(session=store, completion_ids=before_ids)
+    for row, truth in accepted_before:
+        example = label(row, events[row.id])
+        assert example is not None and example.kept == truth, (row.suggestion, truth)
+    methods = first_night.report["methods"]
+    reactions = first_night.report["reactions"][f"{methods['sft']['adapter']}, held-out half"]
+    after = [i for i in first_night.served_after["sft"].values() if i]
+    accepted = sum(store.get(Completion, i).outcome == "accepted" for i in after)
+    assert reactions.get("accepted", 0) + reactions.get("edited", 0) == accepted
+    assert accepted > 0, "a night on the training half taught the tiny model its habits"
+
+
+def test_the_report_is_written_with_its_chart(first_night):
+    stored = json.loads((first_night.work / "report.json").read_text())
+    assert stored == first_night.report
+    assert (first_night.work / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_dashboard_shows_the_replay_beside_the_live_figures(first_night):
+    report = first_night.report
+    dashboard = TestClient(create_app(open_engine(report["store"]), "t" * 32, first_night.data_dir))
     dashboard.headers["Authorization"] = "Bearer " + "t" * 32
     overview = dashboard.get("/")
     assert overview.status_code == 200
@@ -223,15 +288,17 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
             assert "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells[1:]) in table
     assert dashboard.get("/replays/second-night").status_code == 404
 
-    # in a terminal: the list, and the report in full as the replay printed it
-    env = {**os.environ, "GHOSTLOOP_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"}
-    listed = subprocess.run(
-        [sys.executable, "-m", "ghostloop", "replays", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+
+def replays_command(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GHOSTLOOP_DATA_DIR": str(data_dir), "COLUMNS": "200"}
+    command = [sys.executable, "-m", "ghostloop", "replays", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_terminal_lists_the_replay_and_shows_it_as_it_printed(first_night):
+    report = first_night.report
+    listed = replays_command(first_night.data_dir, "--json")
+    assert listed.returncode == 0, listed.stderr
     (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
     assert row["name"] == "first-night" and row["positions"] == 40
     assert {m["method"]: m["lift"] for m in row["methods"]} == {
@@ -239,38 +306,29 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
         method: report["methods"][method]["paired_lift"].get("chars_saved_relative")
         for method in ("sft", "dpo")
     }
-    shown = subprocess.run(
-        [sys.executable, "-m", "ghostloop", "replays", "show", "first-night"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    shown = replays_command(first_night.data_dir, "show", "first-night")
+    assert shown.returncode == 0, shown.stderr
     assert format_table(report) in shown.stdout
     assert report["split"]["root"] in shown.stdout
 
-    # pooled with another replay (here the same one under a second name), the figures are
-    # read back from the replay's store and come out as the report has them
-    second = work.parent / "second-night"
-    second.mkdir()
-    (second / "report.json").write_bytes((work / "report.json").read_bytes())
-    pool_command = [sys.executable, "-m", "ghostloop", "replays", "pool", "first-night"]
-    pooled = subprocess.run(
-        [*pool_command, "second-night"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+
+def test_pooled_replays_read_their_figures_back_from_each_store(first_night, tmp_path):
+    """Pooled with another replay (here the same one under a second name, in a data dir of
+    its own), the figures come out as the report has them."""
+    data_dir = tmp_path / "data"
+    for name in ("first-night", "second-night"):
+        (data_dir / "replays" / name).mkdir(parents=True)
+        report_file = data_dir / "replays" / name / "report.json"
+        report_file.write_bytes((first_night.work / "report.json").read_bytes())
+    pooled = replays_command(data_dir, "pool", "first-night", "second-night")
     assert pooled.returncode == 0, pooled.stderr
     assert "pooled: 2 replays, 80 held-out positions" in pooled.stdout
+    report = first_night.report
     for method in ("sft", "dpo"):
-        done = subprocess.run(
-            [*pool_command, "second-night", "--method", method, "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
+        done = replays_command(
+            data_dir, "pool", "first-night", "second-night", "--method", method, "--json"
         )
+        assert done.returncode == 0, done.stderr
         both = json.loads(done.stdout)
         assert both["before"]["completions"] == 80 and both["methods"] == [method]
         figures = report["methods"][method]
@@ -278,12 +336,10 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
             assert both["before"][name] == report["before"][name]
             assert both["after"][name] == figures["after"][name]
             assert both["paired_lift"][name][0] == figures["paired_lift"][name][0]
-    alone = subprocess.run(
-        pool_command,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+
+
+def test_bad_replays_commands_are_refused_by_name(first_night):
+    alone = replays_command(first_night.data_dir, "pool", "first-night")
     assert alone.returncode == 2 and "two or more replays" in alone.stderr
     for bad, words in (
         (["show"], "name one replay"),
@@ -292,12 +348,7 @@ def test_replay_trains_swaps_and_reports_from_the_store(tmp_path, tiny_model_dir
         (["--limit", "0"], "--limit must be at least 1"),
         (["pool", "first-night", "third-night"], "no replay named 'third-night'"),
     ):
-        refused = subprocess.run(
-            [sys.executable, "-m", "ghostloop", "replays", *bad],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        refused = replays_command(first_night.data_dir, *bad)
         assert refused.returncode == 2 and words in refused.stderr, (bad, refused.stderr)
 
 

@@ -22,9 +22,9 @@ from sqlalchemy import create_engine, text
 from evaluation.client import GhostloopClient
 from feedback.tokens import digest
 from ghostloop.settings import Settings
-from tests.adapters import publish_adapter
 from tests.e2e.conftest import listening
 from tests.e2e.team_servers import TeamServer, free_port, tokens
+from tests.publishing import publish_adapter
 
 SOURCE = "import os\n\n\ndef read(path):\n    with open(path) as handle:\n        return "
 CURSOR = (5, 15)

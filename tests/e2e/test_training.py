@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from feedback.database import open_engine
 from feedback.schema import AdapterVersion, PreferencePair, TrainingRun
-from ghostloop import adapters as registry
+from ghostloop import registry
 from ghostloop.models import load_model, resolve_model
 from ghostloop.settings import Settings
 from tests.e2e.conftest import StartServer
@@ -187,9 +187,9 @@ KILL_AT = {
     # after training, before the gate decides
     "training": f"import trainer.gate as g\ng.run_gate = {DIE}",
     # the adapter's files are written, not yet renamed into the registry
-    "publish-files": f"import ghostloop.adapters as r\nr.os.rename = {DIE}",
+    "publish-files": f"import ghostloop.registry as r\nr.os.rename = {DIE}",
     # renamed into the registry, its row not yet written
-    "publish-row": f"import feedback.adapters as a\na.publish = {DIE}",
+    "publish-row": f"import feedback.adapter_rows as a\na.publish = {DIE}",
 }
 
 

@@ -30,7 +30,7 @@ from ghostloop.postprocess import CursorContext, completion_mode
 from ghostloop.settings import Settings
 from ghostloop.suggest import prompt_for, suggest, suggest_batch
 from lsp_server.engine import CompletionEngine, JobCancelled, ServingState
-from tests.adapters import save_adapter
+from tests.publishing import save_adapter
 
 # cursors in four files, so the prompts differ in length and content (left padding)
 CURSORS = [

@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from feedback import adapters, canary
+from feedback import adapter_rows, canary
 from feedback.database import upgrade
 from feedback.schema import AdapterVersion, Completion, FeedbackEvent
 
@@ -20,7 +20,7 @@ USERS = [f"dev{i}" for i in range(8)]
 def publish(session: Session, tmp_path: Path, version: str, share: float) -> AdapterVersion:
     path = tmp_path / version
     path.mkdir()
-    return adapters.publish(
+    return adapter_rows.publish(
         session,
         version=version,
         base_model="m",
@@ -104,6 +104,6 @@ def test_alike_arms_continue_then_retire_and_the_active_adapter_stays(
         assert retired.status == "retired" and retired.canary_share is None
         assert retired.evidence["canary_decision"] == "retired"
         assert retired.evidence["canary_arms"]["canary"]["chars_saved_per_completion"] == 5.0
-        assert adapters.active(session, "m").version == "v1"
-        assert adapters.canary(session, "m") is None
+        assert adapter_rows.active(session, "m").version == "v1"
+        assert adapter_rows.canary(session, "m") is None
         assert canary.check(session, "m", **looks) is None  # nothing left to judge

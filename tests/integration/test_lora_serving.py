@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ghostloop.adapters import AdapterError, checksum
 from ghostloop.lora import read_adapter, serving
-from tests.adapters import save_adapter
+from ghostloop.registry import AdapterError, checksum
+from tests.publishing import save_adapter
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from ghostloop.models import LoadedModel, load_model
 from ghostloop.postprocess import CursorContext
 from ghostloop.settings import Settings
 from ghostloop.suggest import suggest
-from tests.adapters import save_adapter
+from tests.publishing import save_adapter
 
 FILES = ("textwrap.py", "shlex.py", "fnmatch.py", "json/decoder.py")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ghostloop import adapters as registry
+from ghostloop import registry
 
 
 def save_fake_adapter(directory: Path) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from feedback import adapters as adapter_rows
+from feedback import adapter_rows
 from feedback.database import open_engine, upgrade
-from ghostloop import adapters as registry
+from ghostloop import registry
 from ghostloop.models import resolve_model
 from ghostloop.settings import Settings
 

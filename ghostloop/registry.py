@@ -2,7 +2,7 @@
 
 A version is written under a temporary name, checked (safetensors only, never pickle),
 checksummed and renamed into place, so a crash mid-publish leaves no half-written version
-visible. The adapters table (feedback.adapters) says which version is active.
+visible. The adapters table (feedback.adapter_rows) says which version is active.
 """
 
 from __future__ import annotations

@@ -70,19 +70,15 @@ def _check_config(config: dict[str, Any], directory: Path) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def read_adapter(
-    directory: Path, model: nn.Module, *, version: str, expected_checksum: str | None = None
-) -> LoraWeights:
-    """The adapter at ``directory`` checked against ``model``: safetensors only, the
-    checksum the registry recorded, every tensor a LoRA factor of a Linear the model has,
-    with that Linear's shape. Raises AdapterError saying what does not fit."""
+def _read_factors(
+    directory: Path, expected_checksum: str | None
+) -> tuple[float, dict[str, dict[str, torch.Tensor]]]:
+    """The scale and the factors (module name -> {"A", "B"}) of the peft adapter at
+    ``directory``: safetensors only, the checksum the registry recorded, plain LoRA."""
     from safetensors import SafetensorError, safe_open
 
     config = verify(directory, expected_checksum)
     scale = _check_config(config, directory)
-    modules = dict(model.named_modules())
-    parameter = next(model.parameters())
-    device, dtype = parameter.device, parameter.dtype
     factors: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as handle:
@@ -97,6 +93,24 @@ def read_adapter(
         raise AdapterError(f"adapter {directory} has a corrupt safetensors file: {error}") from None
     if not factors:
         raise AdapterError(f"adapter {directory} holds no LoRA weights")
+    for name, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"adapter {directory} lacks a factor of {name!r}")
+        if not (torch.isfinite(pair["A"]).all() and torch.isfinite(pair["B"]).all()):
+            raise AdapterError(f"adapter {directory} has non-finite weights in {name}")
+    return scale, factors
+
+
+def read_adapter(
+    directory: Path, model: nn.Module, *, version: str, expected_checksum: str | None = None
+) -> LoraWeights:
+    """The adapter at ``directory`` checked against ``model``: safetensors only, the
+    checksum the registry recorded, every tensor a LoRA factor of a Linear the model has,
+    with that Linear's shape. Raises AdapterError saying what does not fit."""
+    scale, factors = _read_factors(directory, expected_checksum)
+    modules = dict(model.named_modules())
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     ranks = set()
     nbytes = 0
@@ -107,8 +121,6 @@ def read_adapter(
                 f"adapter {directory} targets {name!r}, which this model has no Linear for: "
                 "it was trained for another base model"
             )
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"adapter {directory} lacks a factor of {name!r}")
         a, b = pair["A"], pair["B"]
         rank = a.shape[0]
         if a.shape != (rank, module.in_features) or b.shape != (module.out_features, rank):
@@ -117,14 +129,23 @@ def read_adapter(
                 f"{tuple(b.shape)}, the model's Linear is {module.in_features}->"
                 f"{module.out_features}: it was trained for another base model"
             )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterError(f"adapter {directory} has non-finite weights in {name}")
         ranks.add(rank)
         a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
         layers[name] = (a, b, scale)
         nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
     checksum = expected_checksum or ""
     return LoraWeights(version, checksum, layers, max(ranks), nbytes)
+
+
+def read_factors(directory: Path, *, version: str, expected_checksum: str) -> LoraWeights:
+    """The adapter at ``directory`` as it is stored (CPU, fp32), checked as the registry
+    checks it but not against a model: for writing it in another form, whose own checks
+    are against what that form is for (``onnx_backend.lora_files``)."""
+    scale, factors = _read_factors(directory, expected_checksum)
+    layers = {name: (pair["A"].float(), pair["B"].float(), scale) for name, pair in factors.items()}
+    nbytes = sum(a.numel() * 4 + b.numel() * 4 for a, b, _ in layers.values())
+    rank = max(int(a.shape[0]) for a, _, _ in layers.values())
+    return LoraWeights(version, expected_checksum, layers, rank, nbytes)
 
 
 class LoraServing:

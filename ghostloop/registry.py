@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-EXPORT_DIR = "onnx"  # the onnxruntime backend's export, checked by its own side file
+EXPORT_DIR = "onnx"  # the onnxruntime adapter file, checked by its own side file
 PARTIAL_PREFIX = ".partial-"
 
 

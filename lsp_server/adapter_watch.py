@@ -27,7 +27,7 @@ from feedback import canary as canaries
 from feedback.database import StoreError, open_store
 from feedback.schema import AdapterVersion
 from ghostloop.lora import read_adapter
-from ghostloop.onnx_backend import adapter_export
+from ghostloop.onnx_backend import adapter_file
 from ghostloop.registry import AdapterError
 from ghostloop.settings import Settings
 from lsp_server.engine import Adapter, CompletionEngine, ServingState
@@ -166,17 +166,17 @@ class AdapterWatcher:
 
     def _read(self, row: AdapterVersion) -> Adapter:
         """The adapter checked against the served model: LoRA factors for the torch
-        backend; for onnxruntime, the export published beside them, in a session."""
+        backend; for onnxruntime, the adapter file published beside them, checked against
+        the base export and bound per request."""
         directory, loaded = Path(row.path), self.engine.loaded
         # the registry's checks (files, checksum, factors that fit) hold for both backends
         weights = read_adapter(
             directory, loaded.model, version=row.version, expected_checksum=row.checksum
         )
-        if self.settings.inference.backend != "onnxruntime":
+        base = self.engine.onnx_base
+        if self.settings.inference.backend != "onnxruntime" or base is None:
             return weights
-        return adapter_export(
-            directory, loaded, self.settings, version=row.version, checksum=row.checksum
-        )
+        return adapter_file(directory, base, version=row.version, checksum=row.checksum)
 
     def _apply(self, wanted: Wanted) -> None:
         current = self.engine.serving

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from feedback.canary import arm_for
 from ghostloop.decoding import PrefixCaches, TorchForward
 from ghostloop.lora import LoraWeights
-from ghostloop.onnx_backend import OnnxForward, OnnxModel, base_export
+from ghostloop.onnx_backend import OnnxAdapter, OnnxForward, OnnxModel, base_export
 from ghostloop.postprocess import CompletionMode, CursorContext
 from ghostloop.prompts import Prompt
 from ghostloop.settings import Settings
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Adapter = LoraWeights | OnnxModel  # what serves an adapter: hooks (torch) or a session (onnx)
+Adapter = LoraWeights | OnnxAdapter  # an adapter served: hooks (torch), a file's inputs (onnx)
 
 
 class JobCancelled(Exception):
@@ -232,6 +232,11 @@ class CompletionEngine:
     def loaded(self) -> Any:
         """The loaded model, None until it is."""
         return self._model
+
+    @property
+    def onnx_base(self) -> OnnxModel | None:
+        """The onnxruntime backend's base export, None until loaded (or with torch)."""
+        return self._onnx_base
 
     @property
     def model_name(self) -> str:
@@ -468,9 +473,9 @@ class CompletionEngine:
             else None
         )
         forward: OnnxForward | TorchForward
-        if self._onnx_base is not None:  # a session per adapter: nothing to put in force
-            served = adapter if isinstance(adapter, OnnxModel) else self._onnx_base
-            forward = OnnxForward(served, reuse=reuse)
+        if self._onnx_base is not None:  # one session: the adapter's factors bound as inputs
+            onnx_adapter = adapter if isinstance(adapter, OnnxAdapter) else None
+            forward = OnnxForward(self._onnx_base, reuse=reuse, adapter=onnx_adapter)
         else:
             forward = TorchForward(self._model.model, self._model.device, reuse=reuse)
         return _Running(job, arm, adapter, time.monotonic(), should_stop, forward)

@@ -31,18 +31,22 @@ def save_adapter(model_dir: Path, directory: Path, *, seed: int, rank: int = 4) 
     peft_model.save_pretrained(str(directory), safe_serialization=True)
 
 
-def export_onnx(model_dir: Path, directory: Path, version: str) -> None:
-    """The served model with the adapter at ``directory`` merged in, exported beside it."""
+def write_onnx_adapter(model_dir: Path, directory: Path, version: str) -> None:
+    """The adapter at ``directory`` as an adapter file beside it, for the base export the
+    onnxruntime backend serves (the nightly job's default slots), as the nightly job
+    writes it."""
     from ghostloop import onnx_backend
-    from ghostloop.lora import read_adapter
+    from ghostloop.lora import read_factors
     from ghostloop.models import load_model
 
-    loaded = load_model(Settings.of(model=str(model_dir), device="cpu"))
-    adapter = read_adapter(
-        directory, loaded.model, version=version, expected_checksum=registry.checksum(directory)
+    settings = Settings.of(model=str(model_dir), device="cpu")
+    loaded = load_model(settings)
+    weights = read_factors(
+        directory, version=version, expected_checksum=registry.checksum(directory)
     )
-    onnx_backend.export(
-        loaded.model, directory / registry.EXPORT_DIR, model_name=loaded.name, adapter=adapter
+    shapes = onnx_backend.slot_shapes(loaded.model, onnx_backend.slots_for(settings))
+    onnx_backend.write_adapter(
+        weights, directory / registry.EXPORT_DIR, shapes, model_name=loaded.name
     )
 
 
@@ -58,12 +62,12 @@ def publish_adapter(
 ) -> Path:
     """Write a version into the registry and publish it for the served model (as the
     nightly job does); ``trained_for`` makes its weights fit another model; ``onnx``
-    exports it for the onnxruntime backend as the nightly job does with that backend."""
+    writes its adapter file for the onnxruntime backend as the nightly job does."""
 
     def save(directory: Path) -> None:
         save_adapter(trained_for or model_dir, directory, seed=seed)
         if onnx:
-            export_onnx(model_dir, directory, version)
+            write_onnx_adapter(model_dir, directory, version)
 
     path, digest = registry.write_atomically(settings.store.adapters_dir, version, save)
     engine = open_engine(settings.store.database_url)

@@ -32,8 +32,9 @@ from feedback import adapter_rows
 from feedback.database import open_store, upgrade
 from feedback.schema import PreferencePair, TrainingRun
 from ghostloop import onnx_backend, registry
+from ghostloop.lora import read_factors
 from ghostloop.models import LoadedModel, load_model
-from ghostloop.onnx_backend import OnnxModel
+from ghostloop.onnx_backend import OnnxModel, Served
 from ghostloop.settings import Settings
 from trainer.gate import GateResult, run_gate
 from trainer.labels import (
@@ -240,7 +241,7 @@ class Candidate:
     and its own exports as a server would serve them (saved in the staging directory)."""
 
     version: str
-    served: tuple[OnnxModel, OnnxModel] | None
+    served: tuple[Served, Served] | None
 
 
 class Night:
@@ -256,7 +257,8 @@ class Night:
         self.started = time.monotonic()
         self.run_id = 0
         self.baseline_path: Path | None = None  # the active adapter, verified, if any
-        self.served_baseline: OnnxModel | None = None
+        self.onnx_base: OnnxModel | None = None  # the base export adapter files are for
+        self.served_baseline: Served | None = None
 
     def label(self, from_scratch: bool) -> Labelled | NightlyResult:
         """Label the completions logged since the last run, deduplicate, cap each user's
@@ -326,7 +328,7 @@ class Night:
         if settings.inference.backend == "onnxruntime":
             # exported before training, while the base model has no LoRA yet
             usable = labelled.baseline if self.baseline_path is not None else None
-            self.served_baseline = _served_baseline(settings, loaded, usable)
+            self.onnx_base, self.served_baseline = _served_baseline(settings, loaded, usable)
         work = settings.store.data_dir / "train-work" / f"run{self.run_id}"
         try:
             if settings.training.processes > 1:
@@ -344,23 +346,20 @@ class Night:
         return outcome
 
     def export(self, outcome: TrainOutcome) -> Candidate:
-        """With onnxruntime, the candidate as it would be published and served: saved and
-        exported into the staging directory, so that the export the gate judges is the
-        one published with it."""
+        """With onnxruntime, the candidate as it would be published and served: saved with
+        its adapter file for the base export into the staging directory, so that the file
+        the gate judges is the one published with it."""
         version = _version(self.method, self.run_id)
-        if self.served_baseline is None:
+        base = self.onnx_base
+        if self.served_baseline is None or base is None:
             return Candidate(version, None)
         staged = _staging(self.settings, self.run_id)
         _save_adapter(outcome.model, staged)
-        _export_onnx(outcome.model, staged, self.loaded, version)
-        candidate = onnx_backend.adapter_export(
-            staged,
-            self.loaded,
-            self.settings,
-            version=version,
-            checksum=registry.checksum(staged),
+        _write_adapter_file(staged, base, version)
+        candidate = onnx_backend.adapter_file(
+            staged, base, version=version, checksum=registry.checksum(staged)
         )
-        return Candidate(version, (self.served_baseline, candidate))
+        return Candidate(version, (self.served_baseline, (base, candidate)))
 
     def gate(self, outcome: TrainOutcome, labelled: Labelled, candidate: Candidate) -> GateResult:
         """The candidate against the adapter it would replace, on the held-out examples."""
@@ -389,8 +388,8 @@ class Night:
                     shutil.move(entry, directory / entry.name)
                 return
             _save_adapter(outcome.model, directory)
-            if settings.inference.backend == "onnxruntime":
-                _export_onnx(outcome.model, directory, self.loaded, candidate.version)
+            if self.onnx_base is not None and self.onnx_base.lora is not None:
+                _write_adapter_file(directory, self.onnx_base, candidate.version)
 
         path, digest = registry.write_atomically(
             settings.store.adapters_dir, candidate.version, save
@@ -466,37 +465,41 @@ def _save_adapter(model: Any, directory: Path) -> None:
 
 def _served_baseline(
     settings: Settings, loaded: LoadedModel, baseline: tuple[Path, str, str] | None
-) -> OnnxModel | None:
-    """The baseline's onnxruntime export for the gate, loaded before training (while the
-    base model has no LoRA yet, so it can be exported if it never was); None, and the gate
-    generates with torch, when there is no usable one (an active adapter published under
-    torch, say)."""
+) -> tuple[OnnxModel | None, Served | None]:
+    """The base export (made before training, while the base model has no LoRA yet) and
+    what the baseline serves on it for the gate: the base alone, or the active adapter's
+    file; None, and the gate generates with torch, when there is no usable one (an active
+    adapter published under torch, say)."""
     try:
-        if baseline is None:
-            return onnx_backend.base_export(loaded, settings)
-        path, version, checksum = baseline
-        return onnx_backend.adapter_export(
-            path, loaded, settings, version=version, checksum=checksum
+        base = onnx_backend.base_export(loaded, settings)
+    except onnx_backend.OnnxExportError as error:
+        log.warning("the gate generates with torch: the base export: %s", error)
+        return None, None
+    if base.lora is None:
+        log.warning("the gate generates with torch: the base export has no LoRA slots")
+        return base, None
+    if baseline is None:
+        return base, (base, None)
+    path, version, checksum = baseline
+    try:
+        return base, (
+            base,
+            onnx_backend.adapter_file(path, base, version=version, checksum=checksum),
         )
     except onnx_backend.OnnxExportError as error:
-        log.warning("the gate generates with torch: the baseline's export: %s", error)
-        return None
+        log.warning("the gate generates with torch: the baseline's adapter file: %s", error)
+        return base, None
 
 
-def _export_onnx(model: Any, directory: Path, loaded: LoadedModel, version: str) -> None:
-    """The onnxruntime backend serves a model with the adapter folded into its weights:
-    export it now, inside the version's directory before it is published, in the graph
-    for this machine's device (onnx_backend.fused_for)."""
-    import copy
-
-    folded = copy.deepcopy(model).merge_and_unload()  # peft: W + scale * B A, plain Linears
-    identity = (version, registry.checksum(directory))
-    onnx_backend.export(
-        folded,
-        directory / registry.EXPORT_DIR,
-        model_name=loaded.name,
-        identity=identity,
-        fused=onnx_backend.fused_for(loaded),
+def _write_adapter_file(directory: Path, base: OnnxModel, version: str) -> None:
+    """The adapter saved at ``directory`` as an adapter file for ``base`` (a few MB, bound
+    at run time), inside the version's directory before it is published."""
+    weights = read_factors(
+        directory, version=version, expected_checksum=registry.checksum(directory)
+    )
+    shapes = {name: shape for name, (shape, _) in base.lora_inputs.items()}
+    onnx_backend.write_adapter(
+        weights, directory / registry.EXPORT_DIR, shapes, model_name=base.model_name
     )
 
 

@@ -1,9 +1,10 @@
-"""The onnxruntime backend: the served model exported to ONNX (``export``), its int8 copy
-(``quantize``), and the forward step that runs it (``runtime``); ``files`` says what an
+"""The onnxruntime backend: the base model exported once to ONNX with LoRA slots
+(``export``), its int8 copy (``quantize``), adapters as small files bound at run time
+(``lora_files``), and the forward step that runs them (``runtime``); ``files`` says what an
 export is on disk. Everything the server, the nightly job and the benchmarks use is named
 here."""
 
-from ghostloop.onnx_backend.export import export, merged
+from ghostloop.onnx_backend.export import LoraSlots, export, slot_shapes
 from ghostloop.onnx_backend.files import (
     EXPORT_FORMAT,
     FUSED,
@@ -13,33 +14,42 @@ from ghostloop.onnx_backend.files import (
     ONNX_FILE,
     OnnxExportError,
 )
+from ghostloop.onnx_backend.lora_files import ADAPTER_FILE, OnnxAdapter, write_adapter
 from ghostloop.onnx_backend.quantize import quantized
 from ghostloop.onnx_backend.runtime import (
     OnnxForward,
     OnnxModel,
-    adapter_export,
+    Served,
+    adapter_file,
     base_export,
     fused_for,
     load,
     providers_for,
+    slots_for,
 )
 
 __all__ = [
+    "ADAPTER_FILE",
     "EXPORT_FORMAT",
     "FUSED",
     "GROUPED",
     "INT8_FILE",
     "META_SUFFIX",
     "ONNX_FILE",
+    "LoraSlots",
+    "OnnxAdapter",
     "OnnxExportError",
     "OnnxForward",
     "OnnxModel",
-    "adapter_export",
+    "Served",
+    "adapter_file",
     "base_export",
     "export",
     "fused_for",
     "load",
-    "merged",
     "providers_for",
     "quantized",
+    "slot_shapes",
+    "slots_for",
+    "write_adapter",
 ]

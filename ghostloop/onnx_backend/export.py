@@ -1,5 +1,6 @@
-"""Exporting the served model (base, or base with an adapter merged in) to ONNX with its KV
-cache as inputs and outputs.
+"""Exporting the served base model to ONNX with its KV cache, and LoRA slots (``LoraSlots``:
+each adapted projection's low-rank factors as graph inputs, so that one export serves the
+base model and every adapter, bound at run time), as inputs and outputs.
 
 ``torch.onnx.export`` (TorchScript tracing, opset 17) of a wrapper returning the last
 position's logits and the present keys and values, in one of two kinds (the side file's
@@ -18,8 +19,8 @@ position's logits and the present keys and values, in one of two kinds (the side
 It is exported without constant folding, which would store the output layer's transpose of
 a tied embedding as a second copy of the largest weight; onnxruntime folds constants itself
 when it loads the graph. A side file ``model.onnx.json`` records the file's SHA-256, the
-cache geometry and what was exported (model, adapter version and registry checksum); a
-file that does not match it is refused (``runtime.load``).
+cache geometry, the model it was exported from and its LoRA slots; a file that does not
+match it is refused (``runtime.load``).
 optimum-onnx is not used: it pins transformers < 4.58.
 """
 
@@ -31,6 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,6 @@ import torch
 from torch import nn
 
 from ghostloop.decoding import cache_keyword
-from ghostloop.lora import LoraWeights
 from ghostloop.onnx_backend.files import (
     EXPORT_FORMAT,
     FUSED,
@@ -186,6 +187,83 @@ def unfusable(model: Any) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class LoraSlots:
+    """The run-time LoRA a base export takes: on each layer's ``targets`` (projection names
+    such as ``q_proj``), ``x W + (x a) b`` with ``a`` (in, rank) and ``b`` (rank, out) as graph
+    inputs, zero for no adapter. An adapter of a lower rank is padded with zeros; its scale
+    is folded into ``b``. The weights W stay what they are, so an int8 copy quantizes W
+    alone and the adapter keeps its fp32 precision."""
+
+    targets: tuple[str, ...]
+    rank: int
+
+    def input_names(self, layers: int) -> list[str]:
+        return [
+            f"lora.{layer}.{target}.{factor}"
+            for layer in range(layers)
+            for target in self.targets
+            for factor in ("a", "b")
+        ]
+
+
+class _LoraState:
+    """The LoRA factors the adapted projections read while the export traces the model."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+
+
+class _Adapted(nn.Module):
+    """A Linear (or several packed side by side) plus, on each part with a slot, the
+    low-rank product of the slot's graph inputs."""
+
+    def __init__(
+        self, base: nn.Linear, parts: Sequence[tuple[int, str | None]], state: _LoraState
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.parts = list(parts)
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if all(key is None for _, key in self.parts):
+            return y
+        values = self.state.values
+        pieces = y.split([width for width, _ in self.parts], dim=-1)
+        added = [
+            piece if key is None else piece + (x @ values[f"{key}.a"]) @ values[f"{key}.b"]
+            for piece, (_, key) in zip(pieces, self.parts, strict=True)
+        ]
+        return added[0] if len(added) == 1 else torch.cat(added, dim=-1)
+
+
+def _slot(layer: int, name: str, slots: LoraSlots | None) -> str | None:
+    return f"lora.{layer}.{name}" if slots is not None and name in slots.targets else None
+
+
+def _adapt(
+    linears: Sequence[tuple[str, nn.Linear]], layer: int, slots: LoraSlots | None, state: _LoraState
+) -> nn.Module:
+    """``linears`` packed into one (several) or kept (one), with their LoRA slots."""
+    base = _packed([linear for _, linear in linears]) if len(linears) > 1 else linears[0][1]
+    parts = [(linear.out_features, _slot(layer, name, slots)) for name, linear in linears]
+    if all(key is None for _, key in parts):
+        return base
+    return _Adapted(base, parts, state)
+
+
+def _adapt_unpacked(model: Any, slots: LoraSlots, state: _LoraState) -> None:
+    """Each target Linear of ``model`` (an export's own copy) with its LoRA slot."""
+    for layer, block in enumerate(model.model.layers):
+        for owner in (block.self_attn, block.mlp):
+            for name in slots.targets:
+                linear = getattr(owner, name, None)
+                if isinstance(linear, nn.Linear):
+                    setattr(owner, name, _adapt([(name, linear)], layer, slots, state))
+
+
 class _FusedState:
     """What the fused attention layers read while the export traces the model."""
 
@@ -197,9 +275,13 @@ class _FusedState:
         self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _fuse_attention(model: Any, state: _FusedState) -> None:
+def _fuse_attention(
+    model: Any, state: _FusedState, slots: LoraSlots | None = None, lora: _LoraState | None = None
+) -> None:
     """Replace each attention layer's forward in ``model`` (an export's own copy) by the
-    projections around one GroupQueryAttention node."""
+    projections around one GroupQueryAttention node; with ``slots``, each target projection
+    gets its LoRA slot (packed projections, each part its own)."""
+    lora = lora or _LoraState()
     import types
 
     config = model.config
@@ -227,13 +309,25 @@ def _fuse_attention(model: Any, state: _FusedState) -> None:
         gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
-    for layer in model.model.layers:
+    for index, layer in enumerate(model.model.layers):
         attention = layer.self_attn
-        attention.qkv_proj = _packed([attention.q_proj, attention.k_proj, attention.v_proj])
+        attention.qkv_proj = _adapt(
+            [(name, getattr(attention, name)) for name in ("q_proj", "k_proj", "v_proj")],
+            index,
+            slots,
+            lora,
+        )
+        attention.o_proj = _adapt([("o_proj", attention.o_proj)], index, slots, lora)
         attention.forward = types.MethodType(forward, attention)
-        if all(hasattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
-            layer.mlp.gate_up_proj = _packed([layer.mlp.gate_proj, layer.mlp.up_proj])
-            layer.mlp.forward = types.MethodType(mlp, layer.mlp)
+        mlp_ = layer.mlp
+        if all(hasattr(mlp_, name) for name in ("gate_proj", "up_proj", "down_proj")):
+            mlp_.gate_up_proj = _adapt(
+                [("gate_proj", mlp_.gate_proj), ("up_proj", mlp_.up_proj)], index, slots, lora
+            )
+            mlp_.down_proj = _adapt([("down_proj", mlp_.down_proj)], index, slots, lora)
+            mlp_.forward = types.MethodType(mlp, mlp_)
+        elif slots is not None and set(slots.targets) & {"gate_proj", "up_proj", "down_proj"}:
+            raise OnnxExportError("LoRA slots on an MLP without gate, up and down projections")
 
 
 def _packed(linears: Sequence[nn.Linear]) -> nn.Linear:
@@ -260,20 +354,31 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
 class _Fused(nn.Module):
     """The causal LM as the fused graph sees it."""
 
-    def __init__(self, model: Any, layers: int, state: _FusedState) -> None:
+    def __init__(
+        self,
+        model: Any,
+        layers: int,
+        state: _FusedState,
+        lora: _LoraState | None = None,
+        lora_names: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         self.model: Any = model
         self.layers = layers
         self.state = state
+        self.lora = lora or _LoraState()
+        self.lora_names = list(lora_names)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         seqlens_k: torch.Tensor,
         total_sequence_length: torch.Tensor,
-        *past: torch.Tensor,
+        *rest: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         state = self.state
+        past = rest[: 2 * self.layers]
+        self.lora.values = dict(zip(self.lora_names, rest[2 * self.layers :], strict=True))
         state.past, state.seqlens_k, state.total = past, seqlens_k, total_sequence_length
         state.present = {}
         out = self.model.model(input_ids=input_ids, use_cache=False)
@@ -309,20 +414,31 @@ def _register_grouped_attention() -> None:
 class _WithCache(nn.Module):
     """The causal LM as the exported graph sees it: flat tensors in and out."""
 
-    def __init__(self, model: Any, layers: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        layers: int,
+        lora: _LoraState | None = None,
+        lora_names: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         self.model: Any = model
         self.layers = layers
         self.cache_keyword = cache_keyword(model.model)
+        self.lora = lora or _LoraState()
+        self.lora_names = list(lora_names)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        *past: torch.Tensor,
+        *rest: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
+
+        past = rest[: 2 * self.layers]
+        self.lora.values = dict(zip(self.lora_names, rest[2 * self.layers :], strict=True))
 
         cache = DynamicCache()
         for layer in range(self.layers):
@@ -349,18 +465,27 @@ def _layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.key_cache[layer], cache.value_cache[layer]
 
 
-def merged(model: Any, adapter: LoraWeights | None) -> Any:
-    """A CPU fp32 copy of ``model`` with ``adapter`` added into its weights (W + s B A);
-    the served model is never touched."""
-    copied = copy.deepcopy(model).float().cpu()
-    if adapter is None:
-        return copied
-    modules = dict(copied.named_modules())
-    with torch.no_grad():
-        for name, (a, b, scale) in adapter.layers.items():
-            linear = modules[name]
-            linear.weight += (b.float().cpu() @ a.float().cpu()) * scale
-    return copied
+def slot_shapes(model: Any, slots: LoraSlots) -> dict[str, tuple[int, int]]:
+    """Each LoRA input of an export of ``model`` with ``slots`` and its shape."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for layer, block in enumerate(model.model.layers):
+        for target in slots.targets:
+            linear = getattr(block.self_attn, target, None) or getattr(block.mlp, target, None)
+            if not isinstance(linear, nn.Linear):
+                raise OnnxExportError(f"layer {layer} has no Linear {target!r} to adapt")
+            shapes[f"lora.{layer}.{target}.a"] = (linear.in_features, slots.rank)
+            shapes[f"lora.{layer}.{target}.b"] = (slots.rank, linear.out_features)
+    return shapes
+
+
+def _slot_examples(model: Any, slots: LoraSlots) -> list[torch.Tensor]:
+    """Small random factors to trace with (zeros would trace too; random ones make a
+    mistake in the wiring show in the export's own check)."""
+    generator = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(*shape, generator=generator) * 0.01
+        for shape in slot_shapes(model, slots).values()
+    ]
 
 
 def export(
@@ -368,20 +493,18 @@ def export(
     directory: Path,
     *,
     model_name: str,
-    adapter: LoraWeights | None = None,
-    identity: tuple[str, str] | None = None,
     fused: bool = True,
+    slots: LoraSlots | None = None,
 ) -> Path:
-    """Write ``directory/model.onnx`` (and its side file) for ``model`` with ``adapter``
-    merged; written under a temporary name and renamed, so a crash leaves no half file.
-    ``identity`` (version, registry checksum) names the adapter already merged into
-    ``model`` (the trainer's, folded by peft); by default it is ``adapter``'s. ``fused``:
-    the fused attention where the model allows it (the CPU's graph), else grouped."""
-    if identity is None and adapter is not None:
-        identity = (adapter.version, adapter.checksum)
+    """Write ``directory/model.onnx`` (and its side file) for ``model``; written under a
+    temporary name and renamed, so a crash leaves no half file. ``fused``: the fused
+    attention where the model allows it (the CPU's graph), else grouped. ``slots``: the
+    LoRA an adapter file adds at run time (``lora_files``); none, the model as it is."""
+    if slots is not None and (slots.rank < 1 or not slots.targets):
+        raise OnnxExportError(f"LoRA slots need a rank and targets, got {slots}")
     started = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
-    source = merged(model, adapter).eval()
+    source = copy.deepcopy(model).float().cpu().eval()  # the served model is never touched
     geometry = _geometry(source)
     layers, kv_heads, head_dim = geometry["layers"], geometry["kv_heads"], geometry["head_dim"]
     reason = unfusable(source) if fused else "not asked for"
@@ -392,12 +515,15 @@ def export(
     _register_grouped_attention()
     past_names = [f"past.{i}.{part}" for i in range(layers) for part in ("key", "value")]
     present_names = [f"present.{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    lora = _LoraState()
+    lora_names = slots.input_names(layers) if slots is not None else []
+    lora_inputs = _slot_examples(source, slots) if slots is not None else []
     wrapper: nn.Module
     if kind == FUSED:
         state = _FusedState(*_rotary_tables(source, head_dim))
-        _fuse_attention(source, state)
+        _fuse_attention(source, state, slots, lora)
         source.config._attn_implementation = FUSED_ATTENTION  # no mask: the op is causal
-        wrapper = _Fused(source, layers, state)
+        wrapper = _Fused(source, layers, state, lora, lora_names)
         input_names = ["input_ids", "seqlens_k", "total_sequence_length", *past_names]
         inputs: tuple[torch.Tensor, ...] = (
             torch.tensor([[1, 2, 3]], dtype=torch.long),
@@ -411,7 +537,9 @@ def export(
         # eager's arithmetic (traceable; sdpa's mask checks are not) without repeating the
         # cache
         source.config._attn_implementation = GROUPED_ATTENTION
-        wrapper = _WithCache(source, layers)
+        if slots is not None:
+            _adapt_unpacked(source, slots, lora)
+        wrapper = _WithCache(source, layers, lora, lora_names)
         input_names = ["input_ids", "attention_mask", "position_ids", *past_names]
         inputs = (
             torch.tensor([[1, 2, 3]], dtype=torch.long),
@@ -427,6 +555,8 @@ def export(
         axes.update({name: {0: "batch", 2: "past"} for name in past_names})
         axes.update({name: {0: "batch", 2: "total"} for name in present_names})
     axes["logits"] = {0: "batch"}
+    input_names += lora_names
+    inputs = (*inputs, *lora_inputs)
     partial = directory / f".{ONNX_FILE}.{os.getpid()}.partial"
     try:
         with torch.no_grad():
@@ -451,9 +581,8 @@ def export(
         "format": EXPORT_FORMAT,
         "sha256": sha256(partial),
         "model": model_name,
-        "adapter": identity[0] if identity else None,
-        "adapter_checksum": identity[1] if identity else None,
         "attention": kind,
+        "lora": {"targets": list(slots.targets), "rank": slots.rank} if slots else None,
         **geometry,
     }
     with partial.open("rb") as handle:
@@ -463,7 +592,7 @@ def export(
     log.info(
         "exported %s%s to %s (%s attention) in %.1f s (%.0f MB)",
         model_name,
-        f" + {identity[0]}" if identity else "",
+        f" with LoRA slots (rank {slots.rank} on {', '.join(slots.targets)})" if slots else "",
         final,
         kind,
         time.perf_counter() - started,

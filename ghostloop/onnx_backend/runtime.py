@@ -6,6 +6,7 @@ Prompts, decoding, stop rules and post-processing are the torch backend's
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from ghostloop.decoding import CachedPrefix, reusable
-from ghostloop.onnx_backend.export import export, unfusable
+from ghostloop.onnx_backend.export import LoraSlots, export, unfusable
 from ghostloop.onnx_backend.files import (
     EXPORT_FORMAT,
     FUSED,
@@ -26,6 +27,7 @@ from ghostloop.onnx_backend.files import (
     OnnxExportError,
     sha256,
 )
+from ghostloop.onnx_backend.lora_files import ADAPTER_FILE, OnnxAdapter, read_adapter
 from ghostloop.onnx_backend.quantize import quantized
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,8 @@ BUFFER_STEP = 128  # positions a fused KV buffer grows by (rounded up)
 
 @dataclass(frozen=True, eq=False)
 class OnnxModel:
-    """One exported model ready to run: what ServingState holds for this backend."""
+    """One exported base model ready to run, with the adapters it takes (``lora``)."""
 
-    version: str | None  # the adapter merged in; None: the base model
-    checksum: str  # the adapter's registry checksum ('' for the base model)
     session: Any
     layers: int
     kv_heads: int
@@ -46,6 +46,40 @@ class OnnxModel:
     device: str  # "cpu" | "cuda"
     path: Path
     attention: str = GROUPED  # FUSED | GROUPED: which graph (see export's docstring)
+    lora: LoraSlots | None = None  # the run-time LoRA the graph takes (export.LoraSlots)
+    model_name: str = ""  # the model it was exported from
+
+    @functools.cached_property
+    def lora_inputs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Each LoRA input of the graph: (shape, onnxruntime type)."""
+        return {
+            i.name: (tuple(i.shape), i.type)
+            for i in self.session.get_inputs()
+            if i.name.startswith("lora.")
+        }
+
+    @functools.cached_property
+    def no_adapter(self) -> dict[str, Any]:
+        """Zero factors for every LoRA input: the base model."""
+        import numpy as np
+        import onnxruntime as ort
+
+        return {
+            name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
+            for name, (shape, _) in self.lora_inputs.items()
+        }
+
+    def adapter(self, path: Path, *, version: str, checksum: str) -> OnnxAdapter:
+        """The adapter file at ``path`` read and checked against this export."""
+        if self.lora is None:
+            raise OnnxExportError(f"{self.path} has no LoRA slots: export the base with them")
+        return read_adapter(
+            path,
+            self.lora_inputs,
+            model_name=self.model_name,
+            version=version,
+            checksum=checksum,
+        )
 
 
 def providers_for(device: str) -> list[str]:
@@ -61,8 +95,6 @@ def load(
     path: Path,
     *,
     model_name: str,
-    version: str | None = None,
-    checksum: str = "",
     device: str = "cpu",
     threads: int = 0,
 ) -> OnnxModel:
@@ -73,8 +105,8 @@ def load(
     meta_path = path.with_name(path.name + META_SUFFIX)
     if not path.is_file() or not meta_path.is_file():
         raise OnnxExportError(
-            f"no ONNX export at {path}: publish adapters with GHOSTLOOP_BACKEND=onnxruntime "
-            "set for the nightly job too, so it exports them"
+            f"no ONNX export at {path}: a server or nightly job on the onnxruntime backend "
+            "makes it when it starts"
         )
     try:
         meta = json.loads(meta_path.read_text())
@@ -85,6 +117,12 @@ def load(
             attention = str(meta["attention"])
             if attention not in (FUSED, GROUPED):
                 raise ValueError(f"attention {attention!r} is neither {FUSED} nor {GROUPED}")
+            found = meta.get("lora")
+            slots = (
+                LoraSlots(tuple(str(t) for t in found["targets"]), int(found["rank"]))
+                if found
+                else None
+            )
     except (ValueError, KeyError, TypeError) as error:
         raise OnnxExportError(f"the side file {meta_path} is corrupt: {error!r}") from None
     if older:
@@ -112,25 +150,44 @@ def load(
             path,
         )
     return OnnxModel(
-        version, checksum, session, *geometry, "cuda" if on_gpu else "cpu", path, attention
+        session,
+        *geometry,
+        "cuda" if on_gpu else "cpu",
+        path,
+        attention,
+        slots,
+        model_name,
     )
 
 
+def slots_for(settings: Any) -> LoraSlots:
+    """The LoRA slots of the base export: the nightly job's targets and rank, so that every
+    adapter it trains fits."""
+    return LoraSlots(tuple(settings.training.lora_target_modules), settings.training.lora_rank)
+
+
 def base_export(loaded: Any, settings: Any) -> OnnxModel:
-    """The served base model as ONNX: exported once into the model cache, then loaded."""
+    """The served base model as ONNX with its LoRA slots: exported once into the model
+    cache, then loaded; exported again when the device's graph or the slots change."""
     directory = settings.store.model_cache_dir / "onnx" / _safe(loaded.name)
     path = directory / ONNX_FILE
     fused = fused_for(loaded)
+    slots: LoraSlots | None = slots_for(settings)
     try:
-        model = _session(path, loaded.name, None, "", settings)
-        if (model.attention == FUSED) == fused or unfusable(loaded.model):
+        model = _session(path, loaded.name, settings)
+        device_ok = (model.attention == FUSED) == fused or unfusable(loaded.model)
+        if device_ok and model.lora == slots:
             return model
-        log.info("%s was exported for another device; exporting again", path)
+        log.info("%s was exported for another device or LoRA; exporting again", path)
     except OnnxExportError as error:
         if path.exists():
             log.warning("%s; exporting again", error)
-    export(loaded.model, directory, model_name=loaded.name, fused=fused)
-    return _session(path, loaded.name, None, "", settings)
+    try:
+        export(loaded.model, directory, model_name=loaded.name, fused=fused, slots=slots)
+    except OnnxExportError as error:  # e.g. a target the model does not have
+        log.warning("exporting without LoRA slots, adapters will be refused: %s", error)
+        export(loaded.model, directory, model_name=loaded.name, fused=fused)
+    return _session(path, loaded.name, settings)
 
 
 def fused_for(loaded: Any) -> bool:
@@ -139,33 +196,22 @@ def fused_for(loaded: Any) -> bool:
     return str(getattr(loaded, "device", "cpu")) == "cpu"
 
 
-def adapter_export(
-    directory: Path, loaded: Any, settings: Any, *, version: str, checksum: str
-) -> OnnxModel:
-    """The export published beside the adapter at ``directory``, checked to be the one
-    made from that adapter (its registry checksum) for the served model."""
-    path = directory / "onnx" / ONNX_FILE
-    model = _session(path, loaded.name, version, checksum, settings)
-    meta = json.loads(path.with_name(ONNX_FILE + META_SUFFIX).read_text())
-    if (meta.get("adapter"), meta.get("adapter_checksum")) != (version, checksum):
-        raise OnnxExportError(
-            f"{path} was exported from adapter {meta.get('adapter')!r}, not from {version} "
-            "as published: publish it again"
-        )
-    return model
+Served = tuple[OnnxModel, OnnxAdapter | None]  # what generates: the base and an adapter
 
 
-def _session(
-    path: Path, model_name: str, version: str | None, checksum: str, settings: Any
-) -> OnnxModel:
+def adapter_file(directory: Path, base: OnnxModel, *, version: str, checksum: str) -> OnnxAdapter:
+    """The adapter file published beside the adapter at ``directory`` (registry version
+    ``version`` with ``checksum``), read and checked against the served base export."""
+    return base.adapter(directory / "onnx" / ADAPTER_FILE, version=version, checksum=checksum)
+
+
+def _session(path: Path, model_name: str, settings: Any) -> OnnxModel:
     if settings.inference.onnx_int8 and path.is_file():
         path = quantized(path)
     device = "cpu" if settings.inference.device == "cpu" else "cuda"
     return load(
         path,
         model_name=model_name,
-        version=version,
-        checksum=checksum,
         device=device,
         threads=settings.inference.torch_threads,
     )
@@ -195,10 +241,17 @@ class OnnxForward:
     KV cache in buffers updated in place; grouped graphs keep it in onnxruntime's output
     values (IO binding), so on a GPU it never leaves the device."""
 
-    def __init__(self, model: OnnxModel, reuse: CachedPrefix | None = None) -> None:
+    def __init__(
+        self,
+        model: OnnxModel,
+        reuse: CachedPrefix | None = None,
+        adapter: OnnxAdapter | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         self._model = model
+        # the LoRA inputs, bound every run: the adapter's factors, or zeros
+        self._lora = adapter.values if adapter is not None else model.no_adapter
         self._ort = ort
         self._past: list[Any] = []
         self._buffer: _KvBuffer | None = None
@@ -230,6 +283,8 @@ class OnnxForward:
                 self._ort.OrtValue.ortvalue_from_numpy(empty, model.device, 0) for _ in self._names
             ]
         for name, value in zip(self._names, self._past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name, value in self._lora.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self._outputs[1:]:
@@ -278,6 +333,8 @@ class OnnxForward:
             ):
                 binding.bind_ortvalue_input(name, value)
                 binding.bind_ortvalue_output(output, value)  # the same memory: in place
+            for name, value in self._lora.items():
+                binding.bind_ortvalue_input(name, value)
             self._bound = buffer
         binding.bind_cpu_input("input_ids", np.array([list(ids)], dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))

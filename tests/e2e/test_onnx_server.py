@@ -1,5 +1,5 @@
 """The language server on the onnxruntime backend: the same suggestions as the torch
-backend over LSP, adapters hot-swapped by replacing the session, bad exports refused."""
+backend over LSP, adapters hot-swapped as files bound to one session, bad files refused."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from feedback.database import open_engine
 from ghostloop import registry
+from ghostloop.onnx_backend import ADAPTER_FILE
 from tests.e2e.conftest import StartServer, open_document, sample_source
 from tests.e2e.test_hot_swap import complete, positions, settings_for
 from tests.publishing import publish_adapter
@@ -43,9 +44,9 @@ async def test_onnx_server_serves_what_torch_serves_and_swaps_adapters(
     assert adapted != base
     assert await texts(onnx_client, uris[1], spots) == adapted
 
-    # an export that does not match its side file: refused, v1 keeps serving
+    # an adapter file that does not match its side file: refused, v1 keeps serving
     path = publish_adapter(settings_for(database), tiny_model_dir, "v2", seed=2, onnx=True)
-    export = path / registry.EXPORT_DIR / "model.onnx"
+    export = path / registry.EXPORT_DIR / ADAPTER_FILE
     export.write_bytes(export.read_bytes()[: export.stat().st_size // 2])
     reloaded = await onnx_client.protocol.send_request_async("ghostloop/reloadAdapters", None)
     assert reloaded.adapter == "v1"
@@ -53,13 +54,13 @@ async def test_onnx_server_serves_what_torch_serves_and_swaps_adapters(
     assert refused.version == "v2" and "does not match its recorded SHA-256" in refused.reason
     assert await texts(onnx_client, uris[1], spots) == adapted
 
-    # an adapter published without an export (the nightly job ran on the torch backend)
+    # an adapter published without its file (the nightly job ran on the torch backend)
     publish_adapter(settings_for(database), tiny_model_dir, "v3", seed=3)
     reloaded = await onnx_client.protocol.send_request_async("ghostloop/reloadAdapters", None)
     assert reloaded.adapter == "v1"
-    assert any(r.version == "v3" and "no ONNX export" in r.reason for r in reloaded.refused)
+    assert any(r.version == "v3" and "no adapter file" in r.reason for r in reloaded.refused)
 
-    # a canary beside the active adapter: two sessions resident, this user on the canary
+    # a canary beside the active adapter: two files on one session, this user on the canary
     publish_adapter(
         settings_for(database), tiny_model_dir, "v4", seed=4, onnx=True, canary_share=0.999
     )

@@ -26,7 +26,6 @@ from feedback.database import open_engine
 from feedback.replays import format_table, method_rows
 from feedback.schema import Completion, FeedbackEvent, TrainingRun
 from feedback.store import events_by_completion
-from ghostloop.onnx_backend import INT8_FILE
 from tests.training_data import TRAIN_ENV, write_repo
 from trainer.labels import label
 
@@ -383,10 +382,10 @@ def test_replay_on_onnxruntime_int8_exports_and_swaps_the_adapter(tmp_path, tiny
     assert report["after"]["completions"] == 24
     assert report["split"]["train_positions"] == 20
     assert report["training_half"]["completions"] == 20
-    export = work / "adapters" / version / "onnx"
-    meta = json.loads((export / "model.onnx.json").read_text())
-    assert meta["adapter"] == version, "the night exported the adapter it published"
-    assert (export / INT8_FILE).is_file(), "the int8 copy the gate judged, published with it"
+    published = work / "adapters" / version / "onnx"
+    meta = json.loads((published / "adapter.onnx_adapter.json").read_text())
+    assert meta["adapter"] == version, "the night wrote the file of the adapter it published"
+    assert not list(published.glob("*.onnx")), "an adapter file, not a model"
     engine = open_engine(f"sqlite:///{work / 'ghostloop.db'}")
     with Session(engine) as session:
         run = session.scalars(select(TrainingRun)).one()

@@ -363,7 +363,7 @@ def test_the_whole_job_runs_with_each_preference_method(
         engine.dispose()
 
 
-def test_on_the_onnxruntime_backend_publishing_exports_the_adapter_merged(
+def test_on_the_onnxruntime_backend_publishing_writes_the_adapter_file(
     isolated_data_dir: Path, tiny_model_dir: Path
 ):
     from ghostloop import onnx_backend
@@ -376,25 +376,29 @@ def test_on_the_onnxruntime_backend_publishing_exports_the_adapter_merged(
     }
     publish_first(url, env, tiny_model_dir)
     [adapter] = adapter_rows(url)
-    export = Path(adapter.path) / registry.EXPORT_DIR / "model.onnx"
-    meta = json.loads(export.with_name("model.onnx.json").read_text())
+    file = Path(adapter.path) / registry.EXPORT_DIR / onnx_backend.ADAPTER_FILE
+    meta = json.loads(file.with_name(file.name + ".json").read_text())
     assert (meta["adapter"], meta["adapter_checksum"]) == (adapter.version, adapter.checksum)
-    assert registry.verify(Path(adapter.path), adapter.checksum)  # the export left it intact
-    # what the server will do with it: load it as the export of this very adapter
-    loaded = load_model(Settings.of(model=str(tiny_model_dir), device="cpu"))
-    settings = Settings.of(model=str(tiny_model_dir), device="cpu", backend="onnxruntime")
-    served = onnx_backend.adapter_export(
-        Path(adapter.path), loaded, settings, version=adapter.version, checksum=adapter.checksum
+    assert registry.verify(Path(adapter.path), adapter.checksum)  # the file left it intact
+    assert not list(Path(adapter.path).rglob("*.onnx")), "no model per adapter"
+    # what the server will do with it: bind it to the base export as this very adapter
+    settings = Settings.of(
+        model=str(tiny_model_dir), device="cpu", backend="onnxruntime", data_dir=isolated_data_dir
     )
-    assert served.version == adapter.version
+    base = onnx_backend.base_export(load_model(settings), settings)
+    served = onnx_backend.adapter_file(
+        Path(adapter.path), base, version=adapter.version, checksum=adapter.checksum
+    )
+    assert served.version == adapter.version and served.nbytes < base.path.stat().st_size / 10
 
 
 def test_on_the_onnxruntime_backend_the_gate_judges_the_exports_that_would_be_served(
     isolated_data_dir: Path, tiny_model_dir: Path
 ):
-    """With onnxruntime serving, the gate generates with the baseline's export and the
-    candidate's (made before the gate and published as judged); an active adapter
-    published without an export (under torch) is judged with torch on both sides."""
+    """With onnxruntime serving, the gate generates with the baseline's adapter file and the
+    candidate's on the base export (made before the gate and published as judged); an
+    active adapter published without a file (under torch) is judged with torch on both
+    sides."""
     url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
     env = {
         "GHOSTLOOP_DATABASE_URL": url,
@@ -415,7 +419,7 @@ def test_on_the_onnxruntime_backend_the_gate_judges_the_exports_that_would_be_se
         assert run.evaluation["baseline"] == previous.version
         assert (backend == "torch") == ("the gate generates with torch" in done.stderr)
         adapter = adapter_rows(url)[-1]
-        meta = json.loads((Path(adapter.path) / "onnx" / "model.onnx.json").read_text())
+        meta = json.loads((Path(adapter.path) / "onnx" / "adapter.onnx_adapter.json").read_text())
         assert (meta["adapter"], meta["adapter_checksum"]) == (adapter.version, adapter.checksum)
         assert registry.verify(Path(adapter.path), adapter.checksum)
         leftovers = list((isolated_data_dir / "train-work").glob("*"))

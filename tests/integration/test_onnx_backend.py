@@ -11,12 +11,10 @@ import pytest
 
 from ghostloop import onnx_backend
 from ghostloop.corpus import sample_positions, stdlib_dir
-from ghostloop.lora import read_adapter
 from ghostloop.models import LoadedModel, load_model
 from ghostloop.postprocess import CursorContext
 from ghostloop.settings import Settings
 from ghostloop.suggest import suggest
-from tests.publishing import save_adapter
 
 FILES = ("textwrap.py", "shlex.py", "fnmatch.py", "json/decoder.py")
 
@@ -123,23 +121,6 @@ def test_exports_follow_the_device_they_are_served_on(tiny, tmp_path: Path):
     model = onnx_backend.base_export(on_gpu, settings)
     assert model.attention == onnx_backend.GROUPED
     assert suggestions(loaded, settings, model=model) == suggestions(loaded, settings)
-
-
-def test_an_adapter_merged_into_the_export_equals_torch_serving_it(
-    tiny, tiny_model_dir: Path, tmp_path: Path
-):
-    loaded, settings = tiny
-    save_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
-    adapter = read_adapter(tmp_path / "adapter", loaded.model, version="v1")
-    path = onnx_backend.export(
-        loaded.model, tmp_path / "onnx", model_name=loaded.name, adapter=adapter
-    )
-    model = onnx_backend.load(path, model_name=loaded.name, version="v1")
-    with_adapter = suggestions(loaded, settings, adapter=adapter)
-    assert with_adapter != suggestions(loaded, settings)  # the adapter changes suggestions
-    assert suggestions(loaded, settings, model=model) == with_adapter
-    meta = json.loads((tmp_path / "onnx" / "model.onnx.json").read_text())
-    assert meta["adapter"] == "v1" and meta["model"] == loaded.name
 
 
 def test_tied_embeddings_are_stored_once(tiny, tmp_path: Path):

@@ -11,7 +11,13 @@ real positions of a stdlib file, from one run:
    and check the adapter (``last_read_ms``; inference never waits for it), and the time
    from publication until the first completion served by it (includes the poll interval).
 
+With ``--backend onnxruntime`` (``--int8`` for its int8 copy) the server serves the base
+export with LoRA slots and each publication carries its adapter file, as the nightly job
+writes it on that backend; the bench also prints the disk each published adapter takes and
+the server's resident memory on the base model and holding adapters.
+
     python bench/swap.py [--model PATH] [--requests 60] [--swaps 5] [--poll 0.5]
+                         [--backend torch|onnxruntime] [--int8]
 """
 
 from __future__ import annotations
@@ -72,13 +78,29 @@ def make_adapter(source: str, directory: Path, seed: int) -> None:
     peft_model.save_pretrained(str(directory), safe_serialization=True)
 
 
-def publish(settings: Settings, made: Path, base_model: str, version: str) -> float:
+def publish(
+    settings: Settings,
+    made: Path,
+    base_model: str,
+    version: str,
+    shapes: dict[str, tuple[int, int]] | None = None,
+) -> float:
     """Copy the adapter made beforehand into the registry and publish it as ``version``
-    (what the nightly job does at its end); returns the moment its row is committed."""
+    (what the nightly job does at its end; with ``shapes``, the onnxruntime base export's
+    LoRA inputs, its adapter file written too); returns the moment its row is committed."""
 
     def copy(directory: Path) -> None:
         for name in registry.ADAPTER_FILES:
             shutil.copyfile(made / name, directory / name)
+        if shapes is not None:
+            from ghostloop import onnx_backend
+            from ghostloop.lora import read_factors
+
+            checksum = registry.checksum(directory)
+            weights = read_factors(directory, version=version, expected_checksum=checksum)
+            onnx_backend.write_adapter(
+                weights, directory / registry.EXPORT_DIR, shapes, model_name=base_model
+            )
 
     path, digest = registry.write_atomically(settings.store.adapters_dir, version, copy)
     engine = open_engine(settings.store.database_url)
@@ -95,6 +117,30 @@ def publish(settings: Settings, made: Path, base_model: str, version: str) -> fl
     committed = time.monotonic()
     engine.dispose()
     return committed
+
+
+def slot_shapes(source: str, settings: Settings) -> dict[str, tuple[int, int]]:
+    """The LoRA inputs of the base export the server makes (the nightly job's slots)."""
+    from transformers import AutoModelForCausalLM
+
+    from ghostloop import onnx_backend
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    return onnx_backend.slot_shapes(model, onnx_backend.slots_for(settings))
+
+
+def rss_mb(pid: int | None) -> float:
+    """Resident memory of process ``pid`` now, MB (Linux)."""
+    if pid is None:
+        return float("nan")
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmRSS:"):
+            return int(row.split()[1]) / 1024
+    return float("nan")
+
+
+def disk_mb(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 1e6
 
 
 def line(label: str, values: list[float]) -> str:
@@ -119,11 +165,14 @@ async def run(args: argparse.Namespace) -> None:
         "GHOSTLOOP_MAX_NEW_TOKENS": "16",
         "GHOSTLOOP_DEADLINE_MS": "60000",  # no cut-off: p99 must be the real tail
         "GHOSTLOOP_LOG_LEVEL": "WARNING",
+        "GHOSTLOOP_BACKEND": args.backend,
+        "GHOSTLOOP_ONNX_INT8": str(args.int8).lower(),
     }
     made = []
     for seed in range(args.swaps + 1):  # made before the stream: only publishing is timed
         made.append(data_dir / "made" / str(seed))
         make_adapter(source, made[-1], seed)
+    shapes = slot_shapes(source, settings) if args.backend == "onnxruntime" else None
     client = await GhostloopClient.start(env=env)
     try:
         await client.wait_ready()
@@ -151,7 +200,8 @@ async def run(args: argparse.Namespace) -> None:
             return [ms for _, ms in served[started:]]
 
         base = await steady_state()
-        await asyncio.to_thread(publish, settings, made[0], base_model, "bench-0")
+        memory = {"base model": rss_mb(client.pid)}
+        await asyncio.to_thread(publish, settings, made[0], base_model, "bench-0", shapes)
         while (await client.status())["adapter"] != "bench-0":
             await asyncio.sleep(0.05)
         steady = await steady_state()
@@ -164,7 +214,9 @@ async def run(args: argparse.Namespace) -> None:
             first = len(served)
             window_start = time.monotonic()
             await stream(window_start + 1.0)
-            committed = await asyncio.to_thread(publish, settings, made[index], base_model, version)
+            committed = await asyncio.to_thread(
+                publish, settings, made[index], base_model, version, shapes
+            )
             seen_at: float | None = None
             after_seen = 0
             while seen_at is None or after_seen < 2 or time.monotonic() - committed < 2.0:
@@ -186,10 +238,15 @@ async def run(args: argparse.Namespace) -> None:
             around += [
                 ms for at, ms in served[first:] if at >= committed - 1.0 and at - ms / 1000 <= end
             ]
+        memory["after the swaps"] = rss_mb(client.pid)
     finally:
         await client.stop()
 
-    print(f"model {base_model}, rank-{RANK} LoRA on q/k/v/o, 16 new tokens, poll {args.poll} s")
+    backend = args.backend + (" int8" if args.int8 and args.backend == "onnxruntime" else "")
+    print(
+        f"model {base_model} on {backend}, rank-{RANK} LoRA on q/k/v/o, 16 new tokens, "
+        f"poll {args.poll} s"
+    )
     print(line("steady, base model", base))
     print(line("steady, adapter", steady))
     print(line("in flight from -1 s to +2 s of a swap", around))
@@ -207,12 +264,25 @@ async def run(args: argparse.Namespace) -> None:
         f"publication to first completion served by it: median "
         f"{statistics.median(visible):.0f} ms (poll interval {args.poll * 1000:.0f} ms)"
     )
+    published = settings.store.adapters_dir / "bench-0"
+    onnx_file = published / registry.EXPORT_DIR
+    print(
+        f"disk per published adapter: {disk_mb(published):.1f} MB"
+        + (f" (the adapter file {disk_mb(onnx_file):.1f} MB)" if onnx_file.is_dir() else "")
+    )
+    print(
+        f"server memory: {memory['base model']:.0f} MB on the base model, "
+        f"{memory['after the swaps']:.0f} MB after {args.swaps + 1} adapters were swapped in "
+        f"({memory['after the swaps'] / memory['base model']:.2f}x)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="", help="model to serve ('' = embedded SmolLM2)")
     parser.add_argument("--requests", type=int, default=60, help="requests per steady state")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    parser.add_argument("--int8", action="store_true", help="onnxruntime: the int8 copy")
     parser.add_argument("--swaps", type=int, default=5, help="adapters published mid-stream")
     parser.add_argument("--poll", type=float, default=0.5, help="server's adapter poll, s")
     asyncio.run(run(parser.parse_args()))

@@ -43,6 +43,13 @@ class GhostloopClient:
         self.lsp = client
         self._versions: dict[str, int] = {}
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id (a server this client started), for the benchmarks'
+        memory figures; None over TCP. pygls keeps the process in a private attribute."""
+        process = getattr(self.lsp, "_server", None)
+        return getattr(process, "pid", None)
+
     @classmethod
     async def start(
         cls,

@@ -351,7 +351,27 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-class _Fused(nn.Module):
+class _Exported(nn.Module):
+    """What both graphs' wrappers share: the model, its layer count, and the LoRA factors
+    that follow the past keys and values among the graph's inputs."""
+
+    def __init__(
+        self, model: Any, layers: int, lora: _LoraState | None, lora_names: Sequence[str]
+    ) -> None:
+        super().__init__()
+        self.model: Any = model
+        self.layers = layers
+        self.lora = lora or _LoraState()
+        self.lora_names = list(lora_names)
+
+    def _past(self, rest: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """The past keys and values of ``rest``; the LoRA factors after them go to the
+        adapted projections."""
+        self.lora.values = dict(zip(self.lora_names, rest[2 * self.layers :], strict=True))
+        return rest[: 2 * self.layers]
+
+
+class _Fused(_Exported):
     """The causal LM as the fused graph sees it."""
 
     def __init__(
@@ -362,12 +382,8 @@ class _Fused(nn.Module):
         lora: _LoraState | None = None,
         lora_names: Sequence[str] = (),
     ) -> None:
-        super().__init__()
-        self.model: Any = model
-        self.layers = layers
+        super().__init__(model, layers, lora, lora_names)
         self.state = state
-        self.lora = lora or _LoraState()
-        self.lora_names = list(lora_names)
 
     def forward(
         self,
@@ -377,9 +393,11 @@ class _Fused(nn.Module):
         *rest: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         state = self.state
-        past = rest[: 2 * self.layers]
-        self.lora.values = dict(zip(self.lora_names, rest[2 * self.layers :], strict=True))
-        state.past, state.seqlens_k, state.total = past, seqlens_k, total_sequence_length
+        state.past, state.seqlens_k, state.total = (
+            self._past(rest),
+            seqlens_k,
+            total_sequence_length,
+        )
         state.present = {}
         out = self.model.model(input_ids=input_ids, use_cache=False)
         hidden = out.last_hidden_state[:, -1, :]
@@ -411,7 +429,7 @@ def _register_grouped_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(FUSED_ATTENTION, _no_mask)
 
 
-class _WithCache(nn.Module):
+class _WithCache(_Exported):
     """The causal LM as the exported graph sees it: flat tensors in and out."""
 
     def __init__(
@@ -421,12 +439,8 @@ class _WithCache(nn.Module):
         lora: _LoraState | None = None,
         lora_names: Sequence[str] = (),
     ) -> None:
-        super().__init__()
-        self.model: Any = model
-        self.layers = layers
+        super().__init__(model, layers, lora, lora_names)
         self.cache_keyword = cache_keyword(model.model)
-        self.lora = lora or _LoraState()
-        self.lora_names = list(lora_names)
 
     def forward(
         self,
@@ -437,8 +451,7 @@ class _WithCache(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
-        past = rest[: 2 * self.layers]
-        self.lora.values = dict(zip(self.lora_names, rest[2 * self.layers :], strict=True))
+        past = self._past(rest)
 
         cache = DynamicCache()
         for layer in range(self.layers):

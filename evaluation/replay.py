@@ -61,7 +61,8 @@ from feedback.metrics import EDIT_SIMILARITY
 from feedback.replays import CHART_FILE, REPORT_FILE, format_table
 from feedback.schema import AdapterVersion, Completion, TrainingRun
 from feedback.store import events_by_completion
-from ghostloop.settings import Settings, backend_name
+from ghostloop.models import backend_name, served_backend
+from ghostloop.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class ReplayOptions:
     work_dir: Path | None = None  # default: <data dir>/replays/<time>
     database_url: str = ""  # default: SQLite in the work dir
     progress: bool = True
+    # walk the held-out half after each night again with another backend, e.g. fp32 when
+    # serving int8: the paired lift of the served backend against it, the same adapter
+    also_on: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,9 +123,11 @@ class Walks:
     model: str = ""
     before: Pass | None = None
     after: dict[str, Pass] = dataclasses.field(default_factory=dict)
+    also: dict[str, Pass] = dataclasses.field(default_factory=dict)  # on options.also_on
 
     def all(self) -> list[Pass]:
-        return [w for w in (self.training, self.before, *self.after.values()) if w is not None]
+        passes = (self.training, self.before, *self.after.values(), *self.also.values())
+        return [w for w in passes if w is not None]
 
 
 @dataclass(frozen=True)
@@ -204,7 +210,13 @@ class Replay:
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    def env(self, user: str) -> dict[str, str]:
+    def env(self, user: str, backend: str | None = None) -> dict[str, str]:
+        """A server's or the nightly job's environment; ``backend`` (as ``--backend``
+        names one) instead of the replay's."""
+        settings = self.settings
+        if backend is not None:
+            name, _, int8 = backend.partition("-")
+            settings = settings.replaced(backend=name, onnx_int8=int8 == "int8")
         env = dict(os.environ)
         env.update(
             {
@@ -213,9 +225,10 @@ class Replay:
                 "GHOSTLOOP_MODEL_CACHE": str(self.settings.store.model_cache_dir),
                 "GHOSTLOOP_DATABASE_URL": self.url,
                 "GHOSTLOOP_MODEL": self.settings.inference.model,
-                # servers and the nightly job (which exports adapters for onnxruntime) alike
-                "GHOSTLOOP_BACKEND": self.settings.inference.backend,
-                "GHOSTLOOP_ONNX_INT8": str(self.settings.inference.onnx_int8).lower(),
+                # servers and the nightly job alike, on the backend they end on: a server on
+                # auto would switch from torch to onnxruntime in the middle of a walk
+                "GHOSTLOOP_BACKEND": served_backend(settings),
+                "GHOSTLOOP_ONNX_INT8": str(settings.inference.onnx_int8).lower(),
                 "GHOSTLOOP_DEVICE": self.settings.inference.device,
                 "GHOSTLOOP_USER": user,
                 "GHOSTLOOP_HASH_USER": "false",
@@ -230,8 +243,8 @@ class Replay:
         )
         return env
 
-    async def start_server(self, user: str) -> GhostloopClient:
-        client = await GhostloopClient.start(env=self.env(user))
+    async def start_server(self, user: str, backend: str | None = None) -> GhostloopClient:
+        client = await GhostloopClient.start(env=self.env(user, backend))
         try:
             await client.wait_ready()
         except RuntimeError as error:  # the model could not be loaded: the server says why
@@ -402,7 +415,31 @@ class Replay:
                 )
         finally:
             await held.stop()
+        if self.options.also_on and walks.after:
+            await self.walk_again(plan, walks, nights, self.options.also_on)
         return nights
+
+    async def walk_again(
+        self, plan: Plan, walks: Walks, nights: Sequence[Night], backend: str
+    ) -> None:
+        """Step 7 (``also_on``): each published adapter walked again on ``backend``."""
+        held = await self.start_server(HELD_OUT_USER, backend)
+        try:
+            for night in nights:
+                if night.method not in walks.after or not night.adapter:
+                    continue
+                self.serve_adapter(night.adapter)
+                reloaded = await held.reload_adapters()
+                if reloaded.get("adapter") != night.adapter:
+                    raise ReplayError(
+                        f"the {backend} server did not swap {night.adapter} in: "
+                        f"{reloaded.get('refused')}"
+                    )
+                walks.also[night.method] = await self.walk(
+                    held, plan.held_positions, f"{night.adapter} on {backend}, held-out half"
+                )
+        finally:
+            await held.stop()
 
     def report(
         self, plan: Plan, walks: Walks, nights: Sequence[Night], seconds: float
@@ -420,6 +457,16 @@ class Replay:
                 **statistics.compare(plan.held_positions, before_scores, scores, seed),
                 "served": walk.served if walk else None,
             }
+            again = walks.also.get(night.method)
+            if scores is not None and again is not None:
+                on_other = self.scores(plan.held_positions, again)
+                results[night.method]["also_on"] = {
+                    "backend": self.options.also_on,
+                    "after": statistics.summary(on_other, seed),
+                    # the served backend against the other, the same adapter and positions
+                    "paired_lift": statistics.paired_lift(on_other, scores, seed),
+                    "served": again.served,
+                }
         first_method = nights[0].method
         first = results[first_method]
         return ReplayReport(

@@ -47,10 +47,24 @@ def format_table(report: Mapping[str, Any]) -> str:
     blocks = []
     for name, result in methods_of(report).items():
         title = f"{name}: {result.get('adapter') or 'nothing published'}"
-        blocks.append(_block(title, method_rows(report["before"], result)))
+        block = _block(title, method_rows(report["before"], result))
+        if result.get("also_on"):
+            block += "\n" + format_also_on(result["also_on"], report.get("backend") or "served")
+        blocks.append(block)
     if report.get("reach"):
         blocks.append(format_reach(report["reach"]))
     return "\n\n".join(blocks)
+
+
+def format_also_on(also: Mapping[str, Any], served: str) -> str:
+    """The same adapter walked again on another backend, and the served one against it."""
+    other = also["backend"]
+    saved = _cell(also.get("after"), "chars_saved_per_completion", "{:.2f}")
+    lift = format_lift((also.get("paired_lift") or {}).get("chars_saved_relative"))
+    return (
+        f"the same adapter on {other}: {saved} chars saved / completion; "
+        f"{served} against {other}, paired: {lift}"
+    )
 
 
 def format_reach(reach: Mapping[str, Any]) -> str:

@@ -145,6 +145,27 @@ def wants_cuda(settings: Settings) -> bool:
     )
 
 
+def served_backend(settings: Settings) -> str:
+    """The backend that generates, ``auto`` resolved: onnxruntime on a CPU where it is
+    installed (the faster there by about twice per completion, docs/results.md), torch on a
+    GPU or without onnxruntime."""
+    backend = settings.inference.backend
+    if backend != "auto":
+        return backend
+    if wants_cuda(settings) or importlib.util.find_spec("onnxruntime") is None:
+        return "torch"
+    return "onnxruntime"
+
+
+def backend_name(settings: Settings) -> str:
+    """What a server of ``settings`` generates with once started, as ``replay --backend``
+    names it: torch, onnxruntime or onnxruntime-int8."""
+    backend = served_backend(settings)
+    if backend == "onnxruntime" and settings.inference.onnx_int8:
+        return "onnxruntime-int8"
+    return backend
+
+
 def _pick_device(settings: Settings) -> tuple[str, Any]:
     import torch
 

@@ -22,7 +22,7 @@ import platformdirs
 
 APP_NAME = "ghostloop"
 ENV_PREFIX = "GHOSTLOOP_"
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime")
 # what ``ghostloop replay --backend`` takes: a backend, and onnxruntime's int8 copy
 REPLAY_BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
 TCP_AUTH = ("auto", "required", "off")
@@ -121,7 +121,11 @@ class InferenceSettings(_Group):
         help="Hugging Face id, local model directory or .gguf file; "
         "empty = the embedded SmolLM2-135M-Instruct",
     )
-    backend: str = _setting("torch", help="inference backend: torch | onnxruntime")
+    backend: str = _setting(
+        "auto",
+        help="inference backend: auto (onnxruntime on a CPU, exported on first start while "
+        "torch serves; torch on a GPU or without onnxruntime) | torch | onnxruntime",
+    )
     onnx_int8: bool = _setting(
         False, help="onnxruntime: serve an int8 copy of each export (weights in blocks of 128)"
     )
@@ -615,13 +619,6 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise SettingsError(
             f"setting {canonical}={value!r} in {source} is not a valid {kind}"
         ) from None
-
-
-def backend_name(settings: Settings) -> str:
-    """What a server of ``settings`` generates with, as ``replay --backend`` names it."""
-    if settings.inference.backend == "onnxruntime" and settings.inference.onnx_int8:
-        return "onnxruntime-int8"
-    return settings.inference.backend
 
 
 def load_settings(

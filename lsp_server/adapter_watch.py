@@ -27,7 +27,7 @@ from feedback import canary as canaries
 from feedback.database import StoreError, open_store
 from feedback.schema import AdapterVersion
 from ghostloop.lora import read_adapter
-from ghostloop.onnx_backend import adapter_file
+from ghostloop.onnx_backend import OnnxModel, adapter_file
 from ghostloop.registry import AdapterError
 from ghostloop.settings import Settings
 from lsp_server.engine import Adapter, CompletionEngine, ServingState
@@ -54,7 +54,9 @@ class AdapterWatcher:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ghostloop-adapters", daemon=True)
-        self._refused: dict[tuple[str, str], str] = {}  # (version, checksum) -> why
+        # (version, checksum, for onnxruntime) -> why
+        self._refused: dict[tuple[str, str, bool], str] = {}
+        self._held = Wanted(None, None)  # the rows of the adapters in force
         self._last_canary_check = 0.0
         self.swaps = 0
         self.last_read_ms: float | None = None  # reading and checking the new adapter
@@ -105,12 +107,18 @@ class AdapterWatcher:
         return self.status()
 
     def _check(self) -> None:
+        # the backend to serve on, taken first: the adapters are read for it and the state
+        # put in force names it (a background export may make onnxruntime serve meanwhile)
+        base = self.engine.onnx_base
+        if self.engine.loaded is None:
+            return
         try:
             database = self._database()
         except StoreError as error:
-            self._fail(str(error))
+            self._fail(str(error), base)
             return
-        if database is None or self.engine.loaded is None:
+        if database is None:  # no store yet: nothing was ever published
+            self._apply(Wanted(None, None), base)
             return
         base_model = self.engine.model_name
         try:
@@ -119,17 +127,20 @@ class AdapterWatcher:
                     self._judge_canary(session, base_model)
                 wanted = self._wanted(session, base_model)
         except SQLAlchemyError as error:
-            self._fail(f"cannot read the adapters table: {' '.join(str(error).split())[:300]}")
+            message = " ".join(str(error).split())[:300]
+            self._fail(f"cannot read the adapters table: {message}", base)
             return
         if self.error is not None:
             log.info("adapters table readable again")
         self.error = None
-        self._apply(wanted)
+        self._apply(wanted, base)
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, base: OnnxModel | None) -> None:
         if message != self.error:
             log.warning("%s; the adapters in force keep serving", message)
         self.error = message
+        if base is not self.engine.serving.onnx_base:  # the backend changes all the same
+            self._apply(self._held, base)
 
     def _canary_due(self) -> bool:
         return time.monotonic() - self._last_canary_check >= self.settings.canary.check_s
@@ -138,24 +149,28 @@ class AdapterWatcher:
         self._last_canary_check = time.monotonic()
         canaries.check(session, base_model, **self.settings.canary_plan)
 
-    def _weights(self, row: AdapterVersion | None, fallback: Adapter | None) -> Adapter | None:
-        """The weights for ``row``: held already, read now, or ``fallback`` if refused."""
+    def _weights(self, row: AdapterVersion | None, base: OnnxModel | None) -> Adapter | None:
+        """The weights for ``row`` on ``base``'s backend: held already or read now; None
+        when ``row`` is or when they are refused."""
         if row is None:
             return None
         serving = self.engine.serving
         for held in (serving.active, serving.canary):
-            if held is not None and (held.version, held.checksum) == (row.version, row.checksum):
+            if (
+                held is not None
+                and (held.version, held.checksum) == (row.version, row.checksum)
+                and serving.onnx_base is base
+            ):
                 return held
-        weights = self._load(row)
-        return fallback if weights is None else weights
+        return self._load(row, base)
 
-    def _load(self, row: AdapterVersion) -> Adapter | None:
-        key = (row.version, row.checksum)
+    def _load(self, row: AdapterVersion, base: OnnxModel | None) -> Adapter | None:
+        key = (row.version, row.checksum, base is not None)
         if key in self._refused:
             return None
         started = time.perf_counter()
         try:
-            weights = self._read(row)
+            weights = self._read(row, base)
         except AdapterError as error:
             self._refused[key] = str(error)
             log.error("refused adapter %s: %s", row.version, error)
@@ -164,7 +179,7 @@ class AdapterWatcher:
         log.info("read adapter %s in %.1f ms", row.version, self.last_read_ms)
         return weights
 
-    def _read(self, row: AdapterVersion) -> Adapter:
+    def _read(self, row: AdapterVersion, base: OnnxModel | None) -> Adapter:
         """The adapter checked against the served model: LoRA factors for the torch
         backend; for onnxruntime, the adapter file published beside them, checked against
         the base export and bound per request."""
@@ -173,26 +188,43 @@ class AdapterWatcher:
         weights = read_adapter(
             directory, loaded.model, version=row.version, expected_checksum=row.checksum
         )
-        base = self.engine.onnx_base
-        if self.settings.inference.backend != "onnxruntime" or base is None:
+        if base is None:
             return weights
         return adapter_file(directory, base, version=row.version, checksum=row.checksum)
 
-    def _apply(self, wanted: Wanted) -> None:
+    def _apply(self, wanted: Wanted, base: OnnxModel | None) -> None:
         current = self.engine.serving
-        # a refused active version leaves what served before serving; a refused canary, none
-        active = self._weights(wanted.active, fallback=current.active)
-        canary = self._weights(wanted.canary, fallback=None)
+        rebase = base is not current.onnx_base
+        active = self._weights(wanted.active, base)
+        if active is None and wanted.active is not None:
+            if rebase:  # the active adapter cannot serve on the new backend: stay
+                log.error(
+                    "adapter %s cannot be served on %s; %s keeps serving it",
+                    wanted.active.version,
+                    "onnxruntime" if base is not None else "torch",
+                    "onnxruntime" if current.onnx_base is not None else "torch",
+                )
+                return
+            # a refused active version leaves what served before serving
+            active, wanted = current.active, Wanted(self._held.active, wanted.canary)
+        canary = self._weights(wanted.canary, base)  # a refused canary: none
         share = float(wanted.canary.canary_share or 0.0) if wanted.canary and canary else 0.0
-        state = ServingState(active, canary, share)
+        state = ServingState(active, canary, share, base)
         if state != current:
             self.engine.serving = state  # one assignment: running jobs keep theirs
-            self.swaps += 1
+            self._held = Wanted(
+                wanted.active if active else None, wanted.canary if canary else None
+            )
+            # the same adapters read again for the other backend are no swap
+            self.swaps += not rebase or _versions(active, canary) != _versions(
+                current.active, current.canary
+            )
             log.info(
-                "serving adapter=%s canary=%s share=%.2f",
+                "serving adapter=%s canary=%s share=%.2f on %s",
                 active.version if active else "base model",
                 canary.version if canary else None,
                 share,
+                self.engine.backend,
             )
 
     def status(self) -> dict[str, Any]:
@@ -201,7 +233,12 @@ class AdapterWatcher:
             "swaps": self.swaps,
             "last_read_ms": self.last_read_ms,
             "refused": [
-                {"version": version, "reason": why} for (version, _), why in self._refused.items()
+                {"version": version, "reason": why}
+                for (version, _, _), why in self._refused.items()
             ],
             "error": self.error,
         }
+
+
+def _versions(*adapters: Adapter | None) -> tuple[str | None, ...]:
+    return tuple(adapter.version if adapter else None for adapter in adapters)

@@ -8,6 +8,7 @@ deadline returns what it has.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,7 +22,14 @@ from typing import TYPE_CHECKING, Any, cast
 from feedback.canary import arm_for
 from ghostloop.decoding import PrefixCaches, TorchForward
 from ghostloop.lora import LoraWeights
-from ghostloop.onnx_backend import OnnxAdapter, OnnxForward, OnnxModel, base_export
+from ghostloop.models import served_backend
+from ghostloop.onnx_backend import (
+    OnnxAdapter,
+    OnnxForward,
+    OnnxModel,
+    base_export,
+    export_in_child,
+)
 from ghostloop.postprocess import CompletionMode, CursorContext
 from ghostloop.prompts import Prompt
 from ghostloop.settings import Settings
@@ -89,12 +97,15 @@ class CompletionResult:
 
 @dataclass(frozen=True)
 class ServingState:
-    """The adapters in force: replaced whole (one reference) when the table changes, so a
-    job holds the state it started with until it finishes."""
+    """What serves: the adapters in force and the backend they were read for (an
+    onnxruntime base export, or None for torch). Replaced whole (one reference) when the
+    table or the backend changes, so a job holds the state it started with until it
+    finishes, and never meets an adapter read for the other backend."""
 
     active: Adapter | None = None
     canary: Adapter | None = None
     canary_share: float = 0.0
+    onnx_base: OnnxModel | None = None
 
     def pick(self, user: str) -> tuple[str, Adapter | None]:
         """(arm, adapter) for ``user``: sticky per user while a canary runs."""
@@ -149,13 +160,19 @@ class _Running:
         return self.adapter.version if self.adapter else None
 
     @property
-    def cache_key(self) -> tuple[str, str | None]:
-        return _cache_key(self.job.key, self.adapter)
+    def weights(self) -> tuple[str | None, bool]:
+        """What generates it: the adapter version, on onnxruntime or not."""
+        return self.version, isinstance(self.forward, OnnxForward)
+
+    @property
+    def cache_key(self) -> tuple[str, str | None, bool]:
+        return _cache_key(self.job.key, self.adapter, isinstance(self.forward, OnnxForward))
 
 
-def _cache_key(document: str, adapter: Adapter | None) -> tuple[str, str | None]:
-    """Where a document's KV cache is kept: per document and the weights that made it."""
-    return (document, adapter.version if adapter else None)
+def _cache_key(document: str, adapter: Adapter | None, onnx: bool) -> tuple[str, str | None, bool]:
+    """Where a document's KV cache is kept: per document and the weights that made it (a
+    torch cache and an onnxruntime one are not interchangeable)."""
+    return (document, adapter.version if adapter else None, onnx)
 
 
 class RecentCompletions:
@@ -190,8 +207,9 @@ class CompletionEngine:
         loader: ModelLoader | None = None,
         prepare: Prepare | None = None,
     ) -> None:
-        """``prepare`` runs once the model is loaded and before the first job (the
-        adapters in force at start are read there)."""
+        """``prepare`` puts the adapters in force for the backend that serves: once the
+        model is loaded, before the first job, and again when a background export makes
+        onnxruntime the backend (``backend`` auto on a CPU)."""
         self.settings = settings
         self.serving = ServingState()  # replaced by the adapter watcher, read per job
         self._prepare = prepare
@@ -202,7 +220,11 @@ class CompletionEngine:
         self._latest: dict[str, CompletionJob] = {}
         self._lock = threading.Lock()
         self._model: Any = None
-        self._onnx_base: OnnxModel | None = None  # the onnxruntime backend's base model
+        # the onnxruntime base export adapters are read for: at load (backend onnxruntime)
+        # or when the background export is ready (auto); None while torch serves
+        self._onnx_base: OnnxModel | None = None
+        self.export_state: str | None = None  # auto: running | done | failed: why
+        self._exporter: Any = None  # auto: the export's process while it runs
         self._load_error: Exception | None = None
         self._ready = threading.Event()
         self._ready_at = 0.0
@@ -223,6 +245,9 @@ class CompletionEngine:
         with self._lock:
             for job in self._latest.values():
                 job.cancel("shutdown")
+        exporter = self._exporter
+        if exporter is not None and exporter.is_alive():  # made again at the next start
+            exporter.kill()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
@@ -235,7 +260,8 @@ class CompletionEngine:
 
     @property
     def onnx_base(self) -> OnnxModel | None:
-        """The onnxruntime backend's base export, None until loaded (or with torch)."""
+        """The onnxruntime base export adapters are to be read for; None with torch (and
+        until a background export is ready)."""
         return self._onnx_base
 
     @property
@@ -248,6 +274,14 @@ class CompletionEngine:
             return "error"
         return "ready" if self._ready.is_set() else "starting"
 
+    @property
+    def backend(self) -> str:
+        """What generates new completions now: torch, or onnxruntime [int8] (device)."""
+        base = self.serving.onnx_base
+        if base is None:
+            return "torch"
+        return f"onnxruntime{' int8' if self.settings.inference.onnx_int8 else ''} ({base.device})"
+
     def status(self) -> dict[str, Any]:
         model = self._model
         return {
@@ -255,8 +289,8 @@ class CompletionEngine:
             "error": str(self._load_error) if self._load_error else None,
             "model": model.name if model else None,
             "device": model.device if model else None,
-            "backend": self.settings.inference.backend
-            + (f" ({self._onnx_base.device})" if self._onnx_base is not None else ""),
+            "backend": self.backend,
+            "onnx_export": self.export_state,
             "template": model.template.name if model else None,
             **self.serving.describe(),
             "kv_cache": self.prefix_caches.describe(),
@@ -300,22 +334,85 @@ class CompletionEngine:
     def _load(self) -> bool:
         from ghostloop.models import load_model
 
+        settings = self.settings
         try:
-            self._model = (self._loader or load_model)(self.settings)
-            if self.settings.inference.backend == "onnxruntime":
-                self._onnx_base = base_export(self._model, self.settings)
+            self._model = (self._loader or load_model)(settings)
+            if settings.inference.backend == "onnxruntime":
+                self._onnx_base = base_export(self._model, settings)
+                self.serving = ServingState(onnx_base=self._onnx_base)
         except Exception as error:  # any failure must reach the client, not kill the thread
             log.error("model failed to load: %s", error)
             self._load_error = error
             return False
+        self._put_adapters_in_force()
+        export = settings.inference.backend == "auto" and served_backend(settings) == "onnxruntime"
+        if export:
+            self.export_state = "running"
+        self._ready_at = time.monotonic()
+        self._ready.set()
+        if export:
+            threading.Thread(
+                target=self._export_in_background, name="ghostloop-onnx-export", daemon=True
+            ).start()
+        return True
+
+    def _put_adapters_in_force(self) -> None:
         if self._prepare is not None:
             try:
                 self._prepare()
             except Exception:  # adapters are optional: the base model serves
                 log.exception("reading the adapters in force failed; serving the base model")
-        self._ready_at = time.monotonic()
-        self._ready.set()
-        return True
+
+    def _export_in_background(self) -> None:
+        """``backend`` auto on a CPU: torch serves while a process of its own exports the
+        base model for onnxruntime (once per model and machine, into the model cache); new
+        jobs then go to onnxruntime, with the adapters in force read again for it. Jobs
+        that started on torch finish on torch."""
+        import multiprocessing
+
+        started = time.perf_counter()
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded server
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(
+            target=export_in_child,
+            args=(self.settings, sender),
+            name="ghostloop-onnx-export",
+            daemon=True,
+        )
+        self._exporter = process
+        try:
+            process.start()
+            sender.close()
+            failure = receiver.recv() if receiver.poll(None) else "it sent no result"
+        except EOFError:
+            failure = f"the export process ended (exit code {process.exitcode})"
+        except Exception as error:  # e.g. no process could be started
+            failure = str(error)
+        finally:
+            process.join()
+            receiver.close()
+        if self._queue.closed:
+            return
+        base = None
+        if failure is None:
+            try:  # now in the model cache: loaded and checked, not exported again
+                base = base_export(self._model, self.settings)
+            except Exception as error:
+                failure = str(error)
+        if base is None:
+            log.warning("the onnxruntime export failed, torch keeps serving: %s", failure)
+            self.export_state = f"failed: {failure}"
+            return
+        self._onnx_base = base
+        self._put_adapters_in_force()  # the watcher puts a state on this base in force
+        if self._prepare is None and self.serving.active is None and not self.serving.canary:
+            self.serving = dataclasses.replace(self.serving, onnx_base=base)
+        self.export_state = "done"
+        log.info(
+            "onnxruntime serves from now on (%s), %.1f s after the export started",
+            self.backend,
+            time.perf_counter() - started,
+        )
 
     def _work(self) -> None:
         loaded = self._load()
@@ -327,13 +424,13 @@ class CompletionEngine:
                     jobs = [self._queue.get()]
                 except QueueClosed:
                     return
-                if loaded and self._onnx_base is None:  # what else waits joins this batch
+                if loaded and self.serving.onnx_base is None:  # what waits joins the batch
                     jobs += self._queue.get_ready(self.settings.serving.batch_size - 1)
                 group = [r for job in jobs if (r := self._accept(job, loaded)) is not None]
             self._busy = True
-            versions: dict[str | None, list[_Running]] = {}
+            versions: dict[tuple[str | None, bool], list[_Running]] = {}
             for running in group:
-                versions.setdefault(running.version, []).append(running)
+                versions.setdefault(running.weights, []).append(running)
             for same_weights in versions.values():
                 self._serve(same_weights)
             self._busy = False
@@ -381,8 +478,8 @@ class CompletionEngine:
         from ghostloop.suggest import SuggestionBatch, suggest
 
         settings, loaded = self.settings, self._model
-        adapter, version = group[0].adapter, group[0].version
-        if self._onnx_base is not None:
+        adapter, weights = group[0].adapter, group[0].weights
+        if isinstance(group[0].forward, OnnxForward):
             for running in group:
                 try:
                     found = suggest(
@@ -426,7 +523,7 @@ class CompletionEngine:
                         for job in self._queue.get_ready(room):
                             if (joining := self._accept(job, True)) is None:
                                 continue
-                            if joining.version == version:
+                            if joining.weights == weights:
                                 join(batch, joining)
                             else:
                                 self._held.append(joining)
@@ -457,8 +554,9 @@ class CompletionEngine:
 
     def _start(self, job: CompletionJob) -> _Running:
         """The weights ``job`` is served with, its stop rule, and its document's cache."""
-        settings = self.settings
-        arm, adapter = self.serving.pick(job.user)
+        settings, serving = self.settings, self.serving
+        arm, adapter = serving.pick(job.user)
+        base = serving.onnx_base
         deadline = max(job.arrival, self._ready_at) + settings.serving.deadline_ms / 1000
 
         def should_stop() -> str | None:
@@ -468,14 +566,14 @@ class CompletionEngine:
 
         # The document's previous KV cache, made by the same weights, if it is still kept.
         reuse = (
-            self.prefix_caches.take(_cache_key(job.key, adapter))
+            self.prefix_caches.take(_cache_key(job.key, adapter, base is not None))
             if settings.serving.kv_cache_mb
             else None
         )
         forward: OnnxForward | TorchForward
-        if self._onnx_base is not None:  # one session: the adapter's factors bound as inputs
+        if base is not None:  # one session: the adapter's factors bound as inputs
             onnx_adapter = adapter if isinstance(adapter, OnnxAdapter) else None
-            forward = OnnxForward(self._onnx_base, reuse=reuse, adapter=onnx_adapter)
+            forward = OnnxForward(base, reuse=reuse, adapter=onnx_adapter)
         else:
             forward = TorchForward(self._model.model, self._model.device, reuse=reuse)
         return _Running(job, arm, adapter, time.monotonic(), should_stop, forward)

@@ -55,6 +55,10 @@ class FairQueue(Generic[T]):
         with self._condition:
             return sum(len(items) for items in self._queues.values())
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         with self._condition:
             self._closed = True

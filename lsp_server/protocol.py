@@ -12,8 +12,12 @@ Client -> server
   newer request for the same document supersedes without an accept counts as rejected.
 - request ``ghostloop/status``: no params. Result: ``{"state": "starting" | "ready" |
   "error", "error": str | null, "model": str | null, "device": str | null,
-  "template": str | null, "adapter": str | null, "queued": int, "stats": {...}}``.
+  "backend": str, "onnx_export": str | null, "template": str | null,
+  "adapter": str | null, "queued": int, "stats": {...}}``.
   Editors show it in their status line; tests and benchmarks wait for ``ready``.
+  ``"backend"`` is what generates new completions: ``torch``, ``onnxruntime (cpu)``,
+  ``onnxruntime int8 (cpu)``; ``"onnx_export"`` (backend auto) ``running`` while torch
+  serves and the model is exported, then ``done`` or ``failed: why``.
   ``"adapter"`` is the active adapter version (null: the base model), ``"canary"`` is
   ``{"version", "share"}`` while a canary runs, ``"adapters"`` the watcher's state.
 - request ``ghostloop/reloadAdapters``: no params. Reads the adapters table now (instead

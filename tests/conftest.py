@@ -22,6 +22,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
 
 
+# What the servers the tests start generate with: torch, unless `make test`'s second pass
+# runs the server's own end-to-end tests on onnxruntime. Read before any fixture clears
+# the GHOSTLOOP_ variables. Tests of the default (auto) name it.
+TEST_BACKEND = os.environ.get("GHOSTLOOP_TEST_BACKEND", "torch")
+
+
 @pytest.fixture(autouse=True)
 def isolated_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own data dir and sees none of the developer's settings."""
@@ -31,6 +37,7 @@ def isolated_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     data_dir = tmp_path / "data"
     monkeypatch.setenv("GHOSTLOOP_DATA_DIR", str(data_dir))
     monkeypatch.setenv("GHOSTLOOP_CONFIG", "")
+    monkeypatch.setenv("GHOSTLOOP_BACKEND", TEST_BACKEND)
     return data_dir
 
 

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from feedback.bootstrap import Interval, paired_interval
 from feedback.metrics import Outcome, Summary, judge, summarise
-from ghostloop.models import LoadedModel
+from ghostloop.models import LoadedModel, backend_name
 from ghostloop.onnx_backend import OnnxForward, Served
 from ghostloop.postprocess import CursorContext
-from ghostloop.settings import Settings, backend_name
+from ghostloop.settings import Settings
 from ghostloop.suggest import suggest
 from trainer.data import Encoded, encode, pad_id, prompt_once_logprobs
 from trainer.labels import Example

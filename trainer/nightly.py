@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import importlib.util
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from feedback.database import open_store, upgrade
 from feedback.schema import PreferencePair, TrainingRun
 from ghostloop import onnx_backend, registry
 from ghostloop.lora import read_factors
-from ghostloop.models import LoadedModel, load_model
+from ghostloop.models import LoadedModel, load_model, served_backend
 from ghostloop.onnx_backend import OnnxModel, Served
 from ghostloop.settings import Settings
 from trainer.gate import GateResult, run_gate
@@ -259,6 +260,9 @@ class Night:
         self.baseline_path: Path | None = None  # the active adapter, verified, if any
         self.onnx_base: OnnxModel | None = None  # the base export adapter files are for
         self.served_baseline: Served | None = None
+        # the LoRA inputs of a base export with the night's slots: every publication carries
+        # an onnxruntime adapter file, so a server on either backend can serve it
+        self.adapter_shapes: dict[str, tuple[int, int]] | None = None
 
     def label(self, from_scratch: bool) -> Labelled | NightlyResult:
         """Label the completions logged since the last run, deduplicate, cap each user's
@@ -325,8 +329,9 @@ class Night:
                     version,
                     error,
                 )
-        if settings.inference.backend == "onnxruntime":
-            # exported before training, while the base model has no LoRA yet
+        # both before training, while the base model has no LoRA yet
+        self.adapter_shapes = _adapter_shapes(loaded, settings)
+        if served_backend(settings) == "onnxruntime":
             usable = labelled.baseline if self.baseline_path is not None else None
             self.onnx_base, self.served_baseline = _served_baseline(settings, loaded, usable)
         work = settings.store.data_dir / "train-work" / f"run{self.run_id}"
@@ -355,7 +360,8 @@ class Night:
             return Candidate(version, None)
         staged = _staging(self.settings, self.run_id)
         _save_adapter(outcome.model, staged)
-        _write_adapter_file(staged, base, version)
+        shapes = {name: shape for name, (shape, _) in base.lora_inputs.items()}
+        _write_adapter_file(staged, shapes, base.model_name, version)
         candidate = onnx_backend.adapter_file(
             staged, base, version=version, checksum=registry.checksum(staged)
         )
@@ -388,8 +394,10 @@ class Night:
                     shutil.move(entry, directory / entry.name)
                 return
             _save_adapter(outcome.model, directory)
-            if self.onnx_base is not None and self.onnx_base.lora is not None:
-                _write_adapter_file(directory, self.onnx_base, candidate.version)
+            if self.adapter_shapes is not None:
+                _write_adapter_file(
+                    directory, self.adapter_shapes, self.loaded.name, candidate.version
+                )
 
         path, digest = registry.write_atomically(
             settings.store.adapters_dir, candidate.version, save
@@ -491,15 +499,29 @@ def _served_baseline(
         return base, None
 
 
-def _write_adapter_file(directory: Path, base: OnnxModel, version: str) -> None:
-    """The adapter saved at ``directory`` as an adapter file for ``base`` (a few MB, bound
-    at run time), inside the version's directory before it is published."""
+def _adapter_shapes(loaded: LoadedModel, settings: Settings) -> dict[str, tuple[int, int]] | None:
+    """The LoRA inputs of ``loaded``'s base export, or None (and no adapter files) where
+    onnxruntime is not installed or the model lacks a target the slots name."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    try:
+        return onnx_backend.slot_shapes(loaded.model, onnx_backend.slots_for(settings))
+    except onnx_backend.OnnxExportError as error:
+        log.warning("publishing without onnxruntime adapter files: %s", error)
+        return None
+
+
+def _write_adapter_file(
+    directory: Path, shapes: Mapping[str, tuple[int, ...]], model_name: str, version: str
+) -> None:
+    """The adapter saved at ``directory`` as an onnxruntime adapter file for an export with
+    the LoRA inputs ``shapes`` (a few MB, bound at run time), inside the version's
+    directory before it is published."""
     weights = read_factors(
         directory, version=version, expected_checksum=registry.checksum(directory)
     )
-    shapes = {name: shape for name, (shape, _) in base.lora_inputs.items()}
     onnx_backend.write_adapter(
-        weights, directory / registry.EXPORT_DIR, shapes, model_name=base.model_name
+        weights, directory / registry.EXPORT_DIR, shapes, model_name=model_name
     )
 
 

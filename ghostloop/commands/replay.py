@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ghostloop.commands import Subcommands, fail
-from ghostloop.settings import REPLAY_BACKENDS, Settings, backend_name
+from ghostloop.settings import REPLAY_BACKENDS, Settings
 
 # The demo's training half: 160 positions, not the held-out half's 400. The night's time
 # grows with its examples and was most of the demo's time on a 2-core CPU; a night on more
@@ -28,7 +28,7 @@ def register(commands: Subcommands) -> None:
     replay.add_argument(
         "--backend",
         help="what the servers generate with: torch, onnxruntime or onnxruntime-int8 "
-        "(default: the configured backend)",
+        "(default: what ghostloop serve uses)",
     )
     _walk_options(replay)
     replay.set_defaults(run=run_replay)
@@ -46,7 +46,7 @@ def register(commands: Subcommands) -> None:
     demo.add_argument(
         "--backend",
         help="what the servers generate with: torch, onnxruntime or onnxruntime-int8 "
-        "(default: onnxruntime on a CPU, else the configured backend)",
+        "(default: what ghostloop serve uses)",
     )
     _walk_options(demo)
     demo.set_defaults(run=run_demo)
@@ -73,6 +73,13 @@ def _walk_options(parser: argparse.ArgumentParser) -> None:
         "--work-dir", help="data directory of the replay (default: <data dir>/replays/<time>)"
     )
     parser.add_argument("--database-url", help="store (default: SQLite in the work dir)")
+    parser.add_argument(
+        "--also-on",
+        metavar="BACKEND",
+        help="walk the held-out half after each night again on BACKEND (torch, onnxruntime "
+        "or onnxruntime-int8): the paired lift of the served backend against it, e.g. int8 "
+        "against fp32 with the same adapter",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -105,12 +112,12 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
             "replay",
             f"--methods takes distinct names among sft, dpo, rrhf; got {args.methods!r}",
         )
-    if args.backend is not None:
-        if args.backend not in REPLAY_BACKENDS:
+    for flag, value in (("--backend", args.backend), ("--also-on", args.also_on)):
+        if value is not None and value not in REPLAY_BACKENDS:
             return fail(
-                "replay",
-                f"--backend takes one of {', '.join(REPLAY_BACKENDS)}; got {args.backend!r}",
+                "replay", f"{flag} takes one of {', '.join(REPLAY_BACKENDS)}; got {value!r}"
             )
+    if args.backend is not None:
         backend, _, int8 = args.backend.partition("-")
         settings = settings.replaced(backend=backend, onnx_int8=int8 == "int8")
     options = ReplayOptions(
@@ -124,6 +131,7 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
         work_dir=Path(args.work_dir) if args.work_dir else None,
         database_url=args.database_url or "",
         progress=not args.no_progress,
+        also_on=args.also_on,
     )
     return asyncio.run(run_replay(settings, options, as_json=args.json))
 
@@ -133,21 +141,4 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     args.path = str(stdlib_dir() / "email")
     args.ungated = True  # the demo shows what a night did; the gate's verdict is reported
-    if args.backend is None:
-        args.backend = demo_backend(settings)
     return run_replay(args, settings)
-
-
-def demo_backend(settings: Settings) -> str:
-    """The demo serves with onnxruntime in fp32 on a CPU: the same suggestions as torch
-    token for token (the same base-model figures on the demo's positions), its walks about
-    twice as fast on a 2-core machine. Not the int8 copy, faster still: serving an adapter
-    in int8 lost most of its lift on the demo's positions (docs/results.md). On a
-    GPU, or without onnxruntime installed, what the settings say."""
-    import importlib.util
-
-    from ghostloop.models import wants_cuda
-
-    if importlib.util.find_spec("onnxruntime") is not None and not wants_cuda(settings):
-        return "onnxruntime"
-    return backend_name(settings)

@@ -47,6 +47,7 @@ from ghostloop.onnx_backend.files import (
     META_SUFFIX,
     ONNX_FILE,
     OnnxExportError,
+    remove_stale_partials,
     sha256,
 )
 
@@ -517,6 +518,7 @@ def export(
         raise OnnxExportError(f"LoRA slots need a rank and targets, got {slots}")
     started = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(directory)
     source = copy.deepcopy(model).float().cpu().eval()  # the served model is never touched
     geometry = _geometry(source)
     layers, kv_heads, head_dim = geometry["layers"], geometry["kv_heads"], geometry["head_dim"]

@@ -4,6 +4,7 @@ for one that is missing, corrupt or made for another model."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from ghostloop.registry import AdapterError
@@ -27,3 +28,17 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_stale_partials(directory: Path) -> None:
+    """Remove the half-written files (``.NAME.PID.partial``) of exports and int8 copies
+    whose process is gone: killed while it wrote (a server stopped during its background
+    export). A live process's file stays; it renames or removes it itself."""
+    for partial in directory.glob(".*.partial"):
+        try:
+            pid = int(partial.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            partial.unlink(missing_ok=True)
+        except (ValueError, IndexError, PermissionError):
+            continue  # not ours, or another user's live process

@@ -6,9 +6,11 @@ Prompts, decoding, stop rules and post-processing are the torch backend's
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +190,26 @@ def base_export(loaded: Any, settings: Any) -> OnnxModel:
         log.warning("exporting without LoRA slots, adapters will be refused: %s", error)
         export(loaded.model, directory, model_name=loaded.name, fused=fused)
     return _session(path, loaded.name, settings)
+
+
+def export_in_child(settings: Any, report: Any) -> None:
+    """``base_export`` for ``settings`` in a process of its own (the target of a spawned
+    ``multiprocessing.Process``: a server on ``backend`` auto exports while torch serves,
+    without holding its interpreter's lock or its memory once done). Sends None on
+    ``report`` (a pipe's end) when the export is in the model cache, or why it is not."""
+    import sys
+
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stdio server's stdout is LSP
+    with contextlib.suppress(AttributeError, OSError):
+        os.nice(10)  # the completions come first
+    try:
+        from ghostloop.models import load_model
+
+        base_export(load_model(settings), settings)
+    except Exception as error:  # whatever it was, the server says it and keeps on torch
+        report.send(f"{type(error).__name__}: {error}")
+    else:
+        report.send(None)
 
 
 def fused_for(loaded: Any) -> bool:

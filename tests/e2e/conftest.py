@@ -17,6 +17,7 @@ from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
 from ghostloop.corpus import stdlib_dir
+from tests.conftest import TEST_BACKEND
 
 SERVER_COMMAND = [sys.executable, "-m", "ghostloop", "serve"]
 StartServer = Callable[..., Awaitable[LanguageClient]]
@@ -32,8 +33,7 @@ def server_env(model: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["GHOSTLOOP_MODEL"] = str(model)
     env["GHOSTLOOP_LOG_LEVEL"] = "INFO"
-    # `make test` runs the server's own end-to-end tests a second time on onnxruntime
-    env["GHOSTLOOP_BACKEND"] = os.environ.get("GHOSTLOOP_TEST_BACKEND", "torch")
+    env["GHOSTLOOP_BACKEND"] = TEST_BACKEND
     env.update(extra)
     return env
 

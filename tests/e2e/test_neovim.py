@@ -269,6 +269,28 @@ def test_checkhealth_reports_the_server_and_model(neovim: Any, tiny_model_dir: P
     assert "adapter base (no adapter)" in health, health
 
 
+def test_checkhealth_says_which_backend_serves_and_why_the_export_failed(
+    neovim: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The default backend (auto): torch serves while the export runs; one that cannot be
+    written leaves torch serving, and :checkhealth says why."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("no model cache can be made here")
+    monkeypatch.setenv("GHOSTLOOP_BACKEND", "auto")
+    monkeypatch.setenv("GHOSTLOOP_MODEL_CACHE", str(blocked))
+    nvim = neovim("x = 1\n")
+    wait_for(
+        nvim,
+        "local s = require('ghostloop').status(0) return s and s.onnx_export ~= 'running'",
+        timeout_s=120,
+    )
+    nvim.command("checkhealth ghostloop")
+    health = buffer_text(nvim)
+    assert "(torch backend)" in health, health
+    assert "WARNING the onnxruntime export failed: " in health, health
+    assert "not-a-directory" in health, health
+
+
 @pytest.mark.slow
 def test_word_accept_of_a_real_suggestion_is_partial(neovim: Any, isolated_data_dir: Path):
     """SmolLM2 (the embedded default) suggests real code: <C-Right> takes one word of it."""

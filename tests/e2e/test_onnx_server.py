@@ -3,7 +3,10 @@ backend over LSP, adapters hot-swapped as files bound to one session, bad files 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 from feedback.database import open_engine
 from ghostloop import registry
@@ -87,3 +90,53 @@ async def test_onnx_server_exports_the_base_model_once(
     uri = open_document(again, sample_source(), "shlex.py")
     assert await complete(again, uri, *spot) == text
     assert export.stat().st_mtime_ns == written  # loaded, not exported again
+
+
+async def wait_for_export(client, timeout_s: float = 180) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = await status(client)
+        if found.onnx_export != "running" or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.2)
+
+
+async def test_auto_serves_on_torch_while_it_exports_then_on_onnxruntime(
+    start_server: StartServer, tiny_model_dir: Path, tmp_path: Path, isolated_data_dir: Path
+):
+    database = f"sqlite:///{tmp_path / 'team.db'}"
+    publish_adapter(settings_for(database), tiny_model_dir, "v1", seed=1, onnx=True)
+    auto = {"GHOSTLOOP_BACKEND": "auto", "GHOSTLOOP_DATABASE_URL": database}
+    client = await start_server(env={**auto, "GHOSTLOOP_ADAPTER_POLL_S": "0"})
+    started = await status(client)
+    # ready at once on torch, the adapter in force, the export under way
+    assert (started.backend, started.onnx_export, started.adapter) == ("torch", "running", "v1")
+    spots = positions(6)
+    uri = open_document(client, sample_source(), "shlex.py")
+    on_torch = await texts(client, uri, spots)
+    switched = await wait_for_export(client)
+    assert (switched.backend, switched.onnx_export) == ("onnxruntime (cpu)", "done"), switched
+    assert switched.adapter == "v1"  # read again as its adapter file: the same suggestions
+    assert any(on_torch) and await texts(client, uri, spots) == on_torch
+    [export] = (isolated_data_dir / "models" / "onnx").glob("*/model.onnx")
+    written = export.stat().st_mtime_ns
+
+    # the next start loads the export from the model cache
+    again = await start_server(env={**auto, "GHOSTLOOP_ADAPTER_POLL_S": "0"})
+    assert (await wait_for_export(again)).backend == "onnxruntime (cpu)"
+    assert export.stat().st_mtime_ns == written
+
+
+async def test_auto_keeps_serving_on_torch_when_the_export_fails(
+    start_server: StartServer, tmp_path: Path
+):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("the model cache cannot be made here")
+    client = await start_server(
+        env={"GHOSTLOOP_BACKEND": "auto", "GHOSTLOOP_MODEL_CACHE": str(blocked)}
+    )
+    failed = await wait_for_export(client)
+    assert failed.backend == "torch"
+    assert failed.onnx_export.startswith("failed: ") and "not-a-directory" in failed.onnx_export
+    uri = open_document(client, sample_source(), "shlex.py")
+    assert any(await texts(client, uri, positions(3)))

@@ -356,11 +356,13 @@ def test_replay_on_onnxruntime_int8_exports_and_swaps_the_adapter(tmp_path, tiny
     the night exports the adapter and its gate judges the int8 copies of the base model's
     export and of the candidate's; the held-out server swaps that export in and serves the
     int8 copy (the demo's fp32 default takes the same path without the copies).
-    --train-positions: fewer positions walked in the training half than held out."""
+    --train-positions: fewer positions walked in the training half than held out.
+    --also-on: the same adapter walked again in fp32, and int8 against it, paired."""
     root = write_repo(tmp_path / "repo", 8)
     work = tmp_path / "replay"
     command = [sys.executable, "-m", "ghostloop", "replay", str(root), "--train-positions", "20"]
     command += ["--backend", "onnxruntime-int8", "--positions", "24", "--ungated", "--json"]
+    command += ["--also-on", "onnxruntime"]
     command += ["--no-progress", "--work-dir", str(work), "--windows", WINDOWS]
     done = subprocess.run(
         command,
@@ -392,7 +394,15 @@ def test_replay_on_onnxruntime_int8_exports_and_swaps_the_adapter(tmp_path, tiny
         assert run.evaluation["backend"] == "onnxruntime-int8"
         after = [i for i in report["served"]["after"].values() if i]
         assert after and all(session.get(Completion, i).adapter_version == version for i in after)
+        also = report["methods"]["sft"]["also_on"]
+        assert (also["backend"], also["after"]["completions"]) == ("onnxruntime", 24)
+        again = [i for i in also["served"].values() if i]
+        assert again and not set(again) & set(after)
+        assert all(session.get(Completion, i).adapter_version == version for i in again)
+        assert "chars_saved_per_completion" in also["paired_lift"]
     engine.dispose()
+    assert "the same adapter on onnxruntime: " in format_table(report)
+    assert "onnxruntime-int8 against onnxruntime, paired: " in format_table(report)
 
 
 def test_replay_refuses_a_missing_path_and_changes_nothing(tmp_path, tiny_model_dir):
@@ -440,6 +450,9 @@ def test_replay_refuses_bad_windows_a_dead_store_and_a_missing_model(tmp_path, t
     assert not work.exists()
     done = replay(tmp_path, tiny_model_dir, str(root), "--work-dir", str(work), "--backend", "trt")
     assert done.returncode == 2 and "--backend takes one of torch, onnxruntime" in done.stderr
+    assert not work.exists()
+    done = replay(tmp_path, tiny_model_dir, str(root), "--work-dir", str(work), "--also-on", "gpu")
+    assert done.returncode == 2 and "--also-on takes one of torch, onnxruntime" in done.stderr
     assert not work.exists()
     done = replay(
         tmp_path, tiny_model_dir, str(root), "--work-dir", str(work), "--train-positions", "0"

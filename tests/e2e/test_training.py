@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -396,17 +397,20 @@ def test_on_the_onnxruntime_backend_the_gate_judges_the_exports_that_would_be_se
     isolated_data_dir: Path, tiny_model_dir: Path
 ):
     """With onnxruntime serving, the gate generates with the baseline's adapter file and the
-    candidate's on the base export (made before the gate and published as judged); an
-    active adapter published without a file (under torch) is judged with torch on both
-    sides."""
+    candidate's on the base export (made before the gate and published as judged); a night
+    on torch publishes the adapter file all the same; an active adapter published without
+    one (by an earlier version) is judged with torch on both sides."""
     url = f"sqlite:///{isolated_data_dir / 'ghostloop.db'}"
     env = {
         "GHOSTLOOP_DATABASE_URL": url,
         "GHOSTLOOP_MODEL": str(tiny_model_dir),
         "GHOSTLOOP_GATE_ENFORCED": "false",  # each night publishes: the gate's verdict aside
     }
-    publish_first(url, env, tiny_model_dir)  # under torch: no export
+    publish_first(url, env, tiny_model_dir)  # under torch, its adapter file written too
     assert runs(url)[-1].evaluation["backend"] == "torch"
+    first = Path(adapter_rows(url)[-1].path)
+    assert (first / "onnx" / "adapter.onnx_adapter").is_file()
+    shutil.rmtree(first / "onnx")  # as an earlier version published it
     onnx = {**env, "GHOSTLOOP_BACKEND": "onnxruntime"}
     name = model_name(tiny_model_dir)
     for backend in ("torch", "onnxruntime"):

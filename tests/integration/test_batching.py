@@ -74,8 +74,12 @@ def together(
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> tuple[LoadedModel, Settings]:
-    settings = Settings.of(
-        model=str(tiny_model_dir), device="cpu", max_new_tokens=12, context_tokens=256
+    settings = Settings.of(  # torch batches; auto would switch to onnxruntime midway
+        model=str(tiny_model_dir),
+        backend="torch",
+        device="cpu",
+        max_new_tokens=12,
+        context_tokens=256,
     )
     return load_model(settings), settings
 
@@ -289,6 +293,7 @@ def running_long(model_dir: Path) -> tuple[Settings, LoadedModel]:
     request to arrive while they run."""
     settings = Settings.of(
         model=str(model_dir),
+        backend="torch",
         device="cpu",
         max_new_tokens=160,
         max_lines=8,

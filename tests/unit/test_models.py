@@ -47,3 +47,23 @@ def test_onnxruntime_backend_without_onnxruntime_says_what_to_install(
     )
     with pytest.raises(ModelNotFoundError, match=r"pip install 'ghostloop\[onnx\]'"):
         load_model(Settings.of(model=str(tiny_model_dir), backend="onnxruntime"))
+
+
+def test_auto_serves_with_onnxruntime_on_a_cpu_and_torch_on_a_gpu(monkeypatch):
+    import importlib.util
+
+    from ghostloop.models import backend_name, served_backend
+
+    assert served_backend(Settings.of(device="cpu")) == "onnxruntime"
+    assert backend_name(Settings.of(device="cpu")) == "onnxruntime"
+    assert backend_name(Settings.of(device="cpu", onnx_int8=True)) == "onnxruntime-int8"
+    assert served_backend(Settings.of(device="cuda")) == "torch"
+    # what the settings name stays what serves
+    assert served_backend(Settings.of(device="cuda", backend="onnxruntime")) == "onnxruntime"
+    assert backend_name(Settings.of(device="cpu", backend="torch", onnx_int8=True)) == "torch"
+    # without onnxruntime installed, torch
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name)
+    )
+    assert served_backend(Settings.of(device="cpu")) == "torch"

@@ -202,27 +202,6 @@ def test_reach_counts_the_untyped_characters_the_training_half_holds_word_for_wo
         reach(held, before[:-1], trained_on, files)
 
 
-def test_the_demo_serves_with_onnxruntime_in_fp32_on_a_cpu(monkeypatch):
-    import importlib.util
-
-    from ghostloop.commands.replay import demo_backend as _demo_backend
-    from ghostloop.settings import Settings, backend_name
-
-    assert _demo_backend(Settings.of(device="cpu")) == "onnxruntime"
-    assert _demo_backend(Settings.of(device="cpu", onnx_int8=True)) == "onnxruntime"
-    # on a GPU, what the settings say
-    assert _demo_backend(Settings.of(device="cuda")) == "torch"
-    assert _demo_backend(Settings.of(device="cuda", backend="onnxruntime")) == "onnxruntime"
-    assert backend_name(Settings.of(backend="onnxruntime", onnx_int8=True)) == "onnxruntime-int8"
-    assert backend_name(Settings.of(backend="torch", onnx_int8=True)) == "torch"
-    # without onnxruntime installed, too
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name)
-    )
-    assert _demo_backend(Settings.of(device="cpu")) == "torch"
-
-
 def test_the_demo_walks_fewer_training_positions_than_it_holds_out():
     from ghostloop.cli import build_parser
     from ghostloop.commands.replay import DEMO_TRAIN_POSITIONS

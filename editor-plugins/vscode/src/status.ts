@@ -10,6 +10,8 @@ export interface ServerStatus {
   device?: string | null;
   adapter?: string | null;
   backend?: string | null;
+  /** backend auto: "running" while torch serves and the model is exported for onnxruntime */
+  onnx_export?: string | null;
   canary?: { version?: string; share?: number } | null;
 }
 
@@ -62,11 +64,20 @@ export function describe(
   const adapter = server.adapter ?? "base";
   const canary = server.canary?.version ? `, canary ${server.canary.version}` : "";
   const where = [server.device, server.backend].filter(Boolean).join(", ");
+  const exporting = server.onnx_export === "running";
+  let backendNote = "";
+  if (exporting) {
+    backendNote =
+      ` Served by ${server.backend ?? "torch"} while the model is exported for onnxruntime ` +
+      "(faster on a CPU); it switches by itself when the export is ready.";
+  } else if (server.onnx_export?.startsWith("failed")) {
+    backendNote = ` The onnxruntime export ${server.onnx_export}; ${server.backend ?? "torch"} serves.`;
+  }
   return {
     state: "ready",
-    text: `$(sparkle) ${model} · ${adapter}`,
+    text: `$(sparkle) ${model} · ${adapter}${exporting ? ` · ${server.backend ?? "torch"}` : ""}`,
     tooltip:
       `Ghostloop ready: ${server.model ?? "model?"}${where ? ` (${where})` : ""}, ` +
-      `adapter ${adapter}${canary}. Click to turn completions off.`,
+      `adapter ${adapter}${canary}.${backendNote} Click to turn completions off.`,
   };
 }

@@ -18,6 +18,26 @@ test("ready shows the model file's stem and the adapter", () => {
   assert.match(view.tooltip, /\(cpu, torch\)/);
 });
 
+test("while the model is exported for onnxruntime the item says torch serves", () => {
+  const status = { state: "ready", model: "m", adapter: null, device: "cpu" };
+  const exporting = describe("ready", { ...status, backend: "torch", onnx_export: "running" });
+  assert.equal(exporting.text, "$(sparkle) m · base · torch");
+  assert.match(exporting.tooltip, /Served by torch while the model is exported for onnxruntime/);
+  const done = describe("ready", {
+    ...status,
+    backend: "onnxruntime int8 (cpu)",
+    onnx_export: "done",
+  });
+  assert.equal(done.text, "$(sparkle) m · base");
+  assert.match(done.tooltip, /\(cpu, onnxruntime int8 \(cpu\)\)/);
+  const failed = describe("ready", {
+    ...status,
+    backend: "torch",
+    onnx_export: "failed: no space left on device",
+  });
+  assert.match(failed.tooltip, /export failed: no space left on device; torch serves/);
+});
+
 test("no adapter reads as the base model", () => {
   assert.match(describe("ready", { state: "ready", model: "m", adapter: null }).text, /m · base$/);
 });

@@ -28,6 +28,12 @@ local function report_status(client)
   else
     vim.health.error('server error: ' .. text(status.error), 'fix the model setting, then :Ghostloop restart')
   end
+  local export = status.onnx_export
+  if export == 'running' then
+    vim.health.info('served by ' .. text(status.backend) .. ' while the model is exported for onnxruntime (faster on a CPU); it switches by itself')
+  elseif type(export) == 'string' and export:sub(1, 6) == 'failed' then
+    vim.health.warn('the onnxruntime export ' .. export .. '; ' .. text(status.backend) .. ' serves', 'see :LspLog; GHOSTLOOP_BACKEND=torch serves on torch without trying')
+  end
   local recording = status.recorder
   if type(recording) == 'table' and recording.telemetry == false then
     vim.health.info('telemetry off: nothing about your code is recorded')

@@ -53,6 +53,8 @@ class Completion(Base):
     template: Mapped[str] = mapped_column(String(50), default="")
     prompt_prefix: Mapped[str] = mapped_column(Text, default="")
     prompt_suffix: Mapped[str] = mapped_column(Text, default="")
+    # the repository's snippets before the prefix, as sent (redacted); "" for none
+    prompt_repository: Mapped[str] = mapped_column(Text, default="", server_default="")
     suggestion: Mapped[str] = mapped_column(Text)
     multiline: Mapped[bool] = mapped_column(default=False)
     latency_ms: Mapped[float] = mapped_column(Float)
@@ -133,6 +135,7 @@ class PreferencePair(Base):
     split: Mapped[str] = mapped_column(String(10), default="train")  # "train" | "eval"
     prompt_prefix: Mapped[str] = mapped_column(Text)
     prompt_suffix: Mapped[str] = mapped_column(Text, default="")
+    prompt_repository: Mapped[str] = mapped_column(Text, default="", server_default="")
     chosen: Mapped[str] = mapped_column(Text)
     rejected: Mapped[str | None] = mapped_column(Text)
     chosen_chars_saved: Mapped[int] = mapped_column(Integer, default=0)

@@ -31,6 +31,7 @@ class CursorContext:
 
     prefix: str
     suffix: str
+    repository: str = ""  # snippets of other files for the prompt (prompts.fit_repository)
 
     @property
     def line_prefix(self) -> str:

@@ -102,6 +102,76 @@ class TokenPrefixIndex:
 
 
 @dataclass(frozen=True)
+class Snippet:
+    """A few lines of the developer's repository: where they are and what they say."""
+
+    path: str  # relative to the workspace root (or the document's URI)
+    line: int  # its first line, from 0
+    text: str
+
+
+# Comment markers by LSP language id; any other language gets "//".
+_HASH_COMMENTS = frozenset(
+    [
+        "python",
+        "shellscript",
+        "ruby",
+        "perl",
+        "r",
+        "yaml",
+        "toml",
+        "dockerfile",
+        "makefile",
+        "elixir",
+        "julia",
+        "nim",
+        "coffeescript",
+        "powershell",
+        "cmake",
+        "properties",
+    ]
+)
+_DASH_COMMENTS = frozenset(["lua", "sql", "haskell", "ada", "elm"])
+
+
+def comment_marker(language: str) -> str:
+    if language in _HASH_COMMENTS:
+        return "#"
+    if language in _DASH_COMMENTS:
+        return "--"
+    return "//"
+
+
+def render_snippets(snippets: Sequence[Snippet], language: str) -> list[str]:
+    """Each snippet as comment lines under its path (Tabby's and Continue's layout, which
+    any model reads as code it has seen): ``# Path: pkg/file.py`` then the code
+    commented out, one block per snippet, each ending with a newline."""
+    marker = comment_marker(language)
+    blocks = []
+    for snippet in snippets:
+        lines = [f"{marker} Path: {snippet.path}"]
+        lines += [f"{marker} {line}".rstrip() for line in snippet.text.split("\n")]
+        blocks.append("\n".join(lines) + "\n")
+    return blocks
+
+
+def fit_repository(tokenizer: TextTokenizer, blocks: Sequence[str], budget: int) -> str:
+    """The repository part of a prompt: the first of ``blocks`` (best first) that fit
+    ``budget`` tokens together, the best last, nearest the file's own text."""
+    if budget <= 0:
+        return ""
+    kept: list[str] = []
+    used = 0
+    for block in blocks:
+        cost = len(tokenizer.encode_text(block))
+        if used + cost > budget:
+            continue
+        kept.append(block)
+        used += cost
+    return "".join(reversed(kept))
+
+
+@dataclass(frozen=True)
 class Prompt:
     """A prompt ready for the model, and the pieces of the document it was made from."""
 
@@ -110,6 +180,7 @@ class Prompt:
     suffix: str
     healed: str
     template: str
+    repository: str = ""  # the snippets of the repository before the prefix, as sent
 
     @property
     def text(self) -> str:
@@ -218,21 +289,26 @@ def build_prompt(
     context_tokens: int,
     suffix_share: float,
     marker_ids: dict[str, list[int]],
+    repository: str = "",
 ) -> Prompt:
-    """Token ids for the model: the nearest prefix and suffix within the budget, healed."""
+    """Token ids for the model: the nearest prefix and suffix within the budget, healed,
+    after ``repository`` (snippets of other files, already fitted to their own budget)."""
     suffix_budget = int(context_tokens * suffix_share) if template.fim else 0
     kept_suffix = trim_suffix(tokenizer, suffix, suffix_budget) if template.fim else ""
     used_suffix = len(tokenizer.encode_text(kept_suffix)) if kept_suffix else 0
     kept_prefix = trim_prefix(tokenizer, prefix, context_tokens - used_suffix)
     prefix_ids, healed = heal_prefix(tokenizer, kept_prefix)
+    # encoded on its own: the file's tokens are the same with and without it
+    repository_ids = tokenizer.encode_text(repository) if repository else []
     if not template.fim:
-        ids = prefix_ids
+        ids = repository_ids + prefix_ids
     else:
         ids = (
             marker_ids[template.prefix_marker]
+            + repository_ids
             + prefix_ids
             + marker_ids[template.suffix_marker]
             + tokenizer.encode_text(kept_suffix)
             + marker_ids[template.middle_marker]
         )
-    return Prompt(tuple(ids), kept_prefix, kept_suffix, healed, template.name)
+    return Prompt(tuple(ids), kept_prefix, kept_suffix, healed, template.name, repository)

@@ -184,6 +184,34 @@ class ServingSettings(_Group):
 
 
 @dataclass(frozen=True)
+class ContextSettings(_Group):
+    """The developer's repository in the prompt: where snippets come from and how much."""
+
+    repo_context_tokens: int = _setting(
+        0,
+        help="tokens of repository snippets before the file's own prefix (on top of "
+        "context_tokens); 0 = none",
+    )
+    context_chunk_lines: int = _setting(10, help="lines per repository snippet")
+    context_max_files: int = _setting(
+        5000, help="most files of the workspace indexed (the rest are skipped, said once)"
+    )
+    context_max_file_kb: int = _setting(512, help="larger files of the workspace are skipped")
+    context_max_total_mb: int = _setting(
+        64, help="most bytes of the workspace's files indexed in all"
+    )
+
+    def __post_init__(self) -> None:
+        self._at_least(
+            repo_context_tokens=0,
+            context_chunk_lines=1,
+            context_max_files=0,
+            context_max_file_kb=1,
+            context_max_total_mb=1,
+        )
+
+
+@dataclass(frozen=True)
 class StoreSettings(_Group):
     """Where Ghostloop keeps things, and what it records of each suggestion."""
 
@@ -484,6 +512,7 @@ class Settings(_Group):
 
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     serving: ServingSettings = field(default_factory=ServingSettings)
+    context: ContextSettings = field(default_factory=ContextSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     team: TeamSettings = field(default_factory=TeamSettings)
     canary: CanarySettings = field(default_factory=CanarySettings)

@@ -53,6 +53,7 @@ def prompt_for(loaded: LoadedModel, settings: Settings, context: CursorContext) 
         context_tokens=settings.serving.context_tokens,
         suffix_share=settings.serving.suffix_share,
         marker_ids=loaded.marker_ids,
+        repository=context.repository,
     )
 
 

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -31,7 +31,7 @@ from ghostloop.onnx_backend import (
     export_in_child,
 )
 from ghostloop.postprocess import CompletionMode, CursorContext
-from ghostloop.prompts import Prompt
+from ghostloop.prompts import Prompt, Snippet, fit_repository, render_snippets
 from ghostloop.settings import Settings
 from lsp_server.fair_queue import FairQueue, QueueClosed
 
@@ -59,6 +59,10 @@ class CompletionJob:
     context: CursorContext
     user: str = ""
     queue: str = ""  # whose turn it takes in the fair queue: a document, or a connection
+    # the repository's snippets for this cursor, best first (lsp_server.workspace), asked
+    # on the worker; and the document's language, for their comment lines
+    snippets: Callable[[], Sequence[Snippet]] | None = None
+    language: str = ""
     arrival: float = field(default_factory=time.monotonic)
     future: Future[CompletionResult] = field(default_factory=Future)
     cancel_reason: str | None = None
@@ -302,13 +306,29 @@ class CompletionEngine:
         return self._ready.wait(timeout)
 
     def submit(
-        self, key: str, context: CursorContext, user: str = "", queue: str | None = None
+        self,
+        key: str,
+        context: CursorContext,
+        user: str = "",
+        queue: str | None = None,
+        *,
+        snippets: Callable[[], Sequence[Snippet]] | None = None,
+        language: str = "",
     ) -> CompletionJob:
         """Queue a job; an unfinished older job for the same document is superseded.
 
         ``queue`` names whose turn the job takes: the document by default (documents
-        are served in turn), a connection on a team server (connections are)."""
-        job = CompletionJob(key=key, context=context, user=user, queue=queue or key)
+        are served in turn), a connection on a team server (connections are).
+        ``snippets`` gives the repository's snippets for the prompt (with
+        ``repo_context_tokens`` above zero), in ``language``'s comments."""
+        job = CompletionJob(
+            key=key,
+            context=context,
+            user=user,
+            queue=queue or key,
+            snippets=snippets,
+            language=language,
+        )
         with self._lock:
             older = self._latest.get(key)
             self._latest[key] = job
@@ -557,6 +577,11 @@ class CompletionEngine:
         settings, serving = self.settings, self.serving
         arm, adapter = serving.pick(job.user)
         base = serving.onnx_base
+        budget = settings.context.repo_context_tokens
+        if job.snippets is not None and budget:
+            blocks = render_snippets(job.snippets(), job.language)
+            repository = fit_repository(self._model.tokenizer, blocks, budget)
+            job.context = dataclasses.replace(job.context, repository=repository)
         deadline = max(job.arrival, self._ready_at) + settings.serving.deadline_ms / 1000
 
         def should_stop() -> str | None:

@@ -205,6 +205,8 @@ class FeedbackLog:
         cap = self.settings.store.max_stored_prompt_chars
         prefix = redact(result.prompt.prefix[-cap:] if cap else "")
         suffix = redact(stored_suffix(result.prompt.suffix, document, result.offset)[:cap])
+        # whole (its own budget bounds it), so the night trains on the prompt as sent
+        repository = redact(result.prompt.repository if cap else "")
         suggestion = redact(result.text)
         values = {
             "id": result.completion_id,
@@ -220,13 +222,14 @@ class FeedbackLog:
             "template": result.prompt.template,
             "prompt_prefix": prefix.text,
             "prompt_suffix": suffix.text,
+            "prompt_repository": repository.text,
             "suggestion": suggestion.text,
             "multiline": result.mode.multiline,
             "latency_ms": round(result.latency_ms, 3),
             "prompt_tokens": result.prompt_tokens,
             "generated_tokens": result.generated_tokens,
             "stop_reason": result.stop_reason,
-            "redactions": prefix.count + suffix.count + suggestion.count,
+            "redactions": prefix.count + suffix.count + repository.count + suggestion.count,
         }
         self.recorder.submit(StoreWrite("completion", values))
 

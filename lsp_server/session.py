@@ -29,6 +29,7 @@ from lsp_server.adapter_watch import AdapterWatcher
 from lsp_server.engine import CompletionEngine
 from lsp_server.positions import PositionError, apply_change
 from lsp_server.recording import FeedbackLog
+from lsp_server.workspace import Workspace, path_of
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class GhostloopProtocol(LanguageServerProtocol):
             return
         self.out_of_sync.pop(uri, None)
         yield from super().lsp_text_document__did_open(params)
+        if server.workspace_or_none is not None:
+            server.workspace_or_none.opened(uri, params.text_document.text)
 
     @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
     def lsp_text_document__did_change(
@@ -184,6 +187,7 @@ class GhostloopServer(LanguageServer):
         self.adapters_or_none: AdapterWatcher | None = None
         self.client_info: types.ClientInfo | None = None
         self.root_uri: str | None = None
+        self.workspace_or_none: Workspace | None = None  # with repo_context_tokens above 0
         self.metrics = ServerMetrics()
         self.closed = False
         # On a team server (lsp_server.team) each connection has its own server object;
@@ -214,6 +218,8 @@ class GhostloopServer(LanguageServer):
         """The session ends (shutdown, exit, or the client went away): what accepted
         suggestions kept is measured once more and recorded, then everything stops. A
         team connection releases its own work only. Safe to call more than once."""
+        if self.workspace_or_none is not None:
+            self.workspace_or_none.stop()
         if self.team is not None and self.connection is not None:
             self.team.release(self)
             return
@@ -227,6 +233,27 @@ class GhostloopServer(LanguageServer):
         if self.feedback_or_none is not None:
             self.feedback_or_none.close()  # everything recorded is in the store or the journal
         self.metrics.close()
+
+    def open_workspace(self, params: types.InitializeParams) -> None:
+        """The repository for prompts (``repo_context_tokens`` above 0): the workspace's
+        files on disk under the client's root, if this machine has it, and the open
+        documents, indexed in the background."""
+        if not self.settings.context.repo_context_tokens or self.workspace_or_none is not None:
+            return
+        uri = params.root_uri
+        if uri is None and params.workspace_folders:
+            uri = params.workspace_folders[0].uri
+        path = path_of(uri) if uri else None
+        try:
+            root = path.resolve() if path is not None else None
+        except (OSError, RuntimeError):  # a symlink loop in the root's own path
+            root = None
+
+        def busy() -> bool:
+            return self.engine_or_none is not None and self.engine_or_none.busy()
+
+        self.workspace_or_none = Workspace(self.settings.context, root, busy=busy)
+        self.workspace_or_none.start()
 
     @property
     def engine(self) -> CompletionEngine:

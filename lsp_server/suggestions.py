@@ -15,6 +15,8 @@ from lsp_server.positions import PositionError, lone_surrogate_line, offset_at
 from lsp_server.protocol import ACCEPT_COMMAND, ModelUnavailable, ServerCancelled
 from lsp_server.session import GhostloopServer
 
+SNIPPETS = 8  # repository snippets retrieved per completion, fitted to the budget after
+
 
 @dataclass(frozen=True)
 class Cursor:
@@ -70,11 +72,18 @@ async def suggest(server: GhostloopServer, cursor: Cursor) -> CompletionResult:
     if server.team is not None:
         await server.team.check(server)  # the rate limit; a revoked token ends here
     server.feedback.superseded(cursor.uri)
+    workspace, prefix = server.workspace_or_none, cursor.context.prefix
     job = server.engine.submit(
         server.job_key(cursor.uri),
         cursor.context,
         server.settings.store.stored_user,
         queue=server.queue_key(cursor.uri),
+        snippets=(
+            (lambda: workspace.snippets(cursor.uri, prefix, limit=SNIPPETS))
+            if workspace is not None
+            else None
+        ),
+        language=cursor.language,
     )
     try:
         result = await asyncio.wrap_future(job.future)

@@ -91,12 +91,13 @@ def training_prompt(loaded: LoadedModel, settings: Settings, context: CursorCont
     if not budget or budget >= settings.serving.context_tokens:
         return served
     # cut from the served prompt's own text, so that it is a part of it whatever the window
-    within = CursorContext(served.prefix, served.suffix)
+    within = CursorContext(served.prefix, served.suffix, served.repository)
     return prompt_for(loaded, settings.replaced(context_tokens=budget), within)
 
 
 def encode(loaded: LoadedModel, settings: Settings, example: Example) -> Encoded:
-    prompt = training_prompt(loaded, settings, CursorContext(example.prefix, example.suffix))
+    context = CursorContext(example.prefix, example.suffix, example.repository)
+    prompt = training_prompt(loaded, settings, context)
     chosen = encode_target(loaded, prompt.healed, example, example.kept)
     rejected: list[int] = []
     if example.rejected is not None:

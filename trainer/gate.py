@@ -96,7 +96,7 @@ def generate_outcomes(
     export and an adapter file) when given, else by the torch ``model``."""
     outcomes = []
     for example in tqdm(examples, desc=f"gate: {label}", unit="prompt"):
-        context = CursorContext(example.prefix, example.suffix)
+        context = CursorContext(example.prefix, example.suffix, example.repository)
         forward = OnnxForward(served[0], adapter=served[1]) if served is not None else None
         text = suggest(loaded, settings, context, model=model, forward=forward).text
         outcomes.append(judge(text, example.kept))

@@ -48,6 +48,7 @@ class Example:
     chars_saved: int  # of the logged suggestion: retained characters, 0 for a reject
     outcome: str
     event_ids: tuple[str, ...]  # the events the label was made from
+    repository: str = ""  # the repository's snippets the prompt held, as served
 
     @property
     def rejected(self) -> str | None:
@@ -131,6 +132,7 @@ def label(completion: Completion, events: Sequence[FeedbackEvent]) -> Example | 
         chars_saved=saved,
         outcome=outcome,
         event_ids=tuple(sources),
+        repository=completion.prompt_repository or "",
     )
 
 

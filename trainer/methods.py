@@ -434,7 +434,7 @@ def sample_candidates(
     """``count`` suggestions sampled from the model being trained, post-processed as served."""
     if count <= 0:
         return []
-    context = CursorContext(example.prefix, example.suffix)
+    context = CursorContext(example.prefix, example.suffix, example.repository)
     prompt = training_prompt(loaded, settings, context)
     mode = completion_mode(context, settings.serving.max_lines)
     torch.manual_seed(seed)

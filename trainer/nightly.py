@@ -144,6 +144,7 @@ def _store_pairs(
                     split=split,
                     prompt_prefix=example.prefix,
                     prompt_suffix=example.suffix,
+                    prompt_repository=example.repository,
                     chosen=example.kept,
                     rejected=example.rejected,
                     chosen_chars_saved=len(example.kept.rstrip()),

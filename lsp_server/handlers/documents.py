@@ -21,11 +21,15 @@ def register(server: GhostloopServer) -> None:
         document = ls.session.document(uri)
         if document is not None and ls.feedback_or_none is not None:
             ls.feedback_or_none.changed(uri, document.source)
+        if document is not None and ls.workspace_or_none is not None:
+            ls.workspace_or_none.changed(uri, document.source)
 
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: GhostloopServer, params: types.DidCloseTextDocumentParams) -> None:
         if ls.feedback_or_none is not None:
             ls.feedback_or_none.closed(params.text_document.uri)
+        if ls.workspace_or_none is not None:
+            ls.workspace_or_none.closed(params.text_document.uri)
         if ls.engine_or_none is not None:
             ls.engine_or_none.forget(ls.job_key(params.text_document.uri))
 

@@ -37,6 +37,7 @@ def register(server: GhostloopServer) -> None:
             ls.team.admit(ls, params)
             ls.client_info = params.client_info
             ls.root_uri = params.root_uri
+            ls.open_workspace(params)
             return
         try:
             ls.settings = ls.base_settings.with_overrides(
@@ -63,6 +64,7 @@ def register(server: GhostloopServer) -> None:
                 busy=lambda: ls.engine_or_none is not None and ls.engine_or_none.busy(),
             )
             ls.engine_or_none, ls.adapters_or_none = start_serving(ls.settings, ls.metrics)
+        ls.open_workspace(params)
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: GhostloopServer, params: None) -> None:

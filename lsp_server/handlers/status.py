@@ -19,6 +19,8 @@ def register(server: GhostloopServer) -> None:
         if ls.adapters_or_none is not None:
             status["adapters"] = ls.adapters_or_none.status()
         status["metrics"] = ls.metrics.status()
+        if ls.workspace_or_none is not None:
+            status["repository"] = ls.workspace_or_none.describe()
         if ls.team is not None and ls.connection is not None:
             status["team"] = {**ls.team.status(), "user": ls.settings.store.stored_user}
         return status

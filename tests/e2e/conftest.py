@@ -58,6 +58,7 @@ async def start_server(tiny_model_dir: Path) -> AsyncIterator[StartServer]:
         options: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         ready: bool = True,
+        root_uri: str | None = None,
     ) -> LanguageClient:
         config = ClientServerConfig(
             server_command=SERVER_COMMAND,
@@ -70,6 +71,7 @@ async def start_server(tiny_model_dir: Path) -> AsyncIterator[StartServer]:
                 capabilities=client_capabilities("visual-studio-code"),
                 client_info=types.ClientInfo(name="pytest-lsp", version="1"),
                 initialization_options=options or {},
+                root_uri=root_uri,
             )
         )
         if ready:

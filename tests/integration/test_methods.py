@@ -115,6 +115,17 @@ def test_targets_are_built_as_the_server_prompts_with_healing_and_no_end_token(
     assert prompt.endswith("total = sum(values)\n   ")
 
 
+def test_a_prompt_served_with_repository_snippets_is_trained_on_with_them(settings: Settings):
+    """The night trains on the prompt as it was sent: its repository part first."""
+    loaded = load_model(settings)
+    repository = "# Path: shipping.py\n# def zorvex_rate():\n"
+    plain = stdlib_examples(1)[0]
+    with_snippets = dataclasses.replace(plain, repository=repository)
+    encoded, alone = encode(loaded, settings, with_snippets), encode(loaded, settings, plain)
+    assert encoded.prompt_ids == loaded.tokenizer.encode_text(repository) + alone.prompt_ids
+    assert encoded.chosen_ids == alone.chosen_ids
+
+
 def test_a_line_ends_with_the_newline_token_the_document_has_there(settings: Settings):
     # the newline is tokenized with the next line's indentation, as in the document: a
     # target cut after a bare newline teaches a token the model almost never writes at a

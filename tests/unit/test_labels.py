@@ -79,6 +79,17 @@ def test_an_accept_that_stopped_short_is_labelled_by_the_line_finished_there():
     assert example.rejected == "return tot"  # the short suggestion loses to the line
 
 
+def test_the_repository_part_of_the_prompt_travels_with_the_example():
+    row = completion("accepted", accepted=12)
+    row.prompt_repository = "# Path: a.py\n# total = 0\n"
+    events = [
+        event(row, "accepted", accepted_length=12),
+        event(row, "survival", window_s=120.0, survival_ratio=1.0, text="return total"),
+    ]
+    example = label(row, events)
+    assert example is not None and example.repository == row.prompt_repository
+
+
 def test_a_line_that_is_not_the_regions_own_is_ignored():
     row = completion("accepted", accepted=12)
     events = [

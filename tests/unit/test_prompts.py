@@ -5,9 +5,12 @@ import pytest
 from ghostloop.models import HFTokenizer
 from ghostloop.prompts import (
     TEMPLATES,
+    Snippet,
     build_prompt,
     detect_template,
+    fit_repository,
     heal_prefix,
+    render_snippets,
     trim_prefix,
 )
 
@@ -156,3 +159,41 @@ def test_trim_prefix_keeps_the_first_start_that_fits(tokenizer):
                 ), (end, budget)
                 checked += 1
     assert checked == 500
+
+
+def test_snippets_are_comment_lines_under_their_path_in_the_documents_language():
+    snippet = Snippet("pkg/rates.py", 3, "RATES = {\n    'winter': 4,\n}")
+    [python] = render_snippets([snippet], "python")
+    assert python == "# Path: pkg/rates.py\n# RATES = {\n#     'winter': 4,\n# }\n"
+    [rust] = render_snippets([snippet], "rust")
+    assert rust.startswith("// Path: pkg/rates.py\n// RATES = {")
+    [lua] = render_snippets([snippet], "lua")
+    assert lua.startswith("-- Path: pkg/rates.py\n")
+
+
+def test_the_repository_part_keeps_the_best_snippets_that_fit_the_best_last(tokenizer):
+    blocks = render_snippets(
+        [
+            Snippet("best.py", 0, "best_match = 1"),
+            Snippet("long.py", 0, "\n".join(f"filler_{i} = {i}" for i in range(200))),
+            Snippet("third.py", 0, "third_match = 3"),
+        ],
+        "python",
+    )
+    kept = fit_repository(tokenizer, blocks, budget=60)
+    assert kept == blocks[2] + blocks[0], "the long one does not fit; the best is nearest"
+    assert len(tokenizer.encode_text(kept)) <= 60
+    assert fit_repository(tokenizer, blocks, budget=0) == ""
+
+
+def test_the_repository_goes_before_the_prefix_and_leaves_its_tokens_alone(tokenizer):
+    template = detect_template(set())
+    common = {"context_tokens": 64, "suffix_share": 0.25, "marker_ids": {}}
+    alone = build_prompt(tokenizer, template, "def f():\n    return ", "", **common)
+    repository = "# Path: a.py\n# x = 1\n"
+    both = build_prompt(
+        tokenizer, template, "def f():\n    return ", "", repository=repository, **common
+    )
+    ids = tokenizer.encode_text(repository)
+    assert both.input_ids == tuple(ids) + alone.input_ids
+    assert (both.prefix, both.healed, both.repository) == (alone.prefix, alone.healed, repository)

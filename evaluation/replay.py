@@ -335,6 +335,13 @@ class Replay:
         with Session(self.engine) as session, session.begin():
             adapter_rows.promote(session, version, by="replay")
 
+    async def swap_in(self, client: GhostloopClient, version: str, server: str) -> None:
+        """``version`` made active and read by ``client``'s server now, or ReplayError."""
+        self.serve_adapter(version)
+        reloaded = await client.reload_adapters()
+        if reloaded.get("adapter") != version:
+            raise ReplayError(f"{server} did not swap {version} in: {reloaded.get('refused')}")
+
     def scores(self, positions: Sequence[Position], walk: Pass) -> list[Scored]:
         with Session(self.engine) as session:
             return load_scores(session, positions, walk.served)
@@ -403,12 +410,7 @@ class Replay:
                 if not night.adapter:
                     self.say(f"{night.method}: no adapter was published, nothing to replay")
                     continue
-                self.serve_adapter(night.adapter)
-                reloaded = await held.reload_adapters()
-                if reloaded.get("adapter") != night.adapter:
-                    raise ReplayError(
-                        f"the server did not swap {night.adapter} in: {reloaded.get('refused')}"
-                    )
+                await self.swap_in(held, night.adapter, "the server")
                 self.say(f"the server hot-swapped {night.adapter} in")
                 walks.after[night.method] = await self.walk(
                     held, plan.held_positions, f"{night.adapter}, held-out half"
@@ -428,13 +430,7 @@ class Replay:
             for night in nights:
                 if night.method not in walks.after or not night.adapter:
                     continue
-                self.serve_adapter(night.adapter)
-                reloaded = await held.reload_adapters()
-                if reloaded.get("adapter") != night.adapter:
-                    raise ReplayError(
-                        f"the {backend} server did not swap {night.adapter} in: "
-                        f"{reloaded.get('refused')}"
-                    )
+                await self.swap_in(held, night.adapter, f"the {backend} server")
                 walks.also[night.method] = await self.walk(
                     held, plan.held_positions, f"{night.adapter} on {backend}, held-out half"
                 )

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,9 +124,19 @@ class Walks:
     before: Pass | None = None
     after: dict[str, Pass] = dataclasses.field(default_factory=dict)
     also: dict[str, Pass] = dataclasses.field(default_factory=dict)  # on options.also_on
+    # with repository context on: the held-out half again, served without it
+    before_without: Pass | None = None
+    after_without: dict[str, Pass] = dataclasses.field(default_factory=dict)
 
     def all(self) -> list[Pass]:
-        passes = (self.training, self.before, *self.after.values(), *self.also.values())
+        passes = (
+            self.training,
+            self.before,
+            *self.after.values(),
+            *self.also.values(),
+            self.before_without,
+            *self.after_without.values(),
+        )
         return [w for w in passes if w is not None]
 
 
@@ -154,6 +164,8 @@ class ReplayReport:
     store: str
     positions: list[dict[str, Any]]
     served: dict[str, Any]
+    # with repository context on: the held-out half served without it, and the lifts
+    context: dict[str, Any] | None = None
     chart: str = ""
 
     def as_json(self) -> dict[str, Any]:
@@ -210,9 +222,13 @@ class Replay:
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    def env(self, user: str, backend: str | None = None) -> dict[str, str]:
+    @property
+    def context_tokens(self) -> int:
+        return self.settings.context.repo_context_tokens
+
+    def env(self, user: str, backend: str | None = None, context: bool = True) -> dict[str, str]:
         """A server's or the nightly job's environment; ``backend`` (as ``--backend``
-        names one) instead of the replay's."""
+        names one) instead of the replay's; ``context`` False: no repository snippets."""
         settings = self.settings
         if backend is not None:
             name, _, int8 = backend.partition("-")
@@ -237,14 +253,24 @@ class Replay:
                 "GHOSTLOOP_MAX_LINES": "1",
                 "GHOSTLOOP_DEADLINE_MS": str(REPLAY_DEADLINE_MS),
                 "GHOSTLOOP_ADAPTER_POLL_S": "0",
+                "GHOSTLOOP_REPO_CONTEXT_TOKENS": str(self.context_tokens if context else 0),
                 "GHOSTLOOP_CANARY_SHARE": "0",
                 "GHOSTLOOP_LOG_LEVEL": os.environ.get("GHOSTLOOP_LOG_LEVEL", "WARNING"),
             }
         )
         return env
 
-    async def start_server(self, user: str, backend: str | None = None) -> GhostloopClient:
-        client = await GhostloopClient.start(env=self.env(user, backend))
+    async def start_server(
+        self,
+        user: str,
+        backend: str | None = None,
+        *,
+        root: Path | None = None,
+        context: bool = True,
+    ) -> GhostloopClient:
+        """A server for ``user``; ``root``: the workspace the client names at initialize
+        (what repository context indexes)."""
+        client = await GhostloopClient.start(env=self.env(user, backend, context), root=root)
         try:
             await client.wait_ready()
         except RuntimeError as error:  # the model could not be loaded: the server says why
@@ -279,7 +305,15 @@ class Replay:
             raise ReplayError(f"cannot use the store {self.url}: {error}") from error
         return engine
 
-    async def walk(self, client: GhostloopClient, positions: Sequence[Position], name: str) -> Pass:
+    async def walk(
+        self,
+        client: GhostloopClient,
+        positions: Sequence[Position],
+        name: str,
+        root: Path | None = None,
+    ) -> Pass:
+        """The developer at ``positions`` of the files under ``root`` (default: the
+        replay's root)."""
         walk = Pass(name)
         bar = tqdm(
             total=len(positions),
@@ -290,9 +324,8 @@ class Replay:
             dynamic_ncols=True,
         )
         with bar:
-            await Developer(client, self.options.root, self.options.edit_threshold).work(
-                positions, walk, bar
-            )
+            developer = Developer(client, root or self.options.root, self.options.edit_threshold)
+            await developer.work(positions, walk, bar)
         ids = [cid for cid in walk.served.values() if cid]
         await asyncio.to_thread(
             wait_settled, self.engine, ids, self.windows[-1], self.windows[-1] + 60.0
@@ -384,28 +417,51 @@ class Replay:
             raise ReplayError(f"no cursor positions in the code under {root}")
         return plan
 
+    def training_workspace(self, plan: Plan) -> Path:
+        """The training half's developer's repository: its files alone, copied, so that no
+        snippet of a training prompt (and so nothing the night learns) comes from a
+        held-out file."""
+        tree = self.work_dir / "training-workspace"
+        for path in plan.train_files:
+            copy = tree / path.relative_to(plan.root)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(path.read_bytes())
+        return tree
+
     async def walk_training_half(self, plan: Plan) -> Walks:
         """Step 1: the base model on the training half, recorded as the night's data."""
-        client = await self.start_server(TRAIN_USER)
+        root = self.training_workspace(plan) if self.context_tokens else None
+        client = await self.start_server(TRAIN_USER, root=root)
         try:
             model = (await client.status())["model"]
-            walk = await self.walk(client, plan.train_positions, "baseline, training half")
+            walk = await self.walk(client, plan.train_positions, "baseline, training half", root)
         finally:
             await client.stop()
         return Walks(walk, model)
 
     async def nights_and_held_out_walks(self, plan: Plan, walks: Walks) -> list[Night]:
         """Steps 2-6: a held-out server on the base model, each method's night, the
-        held-out baseline, then each published adapter hot-swapped in and walked."""
+        held-out baseline, then each published adapter hot-swapped in and walked. With
+        repository context on, a second held-out server without it walks beside the first
+        (the held-out developer's workspace is the repository on disk: the current file is
+        searched from the editor's document only, and never for its own completion)."""
         methods = list(self.options.methods) or [self.settings.training.method]
         nights: list[Night] = []
-        held = await self.start_server(HELD_OUT_USER)  # reads adapters at start only: none yet
+        # both read adapters at start only: none yet
+        held = await self.start_server(HELD_OUT_USER, root=plan.root)
+        bare = None
         try:
+            if self.context_tokens:
+                bare = await self.start_server(HELD_OUT_USER, root=plan.root, context=False)
             for method in methods:
                 self.say(f"training ({method}) on the training half ...")
                 nights.append(self.train(method))
                 self.say(nights[-1].message)
             walks.before = await self.walk(held, plan.held_positions, "baseline, held-out half")
+            if bare is not None:
+                walks.before_without = await self.walk(
+                    bare, plan.held_positions, "baseline without context, held-out half"
+                )
             for night in nights:
                 if not night.adapter:
                     self.say(f"{night.method}: no adapter was published, nothing to replay")
@@ -415,8 +471,15 @@ class Replay:
                 walks.after[night.method] = await self.walk(
                     held, plan.held_positions, f"{night.adapter}, held-out half"
                 )
+                if bare is not None:
+                    await self.swap_in(bare, night.adapter, "the server without context")
+                    walks.after_without[night.method] = await self.walk(
+                        bare, plan.held_positions, f"{night.adapter} without context"
+                    )
         finally:
             await held.stop()
+            if bare is not None:
+                await bare.stop()
         if self.options.also_on and walks.after:
             await self.walk_again(plan, walks, nights, self.options.also_on)
         return nights
@@ -425,7 +488,7 @@ class Replay:
         self, plan: Plan, walks: Walks, nights: Sequence[Night], backend: str
     ) -> None:
         """Step 7 (``also_on``): each published adapter walked again on ``backend``."""
-        held = await self.start_server(HELD_OUT_USER, backend)
+        held = await self.start_server(HELD_OUT_USER, backend, root=plan.root)
         try:
             for night in nights:
                 if night.method not in walks.after or not night.adapter:
@@ -453,6 +516,11 @@ class Replay:
                 **statistics.compare(plan.held_positions, before_scores, scores, seed),
                 "served": walk.served if walk else None,
             }
+            bare = walks.after_without.get(night.method)
+            if scores is not None and bare is not None and walks.before_without is not None:
+                results[night.method]["context"] = self.night_context(
+                    plan, walks.before_without, bare, scores
+                )
             again = walks.also.get(night.method)
             if scores is not None and again is not None:
                 on_other = self.scores(plan.held_positions, again)
@@ -502,7 +570,79 @@ class Replay:
             store=self.url,
             positions=position_rows(plan.held_positions),
             served={"before": walks.before.served, "after": first["served"]},
+            context=self.context_report(plan, walks, before_scores, first.get("context")),
         )
+
+    def night_context(
+        self, plan: Plan, before_without: Pass, after_without: Pass, after: Sequence[Scored]
+    ) -> dict[str, Any]:
+        """A night's figures without repository context, and the lifts context makes."""
+        seed = self.options.seed
+        base = self.scores(plan.held_positions, before_without)
+        bare = self.scores(plan.held_positions, after_without)
+        return {
+            "after_without": statistics.summary(bare, seed),
+            # the night with context against the same night without: what context adds
+            "paired_lift_night_context": statistics.paired_lift(bare, after, seed),
+            # the product (night and context) against today's base model without context
+            "paired_lift_product": statistics.paired_lift(base, after, seed),
+            "served": after_without.served,
+        }
+
+    def context_report(
+        self,
+        plan: Plan,
+        walks: Walks,
+        before: Sequence[Scored],
+        night: Mapping[str, Any] | None,
+    ) -> dict[str, Any] | None:
+        """With repository context on: the base model without it, the paired lift context
+        makes, and the positions whose snippets held the true line (where the model can
+        copy it), each served with and without context."""
+        if walks.before_without is None or walks.before is None:
+            return None
+        seed = self.options.seed
+        without = self.scores(plan.held_positions, walks.before_without)
+        hits = self.snippet_hits(plan, walks.before)
+        chosen = [i for i, hit in enumerate(hits) if hit]
+        at_hits = [without[i] for i in chosen], [before[i] for i in chosen]
+        night = dict(night or {})
+        return {
+            "tokens": self.context_tokens,
+            "before_without": statistics.summary(without, seed),
+            "paired_lift_context": statistics.paired_lift(without, before, seed),
+            "after_without": night.get("after_without"),
+            "paired_lift_night_context": night.get("paired_lift_night_context"),
+            "paired_lift_product": night.get("paired_lift_product"),
+            "snippet_hits": {
+                "positions": len(chosen),
+                "share": round(len(chosen) / len(hits), 4) if hits else 0.0,
+                "without": statistics.summary(at_hits[0], seed),
+                "with": statistics.summary(at_hits[1], seed),
+                "paired_lift": statistics.paired_lift(*at_hits, seed),
+            },
+            "served": {"before_without": walks.before_without.served},
+        }
+
+    def snippet_hits(self, plan: Plan, walk: Pass) -> list[bool]:
+        """Per held-out position: whether the snippets served there held its whole line
+        (what was typed and the true rest), word for word."""
+        ids = [cid for cid in walk.served.values() if cid]
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(Completion.id, Completion.prompt_repository).where(Completion.id.in_(ids))
+            )
+            repository = {cid: text or "" for cid, text in rows}
+        sources: dict[str, list[str]] = {}
+        hits = []
+        for position in plan.held_positions:
+            if position.path not in sources:
+                text = (plan.root / position.path).read_text(encoding="utf-8")
+                sources[position.path] = text.split("\n")
+            line = sources[position.path][position.line].strip()
+            served = repository.get(walk.served.get(position.key) or "", "")
+            hits.append(bool(line) and line in served)
+        return hits
 
     def write(self, report: ReplayReport) -> ReplayReport:
         """The chart and ``report.json`` in the replay's data directory."""

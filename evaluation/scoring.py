@@ -129,26 +129,62 @@ def reach(
     }
 
 
+# What ``ghostloop replays pool --compare`` pairs: the first pass against the second.
+COMPARISONS: dict[str, tuple[str, str]] = {
+    "night": ("before", "after"),  # the night, both served alike
+    "context": ("before_without", "before"),  # repository context alone, the base model
+    "product": ("before_without", "after"),  # the night with context against today's base
+    "night-context": ("after_without", "after"),  # what context adds to the night
+}
+
+
+def served_ids(report: Mapping[str, Any], method: str, walk: str) -> Mapping[str, Any] | None:
+    """The completion each held-out position was served in one of a report's walks:
+    before, after (``method``'s night), before_without, after_without (context off)."""
+    result = methods_of(report)[method]
+    served = report.get("served") or {}
+    if walk == "before":
+        return served.get("before")
+    if walk == "after":
+        after = result.get("served")
+        if after is None and method == report.get("method"):
+            after = served.get("after")
+        return after
+    if walk == "before_without":
+        return ((report.get("context") or {}).get("served") or {}).get("before_without")
+    if walk == "after_without":
+        return (result.get("context") or {}).get("served")
+    raise ValueError(f"unknown walk {walk!r}")
+
+
 def stored_scores(
-    name: str, report: Mapping[str, Any], method: str | None = None
+    name: str, report: Mapping[str, Any], method: str | None = None, compare: str = "night"
 ) -> tuple[list[Position], list[Scored], list[Scored]]:
-    """A stored replay's held-out positions and each one's score before and after
-    ``method``'s night (default: the report's first method), read back from the replay's
-    own store as the report was computed. StoredReplayError when they cannot be."""
+    """A stored replay's held-out positions and each one's score in the two walks
+    ``compare`` pairs (``COMPARISONS``; by default before and after ``method``'s night,
+    the report's first method by default), read back from the replay's own store as the
+    report was computed. StoredReplayError when they cannot be."""
     results = methods_of(report)
     chosen = method or next(iter(results))
     if chosen not in results:
         raise StoredReplayError(
             f"replay {name!r} has no method {chosen!r}: it ran {', '.join(results)}"
         )
-    served = report.get("served") or {}
-    after_ids = results[chosen].get("served")
-    if after_ids is None and chosen == report.get("method"):
-        after_ids = served.get("after")
-    if not after_ids or not report.get("positions") or not served.get("before"):
+    first, second = COMPARISONS[compare]
+    before_ids = served_ids(report, chosen, first)
+    after_ids = served_ids(report, chosen, second)
+    if not after_ids or not report.get("positions") or not before_ids:
+        missing = second if not after_ids else first
+        walk = {
+            "before": "before any night",
+            "after": f"after {chosen}'s night",
+            "before_without": "without repository context before any night",
+            "after_without": f"without repository context after {chosen}'s night",
+        }[missing]
         raise StoredReplayError(
-            f"replay {name!r} has no held-out walk after {chosen}'s night to pool "
-            "(nothing was published, or the report predates per-position records)"
+            f"replay {name!r} has no held-out walk {walk} to pool: nothing was published, "
+            "the replay ran without repository context (GHOSTLOOP_REPO_CONTEXT_TOKENS), or "
+            "the report predates per-position records"
         )
     url = str(report.get("store") or "")
     try:
@@ -165,7 +201,7 @@ def stored_scores(
         engine = open_engine(url)
         try:
             with Session(engine) as session:
-                before = load_scores(session, positions, served["before"])
+                before = load_scores(session, positions, before_ids)
                 after = load_scores(session, positions, after_ids)
         finally:
             engine.dispose()

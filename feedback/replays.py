@@ -51,9 +51,45 @@ def format_table(report: Mapping[str, Any]) -> str:
         if result.get("also_on"):
             block += "\n" + format_also_on(result["also_on"], report.get("backend") or "served")
         blocks.append(block)
+    if report.get("context"):
+        blocks.append(format_context(report["context"]))
     if report.get("reach"):
         blocks.append(format_reach(report["reach"]))
     return "\n\n".join(blocks)
+
+
+def format_context(context: Mapping[str, Any]) -> str:
+    """Repository context in words: each pass with and without it, and the paired lifts."""
+    name = "chars_saved_per_completion"
+
+    def saved(m: Mapping[str, Any] | None) -> str:
+        return _cell(m, name, "{:.2f}")
+
+    def lift(key: str, where: Mapping[str, Any] = context) -> str:
+        return format_lift((where.get(key) or {}).get("chars_saved_relative"))
+
+    hits = context.get("snippet_hits") or {}
+    lines = [
+        f"repository context ({context['tokens']} tokens), chars saved / completion:",
+        f"  base model without {saved(context['before_without'])}; with it, paired: "
+        f"{lift('paired_lift_context')}",
+    ]
+    if context.get("after_without"):
+        lines.append(
+            f"  night without {saved(context['after_without'])}; with it, paired: "
+            f"{lift('paired_lift_night_context')}"
+        )
+        lines.append(
+            f"  the night with context against the base model without: "
+            f"{lift('paired_lift_product')}"
+        )
+    if hits:
+        lines.append(
+            f"  snippets held the true line at {hits['positions']} positions "
+            f"({hits['share']:.1%}); there: {saved(hits.get('without'))} without, "
+            f"{saved(hits.get('with'))} with, paired: {lift('paired_lift', hits)}"
+        )
+    return "\n".join(lines)
 
 
 def format_also_on(also: Mapping[str, Any], served: str) -> str:

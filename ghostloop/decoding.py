@@ -251,8 +251,11 @@ class Decoder:
         if not ids and loaded.bos_id is not None:
             ids = [loaded.bos_id]
         self.input_ids = ids
-        self._allowed = loaded.prefix_index.starting_with(prompt.healed) if prompt.healed else None
         self.generated: list[int] = []
+        # the healed text is written again first, maybe over several tokens (a partial
+        # name); those tokens do not count against max_new_tokens
+        self._healed = not prompt.healed
+        self._healing = 0
         self.body = ""
         self.prefill_ms = 0.0
         self.reason: str | None = "empty_prompt" if not ids else should_stop()
@@ -275,17 +278,27 @@ class Decoder:
         """The token ``logits`` choose, and why decoding stops here (None: it goes on)."""
         if (stop := self._should_stop()) is not None:
             return -1, stop
-        index = len(self.generated)
+        index = len(self.generated) - self._healing
         if index >= self._max_new_tokens:
             return -1, "max_tokens"
-        token = _first_token(logits, self._allowed) if index == 0 else int(torch.argmax(logits))
+        healed = self._prompt.healed
+        allowed = None
+        if not self._healed:
+            written = self._loaded.tokenizer.decode_ids(self.generated) if self.generated else ""
+            allowed = self._loaded.prefix_index.healing(healed[len(written) :])
+        token = _first_token(logits, allowed)
         if token in self._loaded.stop_ids:
             return token, "stop_token"
         self.generated.append(token)
         text = self._loaded.tokenizer.decode_ids(self.generated)
-        if not text.startswith(self._prompt.healed):
-            return token, "healing_mismatch"
-        self.body = text[len(self._prompt.healed) :]
+        if not self._healed:
+            if len(text) < len(healed) and healed.startswith(text):
+                self._healing += 1  # a part of the typed name, not a token of the suggestion
+                return token, None
+            if not text.startswith(healed):
+                return token, "healing_mismatch"
+            self._healed = True
+        self.body = text[len(healed) :]
         if cut_block(self.body, self._mode)[1]:
             return token, "block_end"
         if index + 1 >= self._max_new_tokens:

@@ -93,12 +93,22 @@ class TokenPrefixIndex:
         )
         self._texts = [text for text, _ in pairs]
         self._ids = [token_id for _, token_id in pairs]
+        self._exact: dict[str, list[int]] = {}
+        for text, token_id in pairs:
+            self._exact.setdefault(text, []).append(token_id)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one index per loaded model, lives as long
     def starting_with(self, head: str) -> tuple[int, ...]:
         low = bisect.bisect_left(self._texts, head)
         high = bisect.bisect_left(self._texts, head + "\U0010ffff")
         return tuple(self._ids[low:high])
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - as above
+    def healing(self, rest: str) -> tuple[int, ...]:
+        """The tokens that can come next while ``rest`` of the healed text is still to be
+        written: those that cover it and go on, and those that are a part of its start."""
+        parts = [i for end in range(1, len(rest)) for i in self._exact.get(rest[:end], ())]
+        return tuple(parts) + self.starting_with(rest)
 
 
 @dataclass(frozen=True)
@@ -188,6 +198,14 @@ class Prompt:
 
 
 _INDENT_AT_END = re.compile(r"\n[ \t]+\Z")
+# A partial identifier at the end (with the one space this tokenizer family puts in its
+# first token): healing backs off to its start, so the model writes the whole name in its
+# own tokenization and can copy one it reads in the context (issue 40's measurement: typed
+# `zorvex_ship` after a snippet defining `zorvex_shipping_surcharge_cents`, a one-token
+# back-off garbled the copy; from the name's start the model copied it). ASCII only: a
+# token of a multi-byte character decodes to a part of it.
+_PARTIAL_NAME = re.compile(r" ?[A-Za-z0-9_]+\Z")
+MAX_HEALED_CHARS = 40  # a longer name is backed off by one token, as any other text
 _COLUMN_ZERO_PROBE = "x"  # any first character of a line: only the boundary before it counts
 
 
@@ -252,10 +270,11 @@ def trim_suffix(tokenizer: TextTokenizer, suffix: str, budget: int) -> str:
 
 
 def heal_prefix(tokenizer: TextTokenizer, prefix: str) -> tuple[list[int], str]:
-    """Token ids for ``prefix`` minus its last partial token, and the text taken off.
+    """Token ids for ``prefix`` minus its last partial token (or the partial name it ends
+    in), and the text taken off.
 
-    The model then generates from a token boundary it saw in training, and the first
-    generated token must start with the removed text. After indentation the removed text
+    The model then generates from a token boundary it saw in training, and what it
+    generates must first write the removed text again. After indentation the removed text
     is one space: this tokenizer family merges a newline with the indentation that follows
     and gives the next word its own leading space (docs/architecture.md, "Token healing").
     """
@@ -277,6 +296,9 @@ def heal_prefix(tokenizer: TextTokenizer, prefix: str) -> tuple[list[int], str]:
     head = tokenizer.decode_ids(ids[:-1])
     if not prefix.startswith(head) or head == prefix:
         return ids, ""
+    name = _PARTIAL_NAME.search(prefix)
+    if name is not None and name.start() < len(head) and len(name.group()) <= MAX_HEALED_CHARS:
+        return tokenizer.encode_text(prefix[: name.start()]), name.group()
     return ids[:-1], prefix[len(head) :]
 
 

@@ -471,3 +471,86 @@ def test_replay_refuses_bad_windows_a_dead_store_and_a_missing_model(tmp_path, t
     assert done.returncode == 2, done.stderr[-2000:]
     assert "ghostloop replay: server could not load its model" in done.stderr
     assert "Traceback" not in done.stderr and not (work / "report.json").exists()
+
+
+def test_replay_with_repository_context_walks_each_pass_with_and_without_it(
+    tmp_path, tiny_model_dir
+):
+    """GHOSTLOOP_REPO_CONTEXT_TOKENS: the training half's developer has the training
+    files alone for a workspace, the held-out one the repository on disk; a second
+    held-out server without context walks the same positions before and after the night.
+    No held-out prompt ever holds a snippet of its own file (where the true rest of the
+    line is), and pooled comparisons read each pair of walks back from the store."""
+    root = write_repo(tmp_path / "repo", 12)
+    data_dir = tmp_path / "data"
+    work = data_dir / "replays" / "with-context"
+    command = [sys.executable, "-m", "ghostloop", "replay", str(root), "--positions", "32"]
+    command += ["--ungated", "--json", "--no-progress", "--work-dir", str(work)]
+    command += ["--windows", WINDOWS, "--seed", "3"]
+    env = {**os.environ, **TRAIN_ENV, "GHOSTLOOP_MODEL": str(tiny_model_dir)}
+    env["GHOSTLOOP_REPO_CONTEXT_TOKENS"] = "96"
+    env["GHOSTLOOP_MIN_EVAL_EXAMPLES"] = "2"  # the random model leaves many lines blank
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    context = report["context"]
+    keys = [p["key"] for p in report["positions"]]
+    assert context["tokens"] == 96
+    assert context["before_without"]["completions"] == 32
+    assert context["after_without"]["completions"] == 32
+    assert list(context["served"]["before_without"]) == keys, "paired by position"
+    bare_after = report["methods"]["sft"]["context"]["served"]
+    assert list(bare_after) == keys
+    for name in ("paired_lift_context", "paired_lift_night_context", "paired_lift_product"):
+        assert "chars_saved_per_completion" in context[name], name
+    hits = context["snippet_hits"]
+    assert 0 <= hits["positions"] <= 32 and hits["with"]["completions"] == hits["positions"]
+
+    held_out = set(report["split"]["held_out_files"])
+    by_position = {p["key"]: p for p in report["positions"]}
+    engine = open_engine(f"sqlite:///{work / 'ghostloop.db'}")
+    with Session(engine) as session:
+        with_context = [report["served"]["before"], report["served"]["after"]]
+        without = [context["served"]["before_without"], bare_after]
+        shown = 0
+        for served in with_context:
+            for key, cid in served.items():
+                row = session.get(Completion, cid) if cid else None
+                if row is None:
+                    continue
+                shown += bool(row.prompt_repository)
+                own = by_position[key]["path"]
+                assert f"Path: {own}\n" not in row.prompt_repository, (
+                    "its own file is never searched"
+                )
+        assert shown >= 48, "the held-out prompts carry the repository"
+        for served in without:
+            ids = [cid for cid in served.values() if cid]
+            assert ids and all(session.get(Completion, i).prompt_repository == "" for i in ids)
+            assert all(session.get(Completion, i).user == "replay-heldout" for i in ids)
+        training = session.scalars(
+            select(Completion).where(Completion.user == "replay-train")
+        ).all()
+        assert any(row.prompt_repository for row in training)
+        for row in training:
+            assert not any(f"Path: {path}\n" in row.prompt_repository for path in held_out), (
+                "the training half's workspace holds the training files alone"
+            )
+    engine.dispose()
+    assert "repository context (96 tokens)" in format_table(report)
+
+    (data_dir / "replays" / "again").mkdir(parents=True)
+    (data_dir / "replays" / "again" / "report.json").write_bytes(
+        (work / "report.json").read_bytes()
+    )
+    for compare, key in (("context", "paired_lift_context"), ("product", "paired_lift_product")):
+        pooled = replays_command(
+            data_dir, "pool", "with-context", "again", "--compare", compare, "--json"
+        )
+        assert pooled.returncode == 0, pooled.stderr
+        both = json.loads(pooled.stdout)
+        assert both["compare"] == compare and both["before"]["completions"] == 64
+        name = "chars_saved_per_completion"
+        assert both["paired_lift"][name][0] == context[key][name][0]
+    refused = replays_command(data_dir, "pool", "with-context", "again", "--compare", "nightly")
+    assert refused.returncode == 2 and "--compare 'nightly' is not one of" in refused.stderr

@@ -42,6 +42,25 @@ def test_first_token_extends_the_healed_text(endless: LoadedModel):
     assert first.startswith(prompt.healed)
 
 
+def test_a_partial_name_is_written_again_before_the_suggestion_counts(endless: LoadedModel):
+    prefix = "def f(order):\n    return order.zorvex_shipping_surch"
+    prompt = _prompt(endless, prefix)
+    assert prompt.healed == "zorvex_shipping_surch"
+    generation = generate(
+        endless,
+        TorchForward(endless.model, "cpu"),
+        prompt,
+        CompletionMode(True, 0, 10_000),
+        max_new_tokens=2,
+    )
+    written = endless.tokenizer.decode_ids(generation.token_ids)
+    assert generation.stop_reason in ("max_tokens", "block_end", "stop_token")
+    assert written.startswith(prompt.healed)
+    healing = len(generation.token_ids) - 2
+    assert healing >= 1  # the name took tokens of its own, not counted against the two
+    assert written[len(prompt.healed) :] == generation.text
+
+
 def test_generation_stops_when_asked_and_keeps_what_it_has(endless: LoadedModel):
     calls = {"n": 0}
 

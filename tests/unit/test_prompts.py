@@ -69,6 +69,44 @@ def test_mid_word_the_partial_token_is_healed(tokenizer):
     assert tokenizer.decode_ids(ids) + healed == prefix
 
 
+@pytest.mark.parametrize(
+    ("prefix", "healed"),
+    [
+        ("    total = order.subtotal + zorvex_shipping_sur", " zorvex_shipping_sur"),
+        ("    ref = entry.vellum_ta", "vellum_ta"),
+        ("x=zorvex_ship", "zorvex_ship"),
+    ],
+)
+def test_a_partial_name_is_healed_from_its_start(tokenizer, prefix, healed):
+    # a name typed in another tokenization than the context's defeats copying it: the
+    # model writes the whole name again, in its own tokens
+    ids, got = heal_prefix(tokenizer, prefix)
+    assert len(tokenizer.encode_text(healed)) > 1, "the case must span several tokens"
+    assert got == healed
+    assert ids == tokenizer.encode_text(prefix[: -len(healed)])
+
+
+def test_a_name_longer_than_the_limit_heals_one_token(tokenizer):
+    prefix = "value = " + "very_long_name_" * 4
+    ids, healed = heal_prefix(tokenizer, prefix)
+    assert 0 < len(healed) < 15
+    assert tokenizer.decode_ids(ids) + healed == prefix
+
+
+def test_the_healing_tokens_cover_the_rest_or_a_part_of_its_start(tokenizer, tiny_model_dir):
+    from ghostloop.prompts import TokenPrefixIndex
+
+    texts = [tokenizer.decode_ids([i]) for i in range(len(tokenizer))]
+    index = TokenPrefixIndex(texts, set())
+    allowed = index.healing("_shipping")
+    assert allowed
+    for token in allowed:
+        text = texts[token]
+        assert text.startswith("_shipping") or "_shipping".startswith(text)
+    parts = {texts[t] for t in allowed}
+    assert "_" in parts  # a one-character start is always a way on
+
+
 def test_prefix_trimmed_to_budget_starts_at_a_line(tokenizer):
     prefix = "".join(f"line_{i} = {i}\n" for i in range(400)) + "value = "
     kept = trim_prefix(tokenizer, prefix, budget=60)

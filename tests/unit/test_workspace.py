@@ -73,28 +73,47 @@ def test_the_current_document_never_answers_its_own_query(tmp_path: Path):
 
 
 def test_open_documents_stand_for_their_files_until_closed(tmp_path: Path):
+    # each query from another document: a document's own answer stays while its line does
     path = tmp_path / "notes.py"
     path.write_text("def on_disk_only_helper():\n    pass\n")
     workspace = crawled(tmp_path)
     uri = path.as_uri()
     query = "on_disk_only_helper()\nedited_in_the_editor_helper()\n"
-    [found] = workspace.snippets("file:///q.py", query, limit=5)
+    [found] = workspace.snippets("file:///q1.py", query, limit=5)
     assert "on_disk_only_helper" in found.text
     workspace.changed(uri, "def edited_in_the_editor_helper():\n    pass\n")
     settle(workspace)
-    [found] = workspace.snippets("file:///q.py", query, limit=5)
+    [found] = workspace.snippets("file:///q2.py", query, limit=5)
     assert "edited_in_the_editor_helper" in found.text
     workspace.closed(uri)
     settle(workspace)
-    [found] = workspace.snippets("file:///q.py", query, limit=5)
+    [found] = workspace.snippets("file:///q3.py", query, limit=5)
     assert "on_disk_only_helper" in found.text
     # a document with no file of the workspace: indexed while open, gone when closed
     workspace.opened("untitled:Untitled-1", "def scratch_pad_helper():\n    pass\n")
     settle(workspace)
-    assert workspace.snippets("file:///q.py", "scratch_pad_helper()\n", limit=5)
+    assert workspace.snippets("file:///q4.py", "scratch_pad_helper()\n", limit=5)
     workspace.closed("untitled:Untitled-1")
     settle(workspace)
-    assert workspace.snippets("file:///q.py", "scratch_pad_helper()\n", limit=5) == []
+    assert workspace.snippets("file:///q5.py", "scratch_pad_helper()\n", limit=5) == []
+    workspace.stop()
+
+
+def test_the_snippets_stay_while_the_developer_types_on_a_line(tmp_path: Path):
+    """The query is the lines before the cursor line: typing on the line keeps the
+    snippets (and the prompt's start, and its KV cache) even when the index changes
+    meanwhile; a new line asks again."""
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    workspace = crawled(tmp_path)
+    uri = "file:///elsewhere/main.py"
+    lines = "cost = zorvex_shipping_surcharge_cents(order, season)\n"
+    first = workspace.snippets(uri, lines + "total = co", limit=3)
+    assert first and "SEASON_RATES" in first[0].text
+    workspace.opened((tmp_path / "helpers.py").as_uri(), "def zorvex_other():\n    pass\n")
+    settle(workspace)
+    assert workspace.snippets(uri, lines + "total = cost + zo", limit=3) == first
+    again = workspace.snippets(uri, lines + "total = zorvex_other()\nx = ", limit=3)
+    assert again and "zorvex_other" in again[0].text
     workspace.stop()
 
 

@@ -61,7 +61,7 @@ from feedback.metrics import EDIT_SIMILARITY
 from feedback.replays import CHART_FILE, REPORT_FILE, format_table
 from feedback.schema import AdapterVersion, Completion, TrainingRun
 from feedback.store import events_by_completion
-from ghostloop.models import backend_name, served_backend
+from ghostloop.models import backend_name, served_backend, with_backend
 from ghostloop.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -231,8 +231,7 @@ class Replay:
         names one) instead of the replay's; ``context`` False: no repository snippets."""
         settings = self.settings
         if backend is not None:
-            name, _, int8 = backend.partition("-")
-            settings = settings.replaced(backend=name, onnx_int8=int8 == "int8")
+            settings = with_backend(settings, backend)
         env = dict(os.environ)
         env.update(
             {

@@ -166,6 +166,13 @@ def backend_name(settings: Settings) -> str:
     return backend
 
 
+def with_backend(settings: Settings, name: str) -> Settings:
+    """``settings`` serving with ``name`` as ``backend_name`` spells it (torch,
+    onnxruntime or onnxruntime-int8)."""
+    backend, _, int8 = name.partition("-")
+    return settings.replaced(backend=backend, onnx_int8=int8 == "int8")
+
+
 def _pick_device(settings: Settings) -> tuple[str, Any]:
     import torch
 

@@ -89,6 +89,7 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
     from evaluation.replay import ReplayOptions, run_replay
+    from ghostloop.models import with_backend
 
     for flag, value in (
         ("--positions", args.positions),
@@ -118,8 +119,7 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
                 "replay", f"{flag} takes one of {', '.join(REPLAY_BACKENDS)}; got {value!r}"
             )
     if args.backend is not None:
-        backend, _, int8 = args.backend.partition("-")
-        settings = settings.replaced(backend=backend, onnx_int8=int8 == "int8")
+        settings = with_backend(settings, args.backend)
     options = ReplayOptions(
         root=Path(args.path),
         positions=args.positions,

@@ -440,10 +440,22 @@ def sample_candidates(
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt.input_ids)], device=device)
+    anything = list(range(len(loaded.tokenizer)))
+    start = ids.shape[1]
+
+    def healing(_row: int, so_far: torch.Tensor) -> list[int]:
+        # the healed text first, as the server writes it (a partial name can take
+        # several tokens): a sample that does not start with it is thrown away
+        written = loaded.tokenizer.decode_ids([int(t) for t in so_far[start:]])
+        if len(written) >= len(prompt.healed) or not prompt.healed.startswith(written):
+            return anything
+        return list(loaded.prefix_index.healing(prompt.healed[len(written) :])) or anything
+
     with torch.no_grad():
         output = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
+            prefix_allowed_tokens_fn=healing if prompt.healed else None,
             do_sample=True,
             temperature=0.8,
             top_p=0.95,

@@ -115,6 +115,25 @@ def test_targets_are_built_as_the_server_prompts_with_healing_and_no_end_token(
     assert prompt.endswith("total = sum(values)\n   ")
 
 
+def test_sampled_candidates_write_a_partial_name_again_first(settings: Settings):
+    """RRHF's samples start as the server's suggestions do: with the healed text, a
+    partial name of several tokens written again (unconstrained, most were thrown away)."""
+    from trainer.methods import sample_candidates
+
+    loaded = load_model(settings)
+    example = Example(
+        **{
+            **dataclasses.asdict(stdlib_examples(1)[0]),
+            "prefix": "def f(order):\n    return order.zorvex_shipping_surch",
+            "suffix": "\n",
+            "kept": "arge_cents",
+        }
+    )
+    assert encode(loaded, settings, example).healed == "zorvex_shipping_surch"
+    samples = sample_candidates(loaded, settings, loaded.model, example, 6, seed=1)
+    assert len(samples) == 6
+
+
 def test_a_prompt_served_with_repository_snippets_is_trained_on_with_them(settings: Settings):
     """The night trains on the prompt as it was sent: its repository part first."""
     loaded = load_model(settings)

@@ -72,6 +72,7 @@ HELD_OUT_USER = "replay-heldout"
 # server's deadline (3 s) a slow moment cut a suggestion short, and the same walk on a
 # loaded machine scored differently. Latency is measured and reported all the same.
 REPLAY_DEADLINE_MS = 600_000
+LONG_LINE = 15  # characters of a line that counts as copied, not written by any model
 
 
 @dataclass(frozen=True)
@@ -603,9 +604,18 @@ class Replay:
         seed = self.options.seed
         without = self.scores(plan.held_positions, walks.before_without)
         hits = self.snippet_hits(plan, walks.before)
-        chosen = [i for i, hit in enumerate(hits) if hit]
-        at_hits = [without[i] for i in chosen], [before[i] for i in chosen]
         night = dict(night or {})
+
+        def at(chosen: Sequence[int]) -> dict[str, Any]:
+            pair = [without[i] for i in chosen], [before[i] for i in chosen]
+            return {
+                "positions": len(chosen),
+                "share": round(len(chosen) / len(hits), 4) if hits else 0.0,
+                "without": statistics.summary(pair[0], seed),
+                "with": statistics.summary(pair[1], seed),
+                "paired_lift": statistics.paired_lift(*pair, seed),
+            }
+
         return {
             "tokens": self.context_tokens,
             "before_without": statistics.summary(without, seed),
@@ -614,18 +624,20 @@ class Replay:
             "paired_lift_night_context": night.get("paired_lift_night_context"),
             "paired_lift_product": night.get("paired_lift_product"),
             "snippet_hits": {
-                "positions": len(chosen),
-                "share": round(len(chosen) / len(hits), 4) if hits else 0.0,
-                "without": statistics.summary(at_hits[0], seed),
-                "with": statistics.summary(at_hits[1], seed),
-                "paired_lift": statistics.paired_lift(*at_hits, seed),
+                **at([i for i, (hit, _) in enumerate(hits) if hit]),
+                # lines any model writes (`else:`) aside: where copying is the point
+                "long_lines": {
+                    **at([i for i, (hit, long) in enumerate(hits) if hit and long]),
+                    "min_chars": LONG_LINE,
+                },
             },
             "served": {"before_without": walks.before_without.served},
         }
 
-    def snippet_hits(self, plan: Plan, walk: Pass) -> list[bool]:
+    def snippet_hits(self, plan: Plan, walk: Pass) -> list[tuple[bool, bool]]:
         """Per held-out position: whether the snippets served there held its whole line
-        (what was typed and the true rest), word for word."""
+        (what was typed and the true rest), word for word, and whether that line has
+        ``LONG_LINE`` characters or more."""
         ids = [cid for cid in walk.served.values() if cid]
         with Session(self.engine) as session:
             rows = session.execute(
@@ -640,7 +652,7 @@ class Replay:
                 sources[position.path] = text.split("\n")
             line = sources[position.path][position.line].strip()
             served = repository.get(walk.served.get(position.key) or "", "")
-            hits.append(bool(line) and line in served)
+            hits.append((bool(line) and line in served, len(line) >= LONG_LINE))
         return hits
 
     def write(self, report: ReplayReport) -> ReplayReport:

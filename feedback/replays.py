@@ -89,6 +89,14 @@ def format_context(context: Mapping[str, Any]) -> str:
             f"({hits['share']:.1%}); there: {saved(hits.get('without'))} without, "
             f"{saved(hits.get('with'))} with, paired: {lift('paired_lift', hits)}"
         )
+    long = hits.get("long_lines")
+    if long:
+        lines.append(
+            f"  of them lines of {long['min_chars']} characters or more: "
+            f"{long['positions']}; there: "
+            f"{saved(long.get('without'))} without, {saved(long.get('with'))} with, "
+            f"paired: {lift('paired_lift', long)}"
+        )
     return "\n".join(lines)
 
 

@@ -505,6 +505,8 @@ def test_replay_with_repository_context_walks_each_pass_with_and_without_it(
         assert "chars_saved_per_completion" in context[name], name
     hits = context["snippet_hits"]
     assert 0 <= hits["positions"] <= 32 and hits["with"]["completions"] == hits["positions"]
+    assert hits["long_lines"]["positions"] <= hits["positions"]
+    assert hits["long_lines"]["with"]["completions"] == hits["long_lines"]["positions"]
 
     held_out = set(report["split"]["held_out_files"])
     by_position = {p["key"]: p for p in report["positions"]}

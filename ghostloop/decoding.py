@@ -256,6 +256,7 @@ class Decoder:
         # name); those tokens do not count against max_new_tokens
         self._healed = not prompt.healed
         self._healing = 0
+        self._written = ""  # the text of the tokens generated so far, while healing
         self.body = ""
         self.prefill_ms = 0.0
         self.reason: str | None = "empty_prompt" if not ids else should_stop()
@@ -282,10 +283,9 @@ class Decoder:
         if index >= self._max_new_tokens:
             return -1, "max_tokens"
         healed = self._prompt.healed
-        allowed = None
-        if not self._healed:
-            written = self._loaded.tokenizer.decode_ids(self.generated) if self.generated else ""
-            allowed = self._loaded.prefix_index.healing(healed[len(written) :])
+        allowed = (
+            None if self._healed else self._loaded.prefix_index.while_healing(healed, self._written)
+        )
         token = _first_token(logits, allowed)
         if token in self._loaded.stop_ids:
             return token, "stop_token"
@@ -294,6 +294,7 @@ class Decoder:
         if not self._healed:
             if len(text) < len(healed) and healed.startswith(text):
                 self._healing += 1  # a part of the typed name, not a token of the suggestion
+                self._written = text
                 return token, None
             if not text.startswith(healed):
                 return token, "healing_mismatch"

@@ -110,6 +110,13 @@ class TokenPrefixIndex:
         parts = [i for end in range(1, len(rest)) for i in self._exact.get(rest[:end], ())]
         return tuple(parts) + self.starting_with(rest)
 
+    def while_healing(self, healed: str, written: str) -> tuple[int, ...] | None:
+        """The tokens that may come next when ``written`` has been generated of the healed
+        text ``healed``; None once it is all written (or left behind): any token then."""
+        if len(written) >= len(healed) or not healed.startswith(written):
+            return None
+        return self.healing(healed[len(written) :])
+
 
 @dataclass(frozen=True)
 class Snippet:
@@ -179,6 +186,14 @@ def fit_repository(tokenizer: TextTokenizer, blocks: Sequence[str], budget: int)
         kept.append(block)
         used += cost
     return "".join(reversed(kept))
+
+
+def repository_part(
+    tokenizer: TextTokenizer, snippets: Sequence[Snippet], language: str, budget: int
+) -> str:
+    """``snippets`` (best first) as the prompt's repository part, as the server sends it:
+    in ``language``'s comments, fitted to ``budget`` tokens."""
+    return fit_repository(tokenizer, render_snippets(snippets, language), budget)
 
 
 @dataclass(frozen=True)

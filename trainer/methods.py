@@ -447,9 +447,8 @@ def sample_candidates(
         # the healed text first, as the server writes it (a partial name can take
         # several tokens): a sample that does not start with it is thrown away
         written = loaded.tokenizer.decode_ids([int(t) for t in so_far[start:]])
-        if len(written) >= len(prompt.healed) or not prompt.healed.startswith(written):
-            return anything
-        return list(loaded.prefix_index.healing(prompt.healed[len(written) :])) or anything
+        allowed = loaded.prefix_index.while_healing(prompt.healed, written)
+        return list(allowed) if allowed else anything
 
     with torch.no_grad():
         output = model.generate(

@@ -139,7 +139,7 @@ def replay(
 def workspace_context(loaded: Any, settings: Settings, budget: int) -> Callable[[int, str], str]:
     """The repository part of each pause's prompt as the server makes it: the standard
     library's directory indexed as a workspace, the typed file never searched."""
-    from ghostloop.prompts import fit_repository, render_snippets
+    from ghostloop.prompts import repository_part
     from lsp_server.suggestions import SNIPPETS
     from lsp_server.workspace import Workspace
 
@@ -158,8 +158,7 @@ def workspace_context(loaded: Any, settings: Settings, budget: int) -> Callable[
 
     def repository(index: int, prefix: str) -> str:
         snippets = workspace.snippets(uris[index], prefix, limit=SNIPPETS)
-        blocks = render_snippets(snippets, "python")
-        return fit_repository(loaded.tokenizer, blocks, budget)
+        return repository_part(loaded.tokenizer, snippets, "python", budget)
 
     return repository
 

@@ -31,7 +31,7 @@ from ghostloop.onnx_backend import (
     export_in_child,
 )
 from ghostloop.postprocess import CompletionMode, CursorContext
-from ghostloop.prompts import Prompt, Snippet, fit_repository, render_snippets
+from ghostloop.prompts import Prompt, Snippet, repository_part
 from ghostloop.settings import Settings
 from lsp_server.fair_queue import FairQueue, QueueClosed
 
@@ -579,8 +579,8 @@ class CompletionEngine:
         base = serving.onnx_base
         budget = settings.context.repo_context_tokens
         if job.snippets is not None and budget:
-            blocks = render_snippets(job.snippets(), job.language)
-            repository = fit_repository(self._model.tokenizer, blocks, budget)
+            snippets = job.snippets()
+            repository = repository_part(self._model.tokenizer, snippets, job.language, budget)
             job.context = dataclasses.replace(job.context, repository=repository)
         deadline = max(job.arrival, self._ready_at) + settings.serving.deadline_ms / 1000
 

@@ -507,6 +507,12 @@ class Replay:
         assert walks.before is not None
         seed = self.options.seed
         before_scores = self.scores(plan.held_positions, walks.before)
+        # with context on: the base model's walk without it, which every lift pairs against
+        without = (
+            self.scores(plan.held_positions, walks.before_without)
+            if walks.before_without is not None
+            else None
+        )
         results = {}
         for night in nights:
             walk = walks.after.get(night.method)
@@ -517,10 +523,8 @@ class Replay:
                 "served": walk.served if walk else None,
             }
             bare = walks.after_without.get(night.method)
-            if scores is not None and bare is not None and walks.before_without is not None:
-                results[night.method]["context"] = self.night_context(
-                    plan, walks.before_without, bare, scores
-                )
+            if scores is not None and bare is not None and without is not None:
+                results[night.method]["context"] = self.night_context(plan, without, bare, scores)
             again = walks.also.get(night.method)
             if scores is not None and again is not None:
                 on_other = self.scores(plan.held_positions, again)
@@ -570,15 +574,15 @@ class Replay:
             store=self.url,
             positions=position_rows(plan.held_positions),
             served={"before": walks.before.served, "after": first["served"]},
-            context=self.context_report(plan, walks, before_scores, first.get("context")),
+            context=self.context_report(plan, walks, before_scores, without, first.get("context")),
         )
 
     def night_context(
-        self, plan: Plan, before_without: Pass, after_without: Pass, after: Sequence[Scored]
+        self, plan: Plan, base: Sequence[Scored], after_without: Pass, after: Sequence[Scored]
     ) -> dict[str, Any]:
-        """A night's figures without repository context, and the lifts context makes."""
+        """A night's figures without repository context, and the lifts context makes;
+        ``base``: the base model's scores without context."""
         seed = self.options.seed
-        base = self.scores(plan.held_positions, before_without)
         bare = self.scores(plan.held_positions, after_without)
         return {
             "after_without": statistics.summary(bare, seed),
@@ -594,15 +598,15 @@ class Replay:
         plan: Plan,
         walks: Walks,
         before: Sequence[Scored],
+        without: Sequence[Scored] | None,
         night: Mapping[str, Any] | None,
     ) -> dict[str, Any] | None:
         """With repository context on: the base model without it, the paired lift context
         makes, and the positions whose snippets held the true line (where the model can
         copy it), each served with and without context."""
-        if walks.before_without is None or walks.before is None:
+        if walks.before_without is None or walks.before is None or without is None:
             return None
         seed = self.options.seed
-        without = self.scores(plan.held_positions, walks.before_without)
         hits = self.snippet_hits(plan, walks.before)
         night = dict(night or {})
 

@@ -215,10 +215,8 @@ class Prompt:
 _INDENT_AT_END = re.compile(r"\n[ \t]+\Z")
 # A partial identifier at the end (with the one space this tokenizer family puts in its
 # first token): healing backs off to its start, so the model writes the whole name in its
-# own tokenization and can copy one it reads in the context (issue 40's measurement: typed
-# `zorvex_ship` after a snippet defining `zorvex_shipping_surcharge_cents`, a one-token
-# back-off garbled the copy; from the name's start the model copied it). ASCII only: a
-# token of a multi-byte character decodes to a part of it.
+# own tokenization and can copy one it reads in the context (docs/architecture.md, "Token
+# healing"). ASCII only: a token of a multi-byte character decodes to a part of it.
 _PARTIAL_NAME = re.compile(r" ?[A-Za-z0-9_]+\Z")
 MAX_HEALED_CHARS = 40  # a longer name is backed off by one token, as any other text
 _COLUMN_ZERO_PROBE = "x"  # any first character of a line: only the boundary before it counts
